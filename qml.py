@@ -1,0 +1,1115 @@
+"""Hybrid quantum-classical transfer learning on HPC (OLCF "Python_QML_Basics").
+
+A frozen ImageNet ResNet18 turns each image into 512 features; its `fc` layer is
+replaced by `DressedQuantumNet`: Linear(512 -> n_qubits), a PennyLane variational
+circuit simulated on `lightning.kokkos`, and Linear(n_qubits -> classes). Only the
+dressed head trains, with DistributedDataParallel across Slurm/torchrun/MPI ranks.
+
+    python qml.py                        # the tutorial's experiment
+    python qml.py --help                 # every option
+    python qml.py report runs/<jobid>    # scaling table of a submit_qml.sbatch sweep
+    python qml.py bench                  # speed benchmark table
+"""
+
+import argparse
+import csv
+import datetime
+import functools
+import glob
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import zipfile
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+# The tutorial's hyperparameters of the quantum layer.
+n_qubits = 4  # Number of qubits
+q_depth = 6  # Depth of the quantum circuit (number of variational layers)
+q_delta = 0.01  # Initial spread of random quantum weights
+
+DATA_URL = "https://download.pytorch.org/tutorial/hymenoptera_data.zip"
+DEFAULT_DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "hymenoptera_data")
+# Image counts of the published ants/bees set, checked after a download.
+HYMENOPTERA_COUNTS = {"train": {"ants": 124, "bees": 121}, "val": {"ants": 70, "bees": 83}}
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+TORCH_QDEVICE = "torch"  # our exact batched simulator, see TorchCircuit
+# Options that must match for a checkpoint to be resumed.
+RESUME_KEYS = ("n_qubits", "q_depth", "q_delta", "weights", "bn_mode", "cache_features", "batch_size",
+               "lr", "gamma", "step_size", "seed", "shuffle_seed", "n_classes", "classes")
+
+
+class UsageError(Exception):
+    """Bad input or environment: main() prints the one-line message and exits with status 2."""
+
+
+# ----------------------------------------------------------------------------
+# The quantum circuit
+
+
+def H_layer(nqubits):
+    """Layer of single-qubit Hadamard gates: start from |+>, unbiased w.r.t. |0> and |1>."""
+    import pennylane as qml
+
+    for idx in range(nqubits):
+        qml.Hadamard(wires=idx)
+
+
+def RY_layer(w):
+    """Layer of RY rotations; w[..., i] rotates wire i (a leading batch dimension broadcasts)."""
+    import pennylane as qml
+
+    for idx in range(w.shape[-1]):
+        qml.RY(w[..., idx], wires=idx)
+
+
+def entangling_layer(nqubits):
+    """CNOTs on the even pairs (0,1), (2,3), ... then on the odd pairs (1,2), (3,4), ..."""
+    import pennylane as qml
+
+    for i in range(0, nqubits - 1, 2):
+        qml.CNOT(wires=[i, i + 1])
+    for i in range(1, nqubits - 1, 2):
+        qml.CNOT(wires=[i, i + 1])
+
+
+def circuit(q_input_features, q_weights_flat, nqubits, depth):
+    """The variational circuit: H layer, RY embedding, depth x [entangle, RY], <Z> on every wire."""
+    import pennylane as qml
+
+    q_weights = q_weights_flat.reshape(depth, nqubits)
+    H_layer(nqubits)
+    RY_layer(q_input_features)
+    for k in range(depth):
+        entangling_layer(nqubits)
+        RY_layer(q_weights[k])
+    return [qml.expval(qml.PauliZ(position)) for position in range(nqubits)]
+
+
+class TorchCircuit:
+    """Exact statevector simulation of `circuit` in plain torch, batched and autograd-differentiable.
+
+    H, RY and CNOT are real matrices, so the state stays real: a (batch..., 2, ..., 2) tensor.
+    PennyLane's per-call overhead (tens of ms) dominates this tiny circuit; this avoids it.
+    """
+
+    def __init__(self, nqubits, depth):
+        self.nqubits, self.depth = nqubits, depth
+
+    def _ry(self, state, angles, wire):
+        # angles has the batch shape (or is a scalar); pad it to broadcast over the wire axes.
+        angles = angles.reshape(angles.shape + (1,) * (self.nqubits - 1))
+        cos, sin = torch.cos(angles / 2), torch.sin(angles / 2)
+        axis = state.dim() - self.nqubits + wire
+        amp0, amp1 = state.select(axis, 0), state.select(axis, 1)
+        return torch.stack((cos * amp0 - sin * amp1, sin * amp0 + cos * amp1), dim=axis)
+
+    def _cnot(self, state, control, target):
+        axis = state.dim() - self.nqubits + control
+        target_axis = axis + target - control - (1 if target > control else 0)
+        flipped = state.select(axis, 1).flip(target_axis)
+        return torch.stack((state.select(axis, 0), flipped), dim=axis)
+
+    def __call__(self, q_input_features, q_weights_flat):
+        n = self.nqubits
+        x = q_input_features.to(torch.float64)
+        weights = q_weights_flat.to(torch.float64).reshape(self.depth, n)
+        # The H layer on |0...0> gives the uniform superposition.
+        state = torch.full(x.shape[:-1] + (2,) * n, 2.0 ** (-n / 2), dtype=torch.float64, device=x.device)
+        for wire in range(n):
+            state = self._ry(state, x[..., wire], wire)
+        for k in range(self.depth):
+            for first in (0, 1):
+                for i in range(first, n - 1, 2):
+                    state = self._cnot(state, i, i + 1)
+            for wire in range(n):
+                state = self._ry(state, weights[k, wire], wire)
+        probs = state * state
+        batch_dims = x.dim() - 1
+        expvals = []
+        for wire in range(n):
+            other = [batch_dims + w for w in range(n) if w != wire]
+            marginal = probs.sum(dim=other) if other else probs
+            expvals.append((marginal[..., 0] - marginal[..., 1]).to(q_input_features.dtype))
+        return expvals
+
+
+def available_qdevices():
+    """Names accepted by --qdevice: every installed PennyLane device, plus our torch simulator."""
+    import pennylane as qml
+
+    return sorted(set(qml.plugin_devices) | {TORCH_QDEVICE})
+
+
+def make_quantum_net(nqubits=n_qubits, depth=q_depth, qdevice="lightning.kokkos"):
+    """Build the circuit for these sizes as a callable (q_input_features, q_weights_flat) -> list of <Z>."""
+    if qdevice == TORCH_QDEVICE:
+        return TorchCircuit(nqubits, depth)
+    import pennylane as qml
+
+    dev = qml.device(qdevice, wires=nqubits)
+    return qml.QNode(functools.partial(circuit, nqubits=nqubits, depth=depth), dev, interface="torch")
+
+
+@functools.lru_cache(maxsize=None)
+def _default_quantum_net():
+    return make_quantum_net()
+
+
+def quantum_net(q_input_features, q_weights_flat):
+    """The tutorial's circuit: n_qubits wires, q_depth layers, on lightning.kokkos (built on first use)."""
+    return _default_quantum_net()(q_input_features, q_weights_flat)
+
+
+# ----------------------------------------------------------------------------
+# The model
+
+
+class DressedQuantumNet(nn.Module):
+    """Linear(512 -> n_qubits), the circuit, Linear(n_qubits -> n_classes): the *dressed* quantum net."""
+
+    def __init__(self, n_qubits=n_qubits, q_depth=q_depth, q_delta=q_delta, n_classes=2,
+                 qdevice="lightning.kokkos", per_sample=False, in_features=512):
+        super().__init__()
+        # Parameter creation order (pre_net, q_params, post_net) is the tutorial's: same seed, same numbers.
+        self.pre_net = nn.Linear(in_features, n_qubits)
+        self.q_params = nn.Parameter(q_delta * torch.randn(q_depth * n_qubits))
+        self.post_net = nn.Linear(n_qubits, n_classes)
+        self.per_sample = per_sample
+        self.quantum_net = make_quantum_net(n_qubits, q_depth, qdevice)
+
+    def forward(self, input_features):
+        q_in = torch.tanh(self.pre_net(input_features)) * math.pi / 2.0
+        if self.per_sample:  # the tutorial's loop: one circuit call per image
+            q_out = torch.stack([torch.hstack(self.quantum_net(elem, self.q_params)) for elem in q_in])
+        else:  # one broadcast circuit call for the whole batch
+            q_out = torch.stack(self.quantum_net(q_in, self.q_params), dim=-1)
+        return self.post_net(q_out.float().to(input_features.device))
+
+
+def resnet18_weights_error():
+    return (f"cannot load ImageNet ResNet18 weights (offline?): put resnet18-f37072fd.pth into "
+            f"{os.path.join(torch.hub.get_dir(), 'checkpoints')} (or set TORCH_HOME), "
+            f"pass --weights PATH to a ResNet18 state_dict, or use --weights none")
+
+
+def load_backbone(weights):
+    """ResNet18 with `weights` (imagenet | none | PATH). Every choice draws the same random init first."""
+    import torchvision
+
+    if weights == "imagenet":
+        try:
+            return torchvision.models.resnet18(weights=torchvision.models.ResNet18_Weights.IMAGENET1K_V1)
+        except (OSError, RuntimeError) as err:  # URLError is an OSError; a bad cached file a RuntimeError
+            raise UsageError(f"{resnet18_weights_error()} [{err}]") from None
+    model = torchvision.models.resnet18(weights=None)
+    if weights != "none":
+        model.load_state_dict(read_resnet18_state_dict(weights))
+    return model
+
+
+def read_resnet18_state_dict(path):
+    if not os.path.isfile(path):
+        raise UsageError(f"--weights {path}: no such file; give a ResNet18 state_dict file, 'imagenet' or 'none'")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for unreadable files
+        raise UsageError(f"--weights {path}: cannot read it ({type(err).__name__}); "
+                         f"save one with torch.save(model.state_dict(), PATH)") from None
+    import torchvision
+
+    expected = torchvision.models.resnet18().state_dict()
+    if not isinstance(state, dict) or {k: tuple(v.shape) for k, v in expected.items()} != {
+            k: tuple(getattr(v, "shape", ())) for k, v in state.items()}:
+        raise UsageError(f"--weights {path}: not a ResNet18 state_dict (keys or shapes differ); "
+                         f"save one with torch.save(torchvision.models.resnet18().state_dict(), PATH)")
+    return state
+
+
+def build_model(args, n_classes):
+    """Frozen ResNet18 whose fc is the dressed quantum head; random draws in the tutorial's order."""
+    model = load_backbone(args.weights)
+    for param in model.parameters():
+        param.requires_grad = False
+    model.fc = DressedQuantumNet(args.n_qubits, args.q_depth, args.q_delta, n_classes,
+                                 args.qdevice, args.per_sample, model.fc.in_features)
+    return model
+
+
+# ----------------------------------------------------------------------------
+# Distributed setup: torchrun, then Slurm, then mpiexec, then a single process
+
+
+def get_rank():
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def get_world_size():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main_process():
+    return get_rank() == 0
+
+
+def expand_nodelist(nodelist):
+    """Hosts of a Slurm node list: 'frontier[00012-00014,00020],login1' -> frontier00012, ... login1."""
+    hosts = []
+    for prefix, ranges, plain in re.findall(r"([^,\[]+)\[([^\]]+)\]|([^,\[\]]+)", nodelist):
+        if plain:
+            hosts.append(plain)
+            continue
+        for part in ranges.split(","):
+            lo, _, hi = part.partition("-")
+            hosts += [f"{prefix}{i:0{len(lo)}d}" for i in range(int(lo), int(hi or lo) + 1)]
+    return hosts
+
+
+MPI_LAUNCHER_VARS = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALRANKID")
+
+
+def mpi_ranks():
+    """(rank, world_size, local_rank, rank 0's host) from mpi4py when mpiexec started us, else None."""
+    if not any(var in os.environ for var in MPI_LAUNCHER_VARS):
+        return None
+    try:
+        from mpi4py import MPI
+    except (ImportError, RuntimeError, OSError):  # mpi4py absent, or no MPI library to load
+        return None
+    comm = MPI.COMM_WORLD
+    local_rank = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
+    return comm.Get_rank(), comm.Get_size(), local_rank, comm.bcast(socket.gethostname(), root=0)
+
+
+def discover_ranks(env=None):
+    """Where this process sits: dict(rank, world_size, local_rank, master_addr, master_port, source)."""
+    env = os.environ if env is None else env
+    master_addr, source = None, "single"
+    if "RANK" in env and "WORLD_SIZE" in env:
+        rank, world, local, source = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), "torchrun"
+    elif "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:  # only srun steps set the step count
+        rank, world, local, source = (int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"]),
+                                      int(env.get("SLURM_LOCALID", 0)), "slurm")
+    elif (mpi := mpi_ranks()) is not None:
+        rank, world, local, master_addr = mpi
+        source = "mpi"
+    else:
+        rank, world, local = 0, 1, 0
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    if "MASTER_ADDR" in env:
+        master_addr = env["MASTER_ADDR"]
+    elif nodelist and source == "slurm":
+        master_addr = expand_nodelist(nodelist)[0]
+    master_port = env.get("MASTER_PORT") or str(10000 + int(env["SLURM_JOB_ID"]) % 20000
+                                                  if env.get("SLURM_JOB_ID", "").isdigit() else 29500)
+    return dict(rank=rank, world_size=world, local_rank=local, source=source,
+                master_addr=master_addr or "127.0.0.1", master_port=str(master_port))
+
+
+def pick_device(requested, local_rank):
+    """The torch device for this rank: a GPU (CUDA or ROCm) when asked for or visible, else the CPU."""
+    has_gpu = torch.cuda.is_available()
+    if requested == "cuda" and not has_gpu:
+        raise UsageError("--device cuda: no GPU is visible to this process; use --device cpu (or auto)")
+    if requested == "cpu" or not has_gpu:
+        return torch.device("cpu")
+    # Works whether each task sees one GPU (--gpu-bind=closest) or all of the node's GPUs.
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def init_distributed_mode(args):
+    """Find rank and world size, set the device, and join the process group when there are several ranks."""
+    ranks = discover_ranks()
+    device = pick_device(args.device, ranks["local_rank"])
+    backend = args.backend if args.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+    if backend == "nccl" and device.type != "cuda":
+        raise UsageError("--backend nccl needs a GPU; use --backend gloo (or auto) on CPUs")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # before init_process_group, so NCCL binds the right GPU
+    if ranks["world_size"] > 1:
+        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = ranks["master_addr"], ranks["master_port"]
+        try:
+            dist.init_process_group(backend, init_method="env://", rank=ranks["rank"],
+                                    world_size=ranks["world_size"],
+                                    timeout=datetime.timedelta(seconds=args.dist_timeout))
+        except (RuntimeError, dist.DistError) as err:
+            raise UsageError(f"rank {ranks['rank']}: cannot join the process group at "
+                             f"{ranks['master_addr']}:{ranks['master_port']} within {args.dist_timeout}s "
+                             f"({str(err).splitlines()[0][:160]}); check MASTER_ADDR/MASTER_PORT "
+                             f"and that all {ranks['world_size']} ranks started") from None
+    return dict(ranks, device=device, backend=backend)
+
+
+def broadcast_error(message):
+    """Share rank 0's error (or None) with every rank so all stop together instead of hanging."""
+    if get_world_size() > 1:
+        box = [message]
+        dist.broadcast_object_list(box, src=0)
+        message = box[0]
+    if message:
+        raise UsageError(message)
+
+
+def reduce_sums(totals):
+    """Sum a tensor of per-rank totals over all ranks with one all_reduce; returns a list."""
+    if get_world_size() > 1:
+        dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+    return totals.tolist()
+
+
+# ----------------------------------------------------------------------------
+# Data
+
+
+def data_transforms():
+    """The tutorial's preprocessing, identical for train and val (no augmentation)."""
+    from torchvision import transforms
+
+    return transforms.Compose([
+        transforms.Resize(256),
+        transforms.CenterCrop(224),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),  # ImageNet channel statistics
+    ])
+
+
+def list_images(folder):
+    """{class name: sorted image paths} of an ImageFolder split; stray non-image files are ignored."""
+    classes = sorted(d.name for d in os.scandir(folder) if d.is_dir())  # as ImageFolder finds them
+    return {c: sorted(p for p in glob.glob(os.path.join(folder, c, "**", "*"), recursive=True)
+                      if p.lower().endswith(IMAGE_EXTENSIONS)) for c in classes}
+
+
+def check_layout(data_dir, expected_counts=None):
+    """Check train/ and val/ hold the same >= 2 classes, each with images; optionally exact counts."""
+    layout = {}
+    for split in ("train", "val"):
+        folder = os.path.join(data_dir, split)
+        if not os.path.isdir(folder):
+            raise UsageError(f"data directory {data_dir} has no {split}/ folder; it needs train/ and val/, "
+                             f"each with one sub-folder of images per class")
+        layout[split] = list_images(folder)
+        for name, paths in layout[split].items():
+            if not paths:
+                raise UsageError(f"class folder {os.path.join(folder, name)} has no images; "
+                                 f"add images or remove the folder")
+    if list(layout["train"]) != list(layout["val"]):
+        raise UsageError(f"train/ and val/ have different classes ({', '.join(layout['train'])} vs "
+                         f"{', '.join(layout['val'])}); give both the same class folders")
+    if len(layout["train"]) < 2:
+        raise UsageError(f"{data_dir}: found {len(layout['train'])} class folder(s) in train/; "
+                         f"classification needs at least 2")
+    if expected_counts is not None:  # counts files: train/ants also holds a GIF that ImageFolder skips
+        counts = {s: {c: len(os.listdir(os.path.join(data_dir, s, c))) for c in layout[s]} for s in layout}
+        if counts != expected_counts:
+            raise UsageError(f"{data_dir} has {counts} images, expected {expected_counts}; "
+                             f"delete it and run again with --download")
+    return layout
+
+
+def check_images_decode(layout):
+    """Open every image once, so that a broken file is named now instead of crashing mid-epoch."""
+    from PIL import Image
+
+    for paths in (p for split in layout.values() for p in split.values()):
+        for path in paths:
+            try:
+                with Image.open(path) as image:
+                    image.verify()
+            except Exception:  # PIL raises many types for broken files
+                raise UsageError(f"{path} is not a readable image; delete or replace it") from None
+
+
+def download_dataset(data_dir, url=DATA_URL):
+    """Fetch the ants/bees zip, extract it safely, check it, and only then move it into place."""
+    parent = os.path.dirname(os.path.abspath(data_dir))
+    os.makedirs(parent, exist_ok=True)
+    print(f"Downloading {url} to {data_dir}", flush=True)
+    with tempfile.TemporaryDirectory(dir=parent, prefix=".download-") as tmp:
+        archive = os.path.join(tmp, "data.zip")
+        try:
+            urllib.request.urlretrieve(url, archive)
+        except (OSError, ValueError) as err:
+            raise UsageError(f"cannot download {url} ({err}); without network, copy hymenoptera_data "
+                             f"somewhere and pass --data-dir DIR (or set QML_DATA_DIR)") from None
+        extracted = extract_zip(archive, os.path.join(tmp, "extracted"))
+        check_layout(extracted, HYMENOPTERA_COUNTS)
+        os.replace(extracted, data_dir)  # atomic: data_dir never holds a partial data set
+
+
+def extract_zip(archive, target):
+    """Extract `archive` into `target`, refusing entries that would land outside it; return the data root."""
+    root = os.path.realpath(target)
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            for name in zf.namelist():
+                if not os.path.realpath(os.path.join(root, name)).startswith(root + os.sep):
+                    raise UsageError(f"the downloaded archive has an entry outside its folder ({name}); refusing it")
+            zf.extractall(root)
+    except zipfile.BadZipFile:
+        raise UsageError("the downloaded file is not a zip archive; check --data-url") from None
+    inner = [d for d in glob.glob(os.path.join(root, "*", "train")) if "__MACOSX" not in d]
+    return os.path.dirname(inner[0]) if inner and not os.path.isdir(os.path.join(root, "train")) else root
+
+
+def prepare_data(args):
+    """Rank 0 checks (and if allowed downloads) the data; every rank gets its verdict."""
+    message = None
+    if is_main_process():
+        try:
+            if not os.path.isdir(args.data_dir):
+                if not (args.download or args.data_dir_is_default):
+                    raise UsageError(f"data directory {args.data_dir} not found; pass --data-dir DIR, "
+                                     f"set QML_DATA_DIR, or add --download to fetch it")
+                download_dataset(args.data_dir, args.data_url)
+            check_images_decode(check_layout(args.data_dir))
+        except UsageError as err:
+            message = str(err)
+    broadcast_error(message)
+
+
+def load_rgb(path):
+    """Open an image of any mode (grayscale, RGBA, palette, CMYK, 16-bit) as 8-bit RGB."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        if image.mode.startswith("I"):  # 16-bit grey: scale to 8 bits first
+            image = image.convert("I").point(lambda v: v / 256).convert("L")
+        return image.convert("RGB")
+
+
+def load_datasets(data_dir):
+    from torchvision import datasets
+
+    return {split: datasets.ImageFolder(os.path.join(data_dir, split), data_transforms(), loader=load_rgb)
+            for split in ("train", "val")}
+
+
+def default_workers():
+    """Decoding workers per rank: the Slurm CPUs of this task (or the machine's), capped at 4."""
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    return max(0, min(4, int(cpus) if cpus.isdigit() else (os.cpu_count() or 1)) - 1)
+
+
+def make_loaders(datasets_, args, ctx, train_seed):
+    """Train: DistributedSampler (shuffled, padded so ranks step together). Val: each image exactly once."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    rank, world = ctx["rank"], ctx["world_size"]
+    train_sampler = DistributedSampler(datasets_["train"], num_replicas=world, rank=rank, seed=train_seed)
+    workers = args.workers if args.workers is not None else default_workers()
+    common = dict(batch_size=args.batch_size, num_workers=workers, persistent_workers=workers > 0,
+                  pin_memory=ctx["device"].type == "cuda")
+    return {
+        "train": DataLoader(datasets_["train"], sampler=train_sampler, **common),
+        "validation": DataLoader(datasets_["val"], sampler=range(rank, len(datasets_["val"]), world), **common),
+    }, train_sampler
+
+
+# ----------------------------------------------------------------------------
+# Checkpoints: written atomically by global rank 0
+
+
+def atomic_write(path, write):
+    """Call write(file) on a temporary file beside `path`, fsync it, then rename it over `path`."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def run_config(args, classes):
+    """The options that define a run, as stored in checkpoints and the metrics JSON."""
+    config = {k: v for k, v in vars(args).items() if not k.startswith("data_dir_is")}
+    return dict(config, n_classes=len(classes), classes=list(classes))
+
+
+def save_checkpoint(path, model, optimizer, scheduler, state, config):
+    numpy_rng = np.random.get_state()
+    payload = dict(
+        config=config, state=state, head=model.fc.state_dict(),
+        buffers=dict(model.named_buffers()),  # BatchNorm statistics move in --bn-mode train
+        optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+        rng=dict(torch=torch.get_rng_state(), numpy=[numpy_rng[0], numpy_rng[1].tolist(), *numpy_rng[2:]]),
+    )
+    atomic_write(path, lambda file: torch.save(payload, file))
+
+
+def load_checkpoint(path, config):
+    """Read a checkpoint for --resume and check it was made by the same configuration."""
+    if not os.path.isfile(path):
+        raise UsageError(f"--resume {path}: no such file; give a file written by --checkpoint")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        saved = checkpoint["config"]
+    except Exception as err:  # torch raises many types for unreadable files
+        raise UsageError(f"--resume {path}: not a readable qml.py checkpoint ({type(err).__name__}); "
+                         f"give a file written by --checkpoint") from None
+    for key in RESUME_KEYS:
+        if saved.get(key) != config.get(key):
+            raise UsageError(f"--resume {path}: the checkpoint has {key}={saved.get(key)!r} but this run "
+                             f"{key}={config.get(key)!r}; use the checkpoint's options or drop --resume")
+    return checkpoint
+
+
+def restore_checkpoint(checkpoint, model, optimizer, scheduler):
+    model.fc.load_state_dict(checkpoint["head"])
+    buffers = dict(model.named_buffers())
+    for name, value in checkpoint["buffers"].items():
+        buffers[name].copy_(value)
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    torch.set_rng_state(checkpoint["rng"]["torch"])
+    kind, keys, pos, has_gauss, cached = checkpoint["rng"]["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    return checkpoint["state"]
+
+
+# ----------------------------------------------------------------------------
+# Training
+
+
+def fresh_state():
+    """What a run accumulates over epochs (saved in checkpoints)."""
+    return dict(epoch=0, seconds=0.0, history=[], best_head=None, best_acc=0.0, best_loss=10000.0,
+                best_acc_train=0.0, best_loss_train=10000.0)
+
+
+def progress_every(args):
+    """Print the per-batch progress line every N batches: each batch on a terminal, else every 10."""
+    if args.print_freq is not None:
+        return args.print_freq
+    return 1 if sys.stdout.isatty() else 10
+
+
+def run_phase(phase, net, step_net, loader, optimizer, ctx, args, epoch):
+    """One pass over `loader`; returns (average loss, accuracy, images) summed over all ranks."""
+    training = phase == "train"
+    # The dressed head has no mode-dependent layers: this only picks BatchNorm's statistics.
+    net.train(training and args.bn_mode == "train")
+    criterion = nn.CrossEntropyLoss()
+    device, every = ctx["device"], progress_every(args)
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
+    for it, (inputs, labels) in enumerate(loader, 1):
+        since_batch = time.time()
+        inputs = inputs.to(device, non_blocking=True)
+        if inputs.dim() == 4 and device.type == "cpu":
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        labels = labels.to(device, non_blocking=True)
+        with torch.set_grad_enabled(training):
+            outputs = (step_net if training else net)(inputs)  # validation needs no DDP collectives
+            loss = criterion(outputs, labels)
+        if training:
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        totals[0] += loss.detach().double() * len(labels)
+        totals[1] += (outputs.argmax(1) == labels).sum()
+        totals[2] += len(labels)
+        if is_main_process() and every and (it % every == 0 or it == len(loader)):
+            print(f"Phase: {phase} Epoch: {epoch + 1}/{args.epochs} Iter: {it}/{len(loader)} "
+                  f"Batch time: {time.time() - since_batch:.4f}", end="\r" if every == 1 and sys.stdout.isatty()
+                  else "\n", flush=True)
+    loss_sum, correct, count = reduce_sums(totals)
+    return loss_sum / count, correct / count, int(count)
+
+
+def sync_buffers(model):
+    """Give every rank rank 0's BatchNorm statistics (each rank updated its own in the train phase)."""
+    if get_world_size() > 1:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+def cached_features(model, datasets_, args, ctx):
+    """Run the frozen backbone once (BatchNorm in eval mode) and return TensorDatasets of features.
+
+    Each rank embeds its share of the images; an all_gather gives every rank the whole set, so
+    the training sampler draws exactly the batches it would draw from the images.
+    """
+    from torch.utils.data import DataLoader, TensorDataset
+
+    head, model.fc = model.fc, nn.Identity()
+    model.eval()
+    rank, world, device = ctx["rank"], ctx["world_size"], ctx["device"]
+    features = {}
+    for split, data in datasets_.items():
+        shard = range(rank, len(data), world)
+        loader = DataLoader(data, batch_size=32, sampler=shard, num_workers=resolve_workers(args))
+        with torch.no_grad():
+            chunks = [model(x.to(device).contiguous(memory_format=torch.channels_last)) for x, _ in loader]
+        local = torch.cat(chunks) if chunks else torch.empty(0, head.pre_net.in_features, device=device)
+        feats = gather_shards(local, len(data), world, rank)
+        labels = torch.tensor(data.targets)
+        features[split] = TensorDataset(feats.cpu(), labels)
+    model.fc = head
+    return features
+
+
+def gather_shards(local, total, world, rank):
+    """Reassemble rows that rank r holds for indices r, r+world, ... into dataset order."""
+    if world == 1:
+        return local
+    rows = -(-total // world)  # ceil: pad every shard to the same length for all_gather
+    padded = torch.zeros(rows, local.shape[1], dtype=local.dtype, device=local.device)
+    padded[: len(local)] = local
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded)
+    out = torch.empty(total, local.shape[1], dtype=local.dtype, device=local.device)
+    for r in range(world):
+        out[r::world] = gathered[r][: len(range(r, total, world))]
+    return out
+
+
+def resolve_workers(args):
+    return args.workers if args.workers is not None else default_workers()
+
+
+def fetch_weights_once(args):
+    """Rank 0 downloads the ImageNet weights into the torch hub cache before the others read them."""
+    message = None
+    if args.weights == "imagenet" and is_main_process():
+        try:
+            load_backbone("imagenet")
+        except UsageError as err:
+            message = str(err)
+    broadcast_error(message)
+
+
+def record_best(state, phase, loss, acc, net):
+    if phase == "validation" and acc > state["best_acc"]:
+        state["best_acc"] = acc
+        state["best_head"] = {k: v.detach().clone() for k, v in net.fc.state_dict().items()}
+    if phase == "validation" and loss < state["best_loss"]:
+        state["best_loss"] = loss
+    if phase == "train" and acc > state["best_acc_train"]:
+        state["best_acc_train"] = acc
+    if phase == "train" and loss < state["best_loss_train"]:
+        state["best_loss_train"] = loss
+
+
+def train_model(args, ctx):
+    """Train the dressed head; returns the model holding the best-validation-accuracy head, and the state."""
+    prepare_data(args)
+    datasets_ = load_datasets(args.data_dir)
+    classes = datasets_["train"].classes
+    if ctx["world_size"] > len(datasets_["train"]):
+        raise UsageError(f"{ctx['world_size']} ranks but only {len(datasets_['train'])} training images; "
+                         f"start at most {len(datasets_['train'])} tasks")
+    fetch_weights_once(args)
+    config = run_config(args, classes)
+    checkpoint = load_checkpoint(args.resume, config) if args.resume else None
+
+    torch.manual_seed(args.seed)  # the backbone's init, then the head's: the tutorial's order
+    np.random.seed(args.seed)
+    model = build_model(args, len(classes)).to(ctx["device"])
+    if ctx["device"].type == "cpu":
+        model = model.to(memory_format=torch.channels_last)  # about 25% faster convolutions on CPUs
+    optimizer = torch.optim.Adam(model.fc.parameters(), lr=args.lr)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.step_size, gamma=args.gamma)
+    state = restore_checkpoint(checkpoint, model, optimizer, scheduler) if checkpoint else fresh_state()
+
+    since = time.time()
+    if args.cache_features:
+        net, datasets_ = model.fc, cached_features(model, datasets_, args, ctx)
+    else:
+        net = model
+    loaders, train_sampler = make_loaders(datasets_, args, ctx, args.shuffle_seed)
+    step_net = net
+    if ctx["world_size"] > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        step_net = DDP(net, device_ids=[ctx["device"].index] if ctx["device"].type == "cuda" else None)
+    if is_main_process():
+        print("Training started:", flush=True)
+    for epoch in range(state["epoch"], args.epochs):
+        train_sampler.set_epoch(epoch)  # a new shuffle each epoch (the tutorial reused the first)
+        epoch_start, record = time.time(), {"epoch": epoch + 1}
+        for phase in ("train", "validation"):
+            if phase == "validation" and args.bn_mode == "train" and not args.cache_features:
+                sync_buffers(model)
+            loss, acc, count = run_phase(phase, net, step_net, loaders[phase], optimizer, ctx, args, epoch)
+            if is_main_process():
+                print("Phase: {} Epoch: {}/{} Ave. Loss: {:.4f} Ave. Acc: {:.4f}       ".format(
+                    "train" if phase == "train" else "validation  ", epoch + 1, args.epochs, loss, acc), flush=True)
+            key = "train" if phase == "train" else "val"
+            record.update({f"{key}_loss": loss, f"{key}_acc": acc, f"{key}_count": count})
+            record_best(state, phase, loss, acc, model)
+            if phase == "train":
+                scheduler.step()
+        record["seconds"] = time.time() - epoch_start
+        state["history"].append(record)
+        state["epoch"] = epoch + 1
+        if args.checkpoint and is_main_process():
+            elapsed = dict(state, seconds=state["seconds"] + time.time() - since)
+            save_checkpoint(args.checkpoint, model, optimizer, scheduler, elapsed, config)
+    state["seconds"] += time.time() - since
+    if state["best_head"] is not None:
+        model.fc.load_state_dict(state["best_head"])
+    return model, state, config
+
+
+# ----------------------------------------------------------------------------
+# Command line
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports bad options as one line (no usage block) through UsageError."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see: python qml.py --help)")
+
+
+def positive(kind):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
+def qubit_count(text):
+    value = positive(int)(text)
+    if value > 20:
+        raise argparse.ArgumentTypeError(f"must be 1..20 (a state of {text} qubits is too large to simulate here)")
+    return value
+
+
+def get_args_parser():
+    parser = ArgumentParser(description="Hybrid quantum-classical transfer learning (OLCF Python_QML_Basics).",
+                            epilog="Subcommands: 'python qml.py report RUNDIR', 'python qml.py bench --help'.")
+    add = parser.add_argument
+    add("--data-dir", default=None, help="ImageFolder root with train/ and val/ (default: $QML_DATA_DIR, "
+        "else data/hymenoptera_data beside qml.py, downloaded when missing)")
+    add("--download", action="store_true", help="download the ants/bees data set when --data-dir is missing")
+    add("--data-url", default=DATA_URL, help="where --download fetches the zip (default: %(default)s)")
+    add("--epochs", type=positive(int), default=30, help="training epochs (default: %(default)s)")
+    add("--batch-size", type=positive(int), default=4, help="images per batch per rank (default: %(default)s)")
+    add("--lr", type=positive(float), default=0.0004, help="Adam learning rate (default: %(default)s)")
+    add("--gamma", type=positive(float), default=0.1, help="StepLR decay factor (default: %(default)s)")
+    add("--step-size", type=positive(int), default=10, help="StepLR period in epochs (default: %(default)s)")
+    add("--n-qubits", type=qubit_count, default=n_qubits, help="qubits, 1..20 (default: %(default)s)")
+    add("--q-depth", type=positive(int), default=q_depth, help="variational layers (default: %(default)s)")
+    add("--q-delta", type=positive(float), default=q_delta, help="spread of initial circuit weights "
+        "(default: %(default)s)")
+    add("--seed", type=int, default=42, help="seed of the model's random init (default: %(default)s)")
+    add("--shuffle-seed", type=int, default=0, help="seed of the training shuffle; 0 is the tutorial's "
+        "DistributedSampler default (default: %(default)s)")
+    add("--qdevice", default="lightning.kokkos", help="PennyLane device simulating the circuit, or 'torch' for "
+        "the built-in exact torch simulator (default: %(default)s)")
+    add("--per-sample", action="store_true", help="one circuit call per image, as the tutorial (default: one per batch)")
+    add("--weights", default="imagenet", help="backbone weights: imagenet | none | PATH of a ResNet18 "
+        "state_dict (default: %(default)s)")
+    add("--bn-mode", choices=("train", "eval"), default="train", help="the frozen backbone's BatchNorm in the "
+        "train phase: batch statistics (train, the tutorial's) or ImageNet statistics (eval) (default: %(default)s)")
+    add("--cache-features", action="store_true", help="run the backbone once and train on cached features "
+        "(needs --bn-mode eval)")
+    add("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: a GPU when visible (default: %(default)s)")
+    add("--backend", choices=("auto", "nccl", "gloo"), default="auto", help="auto: nccl on GPUs, gloo on CPUs "
+        "(default: %(default)s)")
+    add("--dist-timeout", type=positive(int), default=300, help="seconds before a stuck rendezvous or "
+        "collective fails (default: %(default)s)")
+    add("--workers", type=int, default=None, help="image-decoding processes per rank (default: "
+        "SLURM_CPUS_PER_TASK or CPU count, minus 1, at most 3)")
+    add("--print-freq", type=int, default=None, help="progress line every N batches; 0: never (default: each "
+        "batch on a terminal, every 10 in a log)")
+    add("--save", default=None, help="write the best dressed-head weights (state_dict) to this file")
+    add("--checkpoint", default=None, help="write a resumable checkpoint to this file after every epoch")
+    add("--resume", default=None, help="continue from a --checkpoint file")
+    add("--metrics-json", default=None, help="write config, per-epoch metrics and timings to this JSON file")
+    add("--draw", action="store_true", help="print the circuit and exit")
+    return parser
+
+
+def validate_args(args):
+    """Resolve defaults that depend on the environment and refuse impossible combinations."""
+    args.data_dir_is_default = args.data_dir is None and "QML_DATA_DIR" not in os.environ
+    args.data_dir = args.data_dir or os.environ.get("QML_DATA_DIR") or DEFAULT_DATA_DIR
+    if args.cache_features and args.bn_mode == "train":
+        raise UsageError("--cache-features needs --bn-mode eval: with batch statistics the backbone's "
+                         "features change every batch and cannot be cached")
+    if args.workers is not None and args.workers < 0:
+        raise UsageError(f"--workers must be 0 or more, got {args.workers}")
+    if args.qdevice not in available_qdevices():
+        raise UsageError(f"--qdevice {args.qdevice}: not installed; choose one of {', '.join(available_qdevices())}")
+    if args.weights not in ("imagenet", "none"):
+        read_resnet18_state_dict(args.weights)
+
+
+def package_versions():
+    from importlib import metadata
+
+    names = ("torch", "torchvision", "pennylane", "pennylane_lightning", "pennylane_lightning_kokkos", "mpi4py")
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def write_metrics(path, state, config, ctx):
+    best = {k: state[k] for k in ("best_acc", "best_loss", "best_acc_train", "best_loss_train")}
+    report = dict(config=config, world_size=ctx["world_size"], rank_source=ctx["source"],
+                  device=str(ctx["device"]), backend=ctx["backend"], versions=package_versions(),
+                  epochs=state["history"], training_seconds=state["seconds"],
+                  best_val_acc=best["best_acc"], best_val_loss=best["best_loss"],
+                  best_train_acc=best["best_acc_train"], best_train_loss=best["best_loss_train"])
+    text = json.dumps(report, indent=2) + "\n"
+    atomic_write(path, lambda file: file.write(text.encode()))
+
+
+def draw_circuit(args):
+    import pennylane as qml
+
+    drawable = "default.qubit" if args.qdevice == TORCH_QDEVICE else args.qdevice  # the drawer needs a QNode
+    qnode = make_quantum_net(args.n_qubits, args.q_depth, drawable)
+    inputs = torch.full((args.n_qubits,), 0.1)
+    weights = args.q_delta * torch.ones(args.q_depth * args.n_qubits)
+    return qml.draw(qnode)(inputs, weights)
+
+
+def setup(args):
+    """Join the process group, train, report from rank 0, and always leave the group."""
+    ctx = init_distributed_mode(args)
+    try:
+        if is_main_process():
+            print(f"Ranks: {ctx['world_size']} ({ctx['source']}) | device: {ctx['device']} | "
+                  f"backend: {ctx['backend']} | qdevice: {args.qdevice}", flush=True)
+        model, state, config = train_model(args, ctx)
+        if is_main_process():
+            minutes, seconds = divmod(state["seconds"], 60)
+            print(f"\nTraining completed in {minutes:.0f}m {seconds:.0f}s")
+            print(f"Best average loss: {state['best_loss']:.4f} | Best average accuracy: {state['best_acc']:.4f}",
+                  flush=True)
+            if args.save:
+                atomic_write(args.save, lambda file: torch.save(model.fc.state_dict(), file))
+            if args.metrics_json:
+                write_metrics(args.metrics_json, state, config, ctx)
+        if get_world_size() > 1:
+            dist.barrier()
+        return 0
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        if argv[:1] == ["report"]:
+            return report_main(argv[1:])
+        if argv[:1] == ["bench"]:
+            return bench_main(argv[1:])
+        args = get_args_parser().parse_args(argv)
+        validate_args(args)
+        if args.draw:
+            print(draw_circuit(args))
+            return 0
+        signal.signal(signal.SIGTERM, raise_interrupt)  # Slurm's time limit sends SIGTERM first
+        return setup(args)
+    except UsageError as err:
+        print(f"qml.py: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as err:
+        print(f"qml.py: stopped by {err or 'Ctrl-C'}; the last --checkpoint file (if any) is complete: "
+              f"continue with --resume", file=sys.stderr)
+        return 130
+
+
+# ----------------------------------------------------------------------------
+# report: the scaling table of a submit_qml.sbatch sweep
+
+
+def load_runs(rundir):
+    """(tasks, training seconds, best val accuracy, best val loss) of every metrics JSON in rundir."""
+    runs = []
+    for path in sorted(glob.glob(os.path.join(rundir, "*.json"))):
+        try:
+            with open(path) as file:
+                metrics = json.load(file)
+            runs.append((metrics["world_size"], metrics["training_seconds"], metrics["best_val_acc"],
+                         metrics["best_val_loss"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            raise UsageError(f"{path} is not a metrics JSON written by qml.py --metrics-json; move it away") from None
+    if not runs:
+        raise UsageError(f"no metrics JSON files in {rundir}; run the sweep with submit_qml.sbatch 1,2,4,8")
+    return sorted(runs)
+
+
+def scaling_rows(runs):
+    """Speedup and parallel efficiency relative to the smallest task count."""
+    base_tasks, base_seconds = runs[0][0], runs[0][1]
+    rows = []
+    for tasks, seconds, acc, loss in runs:
+        speedup = base_seconds / seconds
+        rows.append(dict(tasks=tasks, seconds=round(seconds, 2), speedup=round(speedup, 2),
+                         efficiency=round(speedup * base_tasks / tasks, 2), best_val_acc=round(acc, 4),
+                         best_val_loss=round(loss, 4)))
+    return rows
+
+
+def answer_line(rows):
+    """The challenge's question: the fastest run among those with the greatest best accuracy."""
+    top = max(row["best_val_acc"] for row in rows)
+    best = min((row for row in rows if row["best_val_acc"] == top), key=lambda row: row["seconds"])
+    return (f"Answer: {best['tasks']} task(s) train fastest ({best['seconds']:.1f} s) at the greatest "
+            f"best average accuracy ({top:.4f})")
+
+
+def plot_scaling(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on compute nodes
+    import matplotlib.pyplot as plt
+
+    tasks = [row["tasks"] for row in rows]
+    fig, ax_time = plt.subplots(figsize=(6, 4))
+    ax_time.plot(tasks, [row["seconds"] for row in rows], "o-", color="tab:blue")
+    ax_time.set_xlabel("tasks")
+    ax_time.set_ylabel("training time (s)", color="tab:blue")
+    ax_acc = ax_time.twinx()
+    ax_acc.plot(tasks, [row["best_val_acc"] for row in rows], "s--", color="tab:red")
+    ax_acc.set_ylabel("best validation accuracy", color="tab:red")
+    ax_time.set_xticks(tasks)
+    ax_time.set_title("Python_QML_Basics scaling")
+    fig.tight_layout()
+    atomic_write(path, lambda file: fig.savefig(file, format="png", dpi=100))
+    plt.close(fig)
+
+
+def markdown_table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def report_main(argv):
+    parser = ArgumentParser(prog="qml.py report", description="Scaling table, CSV and plot of a sweep's "
+                            "metrics JSON files (runs/<jobid>/tasks-N.json).")
+    parser.add_argument("rundir", help="folder with the sweep's metrics JSON files")
+    rundir = parser.parse_args(argv).rundir
+    rows = scaling_rows(load_runs(rundir))
+    header = list(rows[0])
+    print(markdown_table(header, [row.values() for row in rows]))
+    csv_path, png_path = os.path.join(rundir, "scaling.csv"), os.path.join(rundir, "scaling.png")
+
+    def write_csv(file):
+        text = [",".join(header)] + [",".join(str(v) for v in row.values()) for row in rows]
+        file.write(("\n".join(text) + "\n").encode())
+
+    atomic_write(csv_path, write_csv)
+    plot_scaling(rows, png_path)
+    print(f"Scaling table: {csv_path}")
+    print(f"Scaling plot: {png_path}")
+    print(answer_line(rows))
+    return 0
+
+
+# ----------------------------------------------------------------------------
+# bench: the speed table
+
+
+def time_circuit(qdevice, per_sample, batch=4, repeats=20):
+    """Median seconds of forward+backward of the dressed head's circuit for one batch."""
+    torch.manual_seed(0)
+    head = DressedQuantumNet(qdevice=qdevice, per_sample=per_sample)
+    features = torch.randn(batch, 512)
+    times = []
+    for _ in range(repeats + 2):  # two warm-up calls
+        start = time.perf_counter()
+        head(features).sum().backward()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times[2:]))
+
+
+def time_run(extra, args, tmp):
+    """Run qml.py in a fresh process; returns (wall seconds, its metrics JSON)."""
+    metrics = os.path.join(tmp, "metrics.json")
+    command = [sys.executable, os.path.abspath(__file__), "--data-dir", args.data_dir, "--weights", args.weights,
+               "--print-freq", "0", "--metrics-json", metrics, *extra]
+    start = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if result.returncode != 0:
+        raise UsageError(f"benchmark run {' '.join(extra)} failed: {result.stderr.strip().splitlines()[-1:]}")
+    with open(metrics) as file:
+        return wall, json.load(file)
+
+
+def machine_description():
+    import platform
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{platform.machine()} {platform.processor() or platform.system()}, {os.cpu_count()} CPUs, {gpu}, "
+            f"torch {torch.__version__}, pennylane {package_versions()['pennylane']}")
+
+
+def bench_main(argv):
+    parser = ArgumentParser(prog="qml.py bench", description="Time the epoch, the cached run and the circuit.")
+    parser.add_argument("--data-dir", default=os.environ.get("QML_DATA_DIR", DEFAULT_DATA_DIR))
+    parser.add_argument("--weights", default="none", help="backbone weights for the timed runs (default: none)")
+    parser.add_argument("--cached-epochs", type=positive(int), default=30)
+    args = parser.parse_args(argv)
+    check_layout(args.data_dir)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        epoch = {}
+        for label, extra in (("per-sample", ["--per-sample"]), ("broadcast (default)", [])):
+            _, metrics = time_run(["--epochs", "1", *extra], args, tmp)
+            epoch[label] = metrics["epochs"][0]["seconds"]
+            rows.append((f"one epoch, {label}, lightning.kokkos", f"{epoch[label]:.2f} s",
+                         f"{epoch[label] / epoch['per-sample']:.2f}x"))
+        base = None
+        for qdevice in ("lightning.kokkos", TORCH_QDEVICE):
+            wall, _ = time_run(["--epochs", str(args.cached_epochs), "--cache-features", "--bn-mode", "eval",
+                                "--qdevice", qdevice], args, tmp)
+            base = base or wall
+            rows.append((f"{args.cached_epochs} epochs --cache-features, {qdevice} (process start to exit)",
+                         f"{wall:.2f} s", f"{wall / base:.2f}x"))
+    for qdevice in [d for d in ("lightning.kokkos", "lightning.qubit", "default.qubit", TORCH_QDEVICE)
+                    if d in available_qdevices()]:
+        loop, batched = time_circuit(qdevice, True), time_circuit(qdevice, False)
+        rows.append((f"circuit fwd+bwd, batch of 4, {qdevice}: per-sample", f"{loop * 1000:.1f} ms", "1.00x"))
+        rows.append((f"circuit fwd+bwd, batch of 4, {qdevice}: broadcast", f"{batched * 1000:.1f} ms",
+                     f"{batched / loop:.2f}x"))
+    print(f"Machine: {machine_description()}")
+    print(markdown_table(("what", "time", "ratio"), rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

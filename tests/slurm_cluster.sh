@@ -1,0 +1,264 @@
+#!/usr/bin/env bash
+# Throwaway one-node Slurm cluster on localhost, for tests/test_slurm.py.
+#
+#   tests/slurm_cluster.sh start   # install slurm-wlm + munge if missing (root), start
+#                                  # munged, slurmctld, slurmd; print the SLURM_CONF path
+#   tests/slurm_cluster.sh stop    # cancel jobs, stop the daemons, remove the state dir
+#   tests/slurm_cluster.sh status  # exit 0 if the cluster answers and the node is usable
+#
+# Everything (config, munge key and socket, spool, state, logs) lives under one state
+# dir, $QML_SLURM_DIR (default /tmp/qml-slurm); nothing under /etc is written, and the
+# daemons use their own ports and munge socket, so a site Slurm is left alone.
+# Both subcommands are idempotent. Messages go to stderr; `start` prints only the
+# SLURM_CONF path on stdout, so `export SLURM_CONF=$(tests/slurm_cluster.sh start)` works.
+#
+# Environment:
+#   QML_SLURM_DIR        state dir (default /tmp/qml-slurm; keep it short: it holds a socket)
+#   QML_SLURM_CPUS       CPUs the node advertises (default 8, whatever the machine has)
+#   QML_SLURM_PORT       slurmctld port; slurmd uses the next one (default 16817)
+#   QML_SLURM_WAIT       seconds to wait for the node to turn idle (default 60)
+#   QML_SLURM_KEEP=1     `stop` keeps the state dir (logs) instead of removing it
+set -euo pipefail
+
+DIR=${QML_SLURM_DIR:-/tmp/qml-slurm}
+CPUS=${QML_SLURM_CPUS:-8}
+CTLD_PORT=${QML_SLURM_PORT:-16817}
+SLURMD_PORT=$((CTLD_PORT + 1))
+WAIT=${QML_SLURM_WAIT:-60}
+NODE=localhost
+CONF="$DIR/slurm.conf"
+MARKER="$DIR/.qml-slurm-cluster"
+PATH="$PATH:/usr/sbin:/sbin:/usr/local/sbin"
+export SLURM_CONF="$CONF"
+
+log() { echo "slurm_cluster.sh: $*" >&2; }
+die() {
+    echo "slurm_cluster.sh: error: $*" >&2
+    exit 1
+}
+
+# Print the last lines of each daemon log, to explain a failed start.
+show_logs() {
+    local f
+    for f in "$DIR"/log/*.log; do
+        [ -s "$f" ] || continue
+        echo "---- tail of $f ----" >&2
+        tail -n 15 "$f" >&2
+    done
+}
+
+pid_alive() { # pidfile
+    local pid
+    [ -s "$1" ] || return 1
+    pid=$(cat "$1" 2>/dev/null) || return 1
+    [[ "$pid" =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null
+}
+
+kill_pidfile() { # pidfile name
+    local pid i
+    pid_alive "$1" || { rm -f "$1"; return 0; }
+    pid=$(cat "$1")
+    kill -TERM "$pid" 2>/dev/null || true
+    for ((i = 0; i < 100; i++)); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+        log "$2 (pid $pid) ignored SIGTERM; sending SIGKILL"
+        kill -KILL "$pid" 2>/dev/null || true
+        sleep 0.5
+    fi
+    rm -f "$1"
+}
+
+node_state() {
+    timeout 10 sinfo -h -n "$NODE" -o %t 2>/dev/null | head -n1 || true
+}
+
+install_packages() {
+    local missing=() b
+    for b in slurmctld slurmd munged sbatch srun sinfo scontrol; do
+        command -v "$b" >/dev/null 2>&1 || missing+=("$b")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    [ "$(id -u)" -eq 0 ] || die "Slurm is not installed (missing: ${missing[*]}) and installing it needs root: run 'apt-get install slurm-wlm munge' as root first"
+    command -v apt-get >/dev/null 2>&1 || die "Slurm is not installed (missing: ${missing[*]}) and there is no apt-get to install it with"
+    log "installing slurm-wlm and munge with apt-get (missing: ${missing[*]})"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >&2 || die "apt-get update failed"
+    apt-get install -y -qq --no-install-recommends slurm-wlm munge >&2 ||
+        die "apt-get install slurm-wlm munge failed"
+    for b in slurmctld slurmd munged sbatch; do
+        command -v "$b" >/dev/null 2>&1 || die "$b still missing after installing slurm-wlm and munge"
+    done
+}
+
+write_config() {
+    local user
+    user=$(id -un)
+    mkdir -p "$DIR"/{munge,state,spool,log}
+    chmod 755 "$DIR" "$DIR/munge"
+    touch "$MARKER"
+    if [ ! -s "$DIR/munge/munge.key" ]; then
+        if command -v mungekey >/dev/null 2>&1; then
+            mungekey --create --keyfile="$DIR/munge/munge.key" --force >&2
+        else
+            dd if=/dev/urandom of="$DIR/munge/munge.key" bs=1024 count=1 status=none
+        fi
+    fi
+    chmod 600 "$DIR/munge/munge.key"
+    cat >"$CONF" <<EOF
+# Written by tests/slurm_cluster.sh: a one-node test cluster on localhost.
+ClusterName=qmltest
+SlurmctldHost=$NODE
+SlurmctldPort=$CTLD_PORT
+SlurmdPort=$SLURMD_PORT
+SlurmUser=$user
+SlurmdUser=$user
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket=$DIR/munge/munge.socket.2
+StateSaveLocation=$DIR/state
+SlurmdSpoolDir=$DIR/spool
+SlurmctldPidFile=$DIR/slurmctld.pid
+SlurmdPidFile=$DIR/slurmd.pid
+SlurmctldLogFile=$DIR/log/slurmctld.log
+SlurmdLogFile=$DIR/log/slurmd.log
+SlurmctldDebug=info
+SlurmdDebug=info
+PlugStackConfig=$DIR/plugstack.conf
+# Let the node advertise more CPUs than the machine has (8 GPU-less "cores" on a 2-core CI box).
+SlurmdParameters=config_overrides
+SlurmctldParameters=enable_configless
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+SchedulerType=sched/backfill
+MpiDefault=none
+SwitchType=switch/none
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+JobCompType=jobcomp/none
+ReturnToService=2
+InactiveLimit=0
+KillWait=5
+MinJobAge=300
+SlurmdTimeout=60
+SlurmctldTimeout=60
+NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$CPUS State=UNKNOWN
+PartitionName=batch Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
+EOF
+    : >"$DIR/plugstack.conf"
+}
+
+healthy() {
+    pid_alive "$DIR/munged.pid" && pid_alive "$DIR/slurmctld.pid" && pid_alive "$DIR/slurmd.pid" &&
+        [[ "$(node_state)" =~ ^(idle|mix|alloc|comp) ]]
+}
+
+cmd_start() {
+    [[ "$CPUS" =~ ^[1-9][0-9]*$ ]] || die "QML_SLURM_CPUS must be a positive integer, not '$CPUS'"
+    [[ "$CTLD_PORT" =~ ^[1-9][0-9]*$ ]] || die "QML_SLURM_PORT must be a port number, not '$CTLD_PORT'"
+    [ ${#DIR} -le 80 ] || die "QML_SLURM_DIR '$DIR' is too long for a unix socket path (keep it under 80 characters)"
+    if [ -f "$MARKER" ] && healthy; then
+        log "cluster already running (state dir $DIR)"
+        echo "$CONF"
+        return 0
+    fi
+    if [ -e "$DIR" ] && [ ! -f "$MARKER" ] && [ -n "$(ls -A "$DIR" 2>/dev/null)" ]; then
+        die "state dir $DIR exists, is not empty and was not made by this script; set QML_SLURM_DIR to another path"
+    fi
+    install_packages
+    cmd_stop_daemons # leftovers from a half-started earlier run
+    write_config
+
+    log "starting munged"
+    munged --force --socket="$DIR/munge/munge.socket.2" --key-file="$DIR/munge/munge.key" \
+        --pid-file="$DIR/munged.pid" --log-file="$DIR/log/munged.log" \
+        --seed-file="$DIR/munge/munged.seed" >&2 ||
+        { show_logs; die "munged did not start"; }
+    local i
+    for ((i = 0; i < 50; i++)); do
+        [ -S "$DIR/munge/munge.socket.2" ] && break
+        sleep 0.1
+    done
+    if command -v munge >/dev/null 2>&1; then
+        munge -n -S "$DIR/munge/munge.socket.2" | unmunge -S "$DIR/munge/munge.socket.2" >/dev/null 2>&1 ||
+            { show_logs; die "munge round trip through $DIR/munge/munge.socket.2 failed"; }
+    fi
+
+    log "starting slurmctld (port $CTLD_PORT)"
+    slurmctld -c -f "$CONF" >&2 || { show_logs; die "slurmctld did not start"; }
+    for ((i = 0; i < 10 * WAIT; i++)); do
+        timeout 5 scontrol ping 2>/dev/null | grep -q UP && break
+        pid_alive "$DIR/slurmctld.pid" || [ $i -lt 20 ] || { show_logs; die "slurmctld exited"; }
+        sleep 0.1
+    done
+    log "starting slurmd (node $NODE, $CPUS CPUs, port $SLURMD_PORT)"
+    slurmd -f "$CONF" -N "$NODE" >&2 || { show_logs; die "slurmd did not start"; }
+
+    local state=""
+    for ((i = 0; i < WAIT; i++)); do
+        state=$(node_state)
+        [ "$state" = idle ] && break
+        sleep 1
+    done
+    if [ "$state" != idle ]; then
+        show_logs
+        timeout 10 scontrol show node "$NODE" >&2 || true
+        die "node $NODE is '${state:-unknown}', not idle, after ${WAIT}s; logs are in $DIR/log"
+    fi
+    log "cluster up: partition batch, node $NODE with $CPUS CPUs; export SLURM_CONF=$CONF"
+    echo "$CONF"
+}
+
+cmd_stop_daemons() {
+    if pid_alive "$DIR/slurmctld.pid"; then
+        # Cancel what is still queued or running, so no job step outlives its slurmd.
+        local i jobs=()
+        mapfile -t jobs < <(timeout 10 squeue -h -o %i 2>/dev/null || true)
+        if [ ${#jobs[@]} -gt 0 ]; then
+            log "cancelling remaining jobs: ${jobs[*]}"
+            timeout 10 scancel --quiet "${jobs[@]}" 2>/dev/null || true
+            for ((i = 0; i < 30; i++)); do
+                [ -z "$(timeout 5 squeue -h -o %i 2>/dev/null)" ] && break
+                sleep 0.5
+            done
+        fi
+    fi
+    kill_pidfile "$DIR/slurmd.pid" slurmd
+    kill_pidfile "$DIR/slurmctld.pid" slurmctld
+    kill_pidfile "$DIR/munged.pid" munged
+}
+
+cmd_stop() {
+    if [ ! -e "$DIR" ]; then
+        log "nothing to stop ($DIR does not exist)"
+        return 0
+    fi
+    [ -f "$MARKER" ] || die "$DIR was not made by this script; refusing to touch it"
+    cmd_stop_daemons
+    if [ "${QML_SLURM_KEEP:-0}" = 1 ]; then
+        log "daemons stopped; state and logs kept in $DIR"
+    else
+        rm -rf -- "$DIR"
+        log "daemons stopped; $DIR removed"
+    fi
+}
+
+cmd_status() {
+    [ -f "$MARKER" ] || die "no cluster state in $DIR"
+    healthy || die "cluster in $DIR is not healthy (node state '$(node_state)')"
+    echo "$CONF"
+}
+
+case "${1:-}" in
+start) cmd_start ;;
+stop) cmd_stop ;;
+status) cmd_status ;;
+*)
+    echo "usage: $0 start|stop|status   (state dir: \$QML_SLURM_DIR, default /tmp/qml-slurm)" >&2
+    exit 2
+    ;;
+esac
