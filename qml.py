@@ -29,6 +29,7 @@ import tempfile
 import time
 import urllib.request
 import zipfile
+import zlib
 
 import numpy as np
 import torch
@@ -41,6 +42,7 @@ q_depth = 6  # Depth of the quantum circuit (number of variational layers)
 q_delta = 0.01  # Initial spread of random quantum weights
 
 DATA_URL = "https://download.pytorch.org/tutorial/hymenoptera_data.zip"
+DOWNLOAD_TIMEOUT = 60  # seconds a stalled download may wait for the server
 DEFAULT_DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "hymenoptera_data")
 # Image counts of the published ants/bees set, checked after a download.
 HYMENOPTERA_COUNTS = {"train": {"ants": 124, "bees": 121}, "val": {"ants": 70, "bees": 83}}
@@ -103,49 +105,41 @@ def circuit(q_input_features, q_weights_flat, nqubits, depth):
 class TorchCircuit:
     """Exact statevector simulation of `circuit` in plain torch, batched and autograd-differentiable.
 
-    H, RY and CNOT are real matrices, so the state stays real: a (batch..., 2, ..., 2) tensor.
+    H, RY and CNOT are real, so the state is a real vector of 2^n amplitudes (wire 0 most significant).
     PennyLane's per-call overhead (tens of ms) dominates this tiny circuit; this avoids it.
     """
 
     def __init__(self, nqubits, depth):
         self.nqubits, self.depth = nqubits, depth
+        bits = (np.arange(2**nqubits)[:, None] >> np.arange(nqubits - 1, -1, -1)) & 1  # bits[j, wire]
+        self.z_signs = torch.tensor(1 - 2 * bits, dtype=torch.float64)  # <Z_wire> = probs @ z_signs
+        after = bits.copy()  # where the entangling layer's CNOTs send each basis state
+        for first in (0, 1):
+            for i in range(first, nqubits - 1, 2):
+                after[:, i + 1] ^= after[:, i]
+        target = after @ (1 << np.arange(nqubits - 1, -1, -1))
+        self.entangle_source = torch.from_numpy(np.argsort(target))  # new[j] = old[source[j]]
 
-    def _ry(self, state, angles, wire):
-        # angles has the batch shape (or is a scalar); pad it to broadcast over the wire axes.
-        angles = angles.reshape(angles.shape + (1,) * (self.nqubits - 1))
+    @staticmethod
+    def _ry_matrices(angles):
         cos, sin = torch.cos(angles / 2), torch.sin(angles / 2)
-        axis = state.dim() - self.nqubits + wire
-        amp0, amp1 = state.select(axis, 0), state.select(axis, 1)
-        return torch.stack((cos * amp0 - sin * amp1, sin * amp0 + cos * amp1), dim=axis)
-
-    def _cnot(self, state, control, target):
-        axis = state.dim() - self.nqubits + control
-        target_axis = axis + target - control - (1 if target > control else 0)
-        flipped = state.select(axis, 1).flip(target_axis)
-        return torch.stack((state.select(axis, 0), flipped), dim=axis)
+        return torch.stack((torch.stack((cos, -sin), -1), torch.stack((sin, cos), -1)), -2)
 
     def __call__(self, q_input_features, q_weights_flat):
-        n = self.nqubits
         x = q_input_features.to(torch.float64)
-        weights = q_weights_flat.to(torch.float64).reshape(self.depth, n)
-        # The H layer on |0...0> gives the uniform superposition.
-        state = torch.full(x.shape[:-1] + (2,) * n, 2.0 ** (-n / 2), dtype=torch.float64, device=x.device)
-        for wire in range(n):
-            state = self._ry(state, x[..., wire], wire)
-        for k in range(self.depth):
-            for first in (0, 1):
-                for i in range(first, n - 1, 2):
-                    state = self._cnot(state, i, i + 1)
-            for wire in range(n):
-                state = self._ry(state, weights[k, wire], wire)
-        probs = state * state
-        batch_dims = x.dim() - 1
-        expvals = []
-        for wire in range(n):
-            other = [batch_dims + w for w in range(n) if w != wire]
-            marginal = probs.sum(dim=other) if other else probs
-            expvals.append((marginal[..., 0] - marginal[..., 1]).to(q_input_features.dtype))
-        return expvals
+        weights = q_weights_flat.to(torch.float64).reshape(self.depth, self.nqubits)
+        # H then RY(x) on |0> leaves each wire in (cos - sin, sin + cos)(x/2) / sqrt(2): a product state.
+        cos, sin = torch.cos(x / 2), torch.sin(x / 2)
+        wires = torch.stack((cos - sin, sin + cos), -1) / math.sqrt(2)
+        state = wires[..., 0, :]
+        for wire in range(1, self.nqubits):
+            state = (state[..., :, None] * wires[..., wire, None, :]).flatten(-2)
+        source = self.entangle_source.to(x.device)
+        for layer in weights:
+            rotations = functools.reduce(torch.kron, self._ry_matrices(layer))
+            state = state[..., source] @ rotations.T
+        expvals = (state * state) @ self.z_signs.to(x.device)
+        return list(expvals.to(q_input_features.dtype).unbind(-1))
 
 
 def available_qdevices():
@@ -155,13 +149,26 @@ def available_qdevices():
     return sorted(set(qml.plugin_devices) | {TORCH_QDEVICE})
 
 
+def kokkos_options(qdevice):
+    """One host thread for lightning.kokkos unless KOKKOS_NUM_THREADS says otherwise.
+
+    Its OpenMP threads fight torch's for the cores: beside a decoding worker an epoch ran 50x slower,
+    and states of a few qubits gain nothing from threads. (GPU builds run on the GPU regardless.)
+    """
+    if qdevice != "lightning.kokkos" or "KOKKOS_NUM_THREADS" in os.environ:
+        return {}
+    from pennylane_lightning.lightning_kokkos_ops import InitializationSettings
+
+    return {"kokkos_args": InitializationSettings().set_num_threads(1)}
+
+
 def make_quantum_net(nqubits=n_qubits, depth=q_depth, qdevice="lightning.kokkos"):
     """Build the circuit for these sizes as a callable (q_input_features, q_weights_flat) -> list of <Z>."""
     if qdevice == TORCH_QDEVICE:
         return TorchCircuit(nqubits, depth)
     import pennylane as qml
 
-    dev = qml.device(qdevice, wires=nqubits)
+    dev = qml.device(qdevice, wires=nqubits, **kokkos_options(qdevice))
     return qml.QNode(functools.partial(circuit, nqubits=nqubits, depth=depth), dev, interface="torch")
 
 
@@ -209,12 +216,14 @@ def resnet18_weights_error():
 
 def load_backbone(weights):
     """ResNet18 with `weights` (imagenet | none | PATH). Every choice draws the same random init first."""
+    import pickle
+
     import torchvision
 
     if weights == "imagenet":
         try:
             return torchvision.models.resnet18(weights=torchvision.models.ResNet18_Weights.IMAGENET1K_V1)
-        except (OSError, RuntimeError) as err:  # URLError is an OSError; a bad cached file a RuntimeError
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:  # offline, or a bad cached file
             raise UsageError(f"{resnet18_weights_error()} [{err}]") from None
     model = torchvision.models.resnet18(weights=None)
     if weights != "none":
@@ -232,7 +241,8 @@ def read_resnet18_state_dict(path):
                          f"save one with torch.save(model.state_dict(), PATH)") from None
     import torchvision
 
-    expected = torchvision.models.resnet18().state_dict()
+    with torch.random.fork_rng(devices=[]):  # this reference model must not shift the seeded draws
+        expected = torchvision.models.resnet18().state_dict()
     if not isinstance(state, dict) or {k: tuple(v.shape) for k, v in expected.items()} != {
             k: tuple(getattr(v, "shape", ())) for k, v in state.items()}:
         raise UsageError(f"--weights {path}: not a ResNet18 state_dict (keys or shapes differ); "
@@ -282,9 +292,9 @@ def expand_nodelist(nodelist):
 MPI_LAUNCHER_VARS = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALRANKID")
 
 
-def mpi_ranks():
+def mpi_ranks(env=None):
     """(rank, world_size, local_rank, rank 0's host) from mpi4py when mpiexec started us, else None."""
-    if not any(var in os.environ for var in MPI_LAUNCHER_VARS):
+    if not any(var in (os.environ if env is None else env) for var in MPI_LAUNCHER_VARS):
         return None
     try:
         from mpi4py import MPI
@@ -304,7 +314,7 @@ def discover_ranks(env=None):
     elif "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:  # only srun steps set the step count
         rank, world, local, source = (int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"]),
                                       int(env.get("SLURM_LOCALID", 0)), "slurm")
-    elif (mpi := mpi_ranks()) is not None:
+    elif (mpi := mpi_ranks(env)) is not None:
         rank, world, local, master_addr = mpi
         source = "mpi"
     else:
@@ -342,6 +352,8 @@ def init_distributed_mode(args):
         torch.cuda.set_device(device)  # before init_process_group, so NCCL binds the right GPU
     if ranks["world_size"] > 1:
         os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = ranks["master_addr"], ranks["master_port"]
+        if ranks["rank"] != 0:
+            wait_for_master(ranks, args.dist_timeout)
         try:
             dist.init_process_group(backend, init_method="env://", rank=ranks["rank"],
                                     world_size=ranks["world_size"],
@@ -352,6 +364,23 @@ def init_distributed_mode(args):
                              f"({str(err).splitlines()[0][:160]}); check MASTER_ADDR/MASTER_PORT "
                              f"and that all {ranks['world_size']} ranks started") from None
     return dict(ranks, device=device, backend=backend)
+
+
+def wait_for_master(ranks, seconds):
+    """Wait until rank 0 listens at MASTER_ADDR:MASTER_PORT; fail within `seconds`, in one line.
+
+    torch's own client would retry past the timeout and print C++ stack traces for a wrong address.
+    """
+    addr, port, deadline = ranks["master_addr"], int(ranks["master_port"]), time.monotonic() + seconds
+    while True:
+        try:
+            socket.create_connection((addr, port), timeout=max(0.1, deadline - time.monotonic())).close()
+            return
+        except OSError as err:
+            if time.monotonic() >= deadline:
+                raise UsageError(f"rank {ranks['rank']}: nothing answers at {addr}:{port} within {seconds}s "
+                                 f"({err}); check MASTER_ADDR/MASTER_PORT and that rank 0 started") from None
+            time.sleep(0.5)
 
 
 def broadcast_error(message):
@@ -388,10 +417,14 @@ def data_transforms():
 
 
 def list_images(folder):
-    """{class name: sorted image paths} of an ImageFolder split; stray non-image files are ignored."""
-    classes = sorted(d.name for d in os.scandir(folder) if d.is_dir())  # as ImageFolder finds them
-    return {c: sorted(p for p in glob.glob(os.path.join(folder, c, "**", "*"), recursive=True)
-                      if p.lower().endswith(IMAGE_EXTENSIONS)) for c in classes}
+    """{class name: sorted image paths} of an ImageFolder split; stray non-image files are ignored.
+
+    Found as ImageFolder finds them (os.walk, hidden files too: a macOS '._x.jpg' is named, not skipped).
+    """
+    classes = sorted(d.name for d in os.scandir(folder) if d.is_dir())
+    return {c: sorted(os.path.join(root, name)
+                      for root, _, names in os.walk(os.path.join(folder, c), followlinks=True)
+                      for name in names if name.lower().endswith(IMAGE_EXTENSIONS)) for c in classes}
 
 
 def check_layout(data_dir, expected_counts=None):
@@ -422,14 +455,14 @@ def check_layout(data_dir, expected_counts=None):
 
 
 def check_images_decode(layout):
-    """Open every image once, so that a broken file is named now instead of crashing mid-epoch."""
-    from PIL import Image
+    """Decode every image once as training will, so that a broken file is named now instead of crashing mid-epoch.
 
+    (PIL's verify() passes a truncated JPEG: only a full decode finds it.)
+    """
     for paths in (p for split in layout.values() for p in split.values()):
         for path in paths:
             try:
-                with Image.open(path) as image:
-                    image.verify()
+                load_rgb(path)
             except Exception:  # PIL raises many types for broken files
                 raise UsageError(f"{path} is not a readable image; delete or replace it") from None
 
@@ -442,12 +475,16 @@ def download_dataset(data_dir, url=DATA_URL):
     with tempfile.TemporaryDirectory(dir=parent, prefix=".download-") as tmp:
         archive = os.path.join(tmp, "data.zip")
         try:
-            urllib.request.urlretrieve(url, archive)
+            with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT) as response, open(archive, "wb") as file:
+                shutil.copyfileobj(response, file)
         except (OSError, ValueError) as err:
             raise UsageError(f"cannot download {url} ({err}); without network, copy hymenoptera_data "
                              f"somewhere and pass --data-dir DIR (or set QML_DATA_DIR)") from None
         extracted = extract_zip(archive, os.path.join(tmp, "extracted"))
-        check_layout(extracted, HYMENOPTERA_COUNTS)
+        try:
+            check_layout(extracted, HYMENOPTERA_COUNTS)
+        except UsageError as err:
+            raise UsageError(f"{url} is not the ants/bees data set ({err}); check --data-url") from None
         os.replace(extracted, data_dir)  # atomic: data_dir never holds a partial data set
 
 
@@ -460,8 +497,8 @@ def extract_zip(archive, target):
                 if not os.path.realpath(os.path.join(root, name)).startswith(root + os.sep):
                     raise UsageError(f"the downloaded archive has an entry outside its folder ({name}); refusing it")
             zf.extractall(root)
-    except zipfile.BadZipFile:
-        raise UsageError("the downloaded file is not a zip archive; check --data-url") from None
+    except (zipfile.BadZipFile, zlib.error, EOFError) as err:  # not a zip, truncated, or damaged inside
+        raise UsageError(f"the downloaded file is not a complete zip archive ({err}); check --data-url") from None
     inner = [d for d in glob.glob(os.path.join(root, "*", "train")) if "__MACOSX" not in d]
     return os.path.dirname(inner[0]) if inner and not os.path.isdir(os.path.join(root, "train")) else root
 
@@ -500,23 +537,31 @@ def load_datasets(data_dir):
 
 
 def default_workers():
-    """Decoding workers per rank: the Slurm CPUs of this task (or the machine's), capped at 4."""
+    """Decoding workers per rank: one fewer than this task's CPUs (Slurm's, else the machine's), at most 3."""
     cpus = os.environ.get("SLURM_CPUS_PER_TASK", "")
     return max(0, min(4, int(cpus) if cpus.isdigit() else (os.cpu_count() or 1)) - 1)
 
 
-def make_loaders(datasets_, args, ctx, train_seed):
-    """Train: DistributedSampler (shuffled, padded so ranks step together). Val: each image exactly once."""
+def resolve_workers(args):
+    return args.workers if args.workers is not None else default_workers()
+
+
+def make_loaders(datasets_, args, ctx, cached=False):
+    """Train: DistributedSampler (shuffled, padded so ranks step together). Val: each image exactly once.
+
+    Cached features need no decoding workers and validate in one batch (the batch size changes no metric there).
+    """
     from torch.utils.data import DataLoader, DistributedSampler
 
     rank, world = ctx["rank"], ctx["world_size"]
-    train_sampler = DistributedSampler(datasets_["train"], num_replicas=world, rank=rank, seed=train_seed)
-    workers = args.workers if args.workers is not None else default_workers()
-    common = dict(batch_size=args.batch_size, num_workers=workers, persistent_workers=workers > 0,
-                  pin_memory=ctx["device"].type == "cuda")
+    train_sampler = DistributedSampler(datasets_["train"], num_replicas=world, rank=rank, seed=args.shuffle_seed)
+    workers = 0 if cached else resolve_workers(args)
+    common = dict(num_workers=workers, persistent_workers=workers > 0, pin_memory=ctx["device"].type == "cuda")
+    val_batch = len(datasets_["val"]) if cached else args.batch_size
     return {
-        "train": DataLoader(datasets_["train"], sampler=train_sampler, **common),
-        "validation": DataLoader(datasets_["val"], sampler=range(rank, len(datasets_["val"]), world), **common),
+        "train": DataLoader(datasets_["train"], sampler=train_sampler, batch_size=args.batch_size, **common),
+        "validation": DataLoader(datasets_["val"], sampler=range(rank, len(datasets_["val"]), world),
+                                 batch_size=val_batch, **common),
     }, train_sampler
 
 
@@ -604,6 +649,14 @@ def progress_every(args):
     return 1 if sys.stdout.isatty() else 10
 
 
+def to_device(inputs, device):
+    """Move a batch to the device; images go channels_last on CPUs, as the backbone there."""
+    inputs = inputs.to(device, non_blocking=True)
+    if inputs.dim() == 4 and device.type == "cpu":
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
+    return inputs
+
+
 def run_phase(phase, net, step_net, loader, optimizer, ctx, args, epoch):
     """One pass over `loader`; returns (average loss, accuracy, images) summed over all ranks."""
     training = phase == "train"
@@ -614,9 +667,7 @@ def run_phase(phase, net, step_net, loader, optimizer, ctx, args, epoch):
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
     for it, (inputs, labels) in enumerate(loader, 1):
         since_batch = time.time()
-        inputs = inputs.to(device, non_blocking=True)
-        if inputs.dim() == 4 and device.type == "cpu":
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        inputs = to_device(inputs, device)
         labels = labels.to(device, non_blocking=True)
         with torch.set_grad_enabled(training):
             outputs = (step_net if training else net)(inputs)  # validation needs no DDP collectives
@@ -659,7 +710,7 @@ def cached_features(model, datasets_, args, ctx):
         shard = range(rank, len(data), world)
         loader = DataLoader(data, batch_size=32, sampler=shard, num_workers=resolve_workers(args))
         with torch.no_grad():
-            chunks = [model(x.to(device).contiguous(memory_format=torch.channels_last)) for x, _ in loader]
+            chunks = [model(to_device(images, device)) for images, _ in loader]
         local = torch.cat(chunks) if chunks else torch.empty(0, head.pre_net.in_features, device=device)
         feats = gather_shards(local, len(data), world, rank)
         labels = torch.tensor(data.targets)
@@ -681,10 +732,6 @@ def gather_shards(local, total, world, rank):
     for r in range(world):
         out[r::world] = gathered[r][: len(range(r, total, world))]
     return out
-
-
-def resolve_workers(args):
-    return args.workers if args.workers is not None else default_workers()
 
 
 def fetch_weights_once(args):
@@ -736,7 +783,7 @@ def train_model(args, ctx):
         net, datasets_ = model.fc, cached_features(model, datasets_, args, ctx)
     else:
         net = model
-    loaders, train_sampler = make_loaders(datasets_, args, ctx, args.shuffle_seed)
+    loaders, train_sampler = make_loaders(datasets_, args, ctx, cached=args.cache_features)
     step_net = net
     if ctx["world_size"] > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -858,7 +905,7 @@ def validate_args(args):
                          "features change every batch and cannot be cached")
     if args.workers is not None and args.workers < 0:
         raise UsageError(f"--workers must be 0 or more, got {args.workers}")
-    if args.qdevice not in available_qdevices():
+    if args.qdevice != TORCH_QDEVICE and args.qdevice not in available_qdevices():  # torch needs no PennyLane import
         raise UsageError(f"--qdevice {args.qdevice}: not installed; choose one of {', '.join(available_qdevices())}")
     if args.weights not in ("imagenet", "none"):
         read_resnet18_state_dict(args.weights)
@@ -942,7 +989,7 @@ def main(argv=None):
         signal.signal(signal.SIGTERM, raise_interrupt)  # Slurm's time limit sends SIGTERM first
         return setup(args)
     except UsageError as err:
-        print(f"qml.py: error: {err}", file=sys.stderr)
+        print("qml.py: error:", " ".join(str(err).split()), file=sys.stderr)  # one line, whatever err holds
         return 2
     except KeyboardInterrupt as err:
         print(f"qml.py: stopped by {err or 'Ctrl-C'}; the last --checkpoint file (if any) is complete: "

@@ -47,28 +47,39 @@ show_logs() {
     done
 }
 
+# The daemon of a pidfile ($DIR/<name>.pid) runs: the pid is alive and is still <name>, not a reused pid.
 pid_alive() { # pidfile
-    local pid
+    local pid name
     [ -s "$1" ] || return 1
     pid=$(cat "$1" 2>/dev/null) || return 1
-    [[ "$pid" =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null
+    [[ "$pid" =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null || return 1
+    name=$(basename "$1" .pid)
+    [ "$(cat "/proc/$pid/comm" 2>/dev/null || ps -o comm= -p "$pid" 2>/dev/null)" = "$name" ]
 }
 
-kill_pidfile() { # pidfile name
-    local pid i
-    pid_alive "$1" || { rm -f "$1"; return 0; }
-    pid=$(cat "$1")
-    kill -TERM "$pid" 2>/dev/null || true
-    for ((i = 0; i < 100; i++)); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
+# SIGTERM the daemons named by the pidfiles together, wait up to 10 s, then SIGKILL what is left.
+kill_pidfiles() { # pidfile...
+    local f pid i pids=() left
+    for f in "$@"; do
+        if pid_alive "$f"; then
+            pid=$(cat "$f")
+            pids+=("$pid")
+            kill -TERM "$pid" 2>/dev/null || true
+        fi
     done
-    if kill -0 "$pid" 2>/dev/null; then
-        log "$2 (pid $pid) ignored SIGTERM; sending SIGKILL"
+    for ((i = 0; i < 100 && ${#pids[@]} > 0; i++)); do
+        left=()
+        for pid in "${pids[@]}"; do
+            kill -0 "$pid" 2>/dev/null && left+=("$pid")
+        done
+        pids=("${left[@]}")
+        [ ${#pids[@]} -gt 0 ] && sleep 0.1
+    done
+    for pid in "${pids[@]}"; do
+        log "pid $pid ignored SIGTERM for 10 s; sending SIGKILL"
         kill -KILL "$pid" 2>/dev/null || true
-        sleep 0.5
-    fi
-    rm -f "$1"
+    done
+    rm -f "$@"
 }
 
 node_state() {
@@ -76,17 +87,22 @@ node_state() {
 }
 
 install_packages() {
-    local missing=() b
+    local missing=() b sudo=() apt=(env DEBIAN_FRONTEND=noninteractive apt-get -qq)
     for b in slurmctld slurmd munged sbatch srun sinfo scontrol; do
         command -v "$b" >/dev/null 2>&1 || missing+=("$b")
     done
     [ ${#missing[@]} -eq 0 ] && return 0
-    [ "$(id -u)" -eq 0 ] || die "Slurm is not installed (missing: ${missing[*]}) and installing it needs root: run 'apt-get install slurm-wlm munge' as root first"
-    command -v apt-get >/dev/null 2>&1 || die "Slurm is not installed (missing: ${missing[*]}) and there is no apt-get to install it with"
+    if [ "$(id -u)" -ne 0 ]; then
+        { command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; } ||
+            die "Slurm is not installed (missing: ${missing[*]}) and installing it needs root" \
+                "(or password-less sudo): run 'apt-get install slurm-wlm munge' as root first"
+        sudo=(sudo -n)
+    fi
+    command -v apt-get >/dev/null 2>&1 ||
+        die "Slurm is not installed (missing: ${missing[*]}) and there is no apt-get to install it with"
     log "installing slurm-wlm and munge with apt-get (missing: ${missing[*]})"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq >&2 || die "apt-get update failed"
-    apt-get install -y -qq --no-install-recommends slurm-wlm munge >&2 ||
+    "${sudo[@]}" "${apt[@]}" update >&2 || die "apt-get update failed"
+    "${sudo[@]}" "${apt[@]}" install -y --no-install-recommends slurm-wlm munge >&2 ||
         die "apt-get install slurm-wlm munge failed"
     for b in slurmctld slurmd munged sbatch; do
         command -v "$b" >/dev/null 2>&1 || die "$b still missing after installing slurm-wlm and munge"
@@ -110,7 +126,7 @@ write_config() {
     cat >"$CONF" <<EOF
 # Written by tests/slurm_cluster.sh: a one-node test cluster on localhost.
 ClusterName=qmltest
-SlurmctldHost=$NODE
+SlurmctldHost=$NODE(127.0.0.1)
 SlurmctldPort=$CTLD_PORT
 SlurmdPort=$SLURMD_PORT
 SlurmUser=$user
@@ -129,7 +145,6 @@ SlurmdDebug=info
 PlugStackConfig=$DIR/plugstack.conf
 # Let the node advertise more CPUs than the machine has (8 GPU-less "cores" on a 2-core CI box).
 SlurmdParameters=config_overrides
-SlurmctldParameters=enable_configless
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -152,16 +167,30 @@ EOF
     : >"$DIR/plugstack.conf"
 }
 
-healthy() {
-    pid_alive "$DIR/munged.pid" && pid_alive "$DIR/slurmctld.pid" && pid_alive "$DIR/slurmd.pid" &&
-        [[ "$(node_state)" =~ ^(idle|mix|alloc|comp) ]]
+# Succeeds when all three daemons run and the node takes jobs; otherwise prints why.
+unhealthy_reason() {
+    local d state
+    for d in munged slurmctld slurmd; do
+        pid_alive "$DIR/$d.pid" || { echo "$d is not running"; return 0; }
+    done
+    state=$(node_state)
+    [[ "$state" =~ ^(idle|mix|alloc|comp) ]] || { echo "node $NODE is '${state:-unknown}'"; return 0; }
+    return 1
+}
+
+on_failed_start() {
+    local rc=$?
+    [ "$rc" -eq 0 ] && return 0
+    cmd_stop_daemons
+    log "start failed; logs kept in $DIR/log (remove them with: $0 stop)"
+    exit "$rc"
 }
 
 cmd_start() {
     [[ "$CPUS" =~ ^[1-9][0-9]*$ ]] || die "QML_SLURM_CPUS must be a positive integer, not '$CPUS'"
     [[ "$CTLD_PORT" =~ ^[1-9][0-9]*$ ]] || die "QML_SLURM_PORT must be a port number, not '$CTLD_PORT'"
     [ ${#DIR} -le 80 ] || die "QML_SLURM_DIR '$DIR' is too long for a unix socket path (keep it under 80 characters)"
-    if [ -f "$MARKER" ] && healthy; then
+    if [ -f "$MARKER" ] && ! unhealthy_reason >/dev/null; then
         log "cluster already running (state dir $DIR)"
         echo "$CONF"
         return 0
@@ -172,6 +201,8 @@ cmd_start() {
     install_packages
     cmd_stop_daemons # leftovers from a half-started earlier run
     write_config
+    # A failed start stops whatever it did start; the logs stay in $DIR/log.
+    trap on_failed_start EXIT
 
     log "starting munged"
     munged --force --socket="$DIR/munge/munge.socket.2" --key-file="$DIR/munge/munge.key" \
@@ -209,6 +240,7 @@ cmd_start() {
         timeout 10 scontrol show node "$NODE" >&2 || true
         die "node $NODE is '${state:-unknown}', not idle, after ${WAIT}s; logs are in $DIR/log"
     fi
+    trap - EXIT
     log "cluster up: partition batch, node $NODE with $CPUS CPUs; export SLURM_CONF=$CONF"
     echo "$CONF"
 }
@@ -227,9 +259,8 @@ cmd_stop_daemons() {
             done
         fi
     fi
-    kill_pidfile "$DIR/slurmd.pid" slurmd
-    kill_pidfile "$DIR/slurmctld.pid" slurmctld
-    kill_pidfile "$DIR/munged.pid" munged
+    kill_pidfiles "$DIR/slurmd.pid" "$DIR/slurmctld.pid"
+    kill_pidfiles "$DIR/munged.pid"
 }
 
 cmd_stop() {
@@ -249,7 +280,10 @@ cmd_stop() {
 
 cmd_status() {
     [ -f "$MARKER" ] || die "no cluster state in $DIR"
-    healthy || die "cluster in $DIR is not healthy (node state '$(node_state)')"
+    local why
+    if why=$(unhealthy_reason); then
+        die "cluster in $DIR is not usable: $why"
+    fi
     echo "$CONF"
 }
 

@@ -1,0 +1,339 @@
+"""Rank discovery, device choice, and real multi-process runs (gloo on CPUs; torchrun, env launch, mpiexec)."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+import types
+
+import pytest
+import torch
+from conftest import QML, ROOT, TINY_COUNTS
+
+import qml
+
+N_VAL = sum(TINY_COUNTS["val"].values())  # 9: odd, so padding the validation split over 2 ranks would show
+LAUNCHER_PREFIXES = ("SLURM_", "PMI_", "PMIX_", "OMPI_", "MPI_", "HYDRA_", "TORCHELASTIC_")
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
+                 "MASTER_PORT", "QML_DATA_DIR")
+
+
+# ----------------------------------------------------------------------------
+# expand_nodelist
+
+
+@pytest.mark.parametrize("nodelist, hosts", [
+    ("frontier00012", ["frontier00012"]),
+    ("login1,login2,dtn3", ["login1", "login2", "dtn3"]),
+    ("frontier[00012-00014]", ["frontier00012", "frontier00013", "frontier00014"]),
+    ("node[8-11]", ["node8", "node9", "node10", "node11"]),
+    ("frontier[00012-00015,00020]", ["frontier00012", "frontier00013", "frontier00014", "frontier00015",
+                                     "frontier00020"]),
+    ("login1,frontier[01-02]", ["login1", "frontier01", "frontier02"]),
+    ("a[1-2],b[05,07]", ["a1", "a2", "b05", "b07"]),
+], ids=["single-host", "comma-list", "zero-padded-range", "unpadded-range", "range-and-single",
+        "plain-and-bracket", "two-bracket-groups"])
+def test_expand_nodelist(nodelist, hosts):
+    assert qml.expand_nodelist(nodelist) == hosts
+
+
+# ----------------------------------------------------------------------------
+# discover_ranks
+
+
+def ranks(env):
+    got = qml.discover_ranks(env)
+    return {k: got[k] for k in ("rank", "world_size", "local_rank", "source", "master_addr", "master_port")}
+
+
+def test_torchrun_variables_give_rank_world_and_master():
+    env = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "node7", "MASTER_PORT": "1234"}
+    assert ranks(env) == dict(rank=3, world_size=8, local_rank=1, source="torchrun", master_addr="node7",
+                              master_port="1234")
+
+
+def test_torchrun_inside_a_slurm_step_wins_over_slurm():
+    env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "node7", "MASTER_PORT": "1234",
+           "SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "1", "SLURM_JOB_ID": "77"}
+    got = ranks(env)
+    assert (got["rank"], got["world_size"], got["source"]) == (1, 2, "torchrun")
+
+
+SRUN_STEP = {"SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8",
+             "SLURM_JOB_NODELIST": "frontier[00012-00015,00020]", "SLURM_JOB_ID": "1234567"}
+
+
+def test_srun_step_gives_rank_world_and_local_rank():
+    got = ranks(SRUN_STEP)
+    assert (got["rank"], got["world_size"], got["local_rank"], got["source"]) == (5, 8, 1, "slurm")
+
+
+def test_srun_step_master_is_the_first_node_of_the_compressed_nodelist():
+    assert ranks(SRUN_STEP)["master_addr"] == "frontier00012"
+
+
+def test_srun_step_master_port_is_derived_from_the_job_id():
+    assert ranks(SRUN_STEP)["master_port"] == "24567"  # 10000 + 1234567 % 20000
+
+
+def test_master_port_from_the_environment_wins_over_the_job_id():
+    assert ranks(dict(SRUN_STEP, MASTER_PORT="31337"))["master_port"] == "31337"
+
+
+def test_master_addr_from_the_environment_wins_over_the_nodelist():
+    assert ranks(dict(SRUN_STEP, MASTER_ADDR="login5"))["master_addr"] == "login5"
+
+
+def test_plain_environment_is_one_process_on_localhost():
+    assert ranks({}) == dict(rank=0, world_size=1, local_rank=0, source="single", master_addr="127.0.0.1",
+                             master_port="29500")
+
+
+def test_slurm_batch_script_without_a_step_is_one_process():
+    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_LOCALID": "0", "SLURM_JOB_ID": "42",
+           "SLURM_JOB_NODELIST": "frontier[00001-00004]"}
+    got = ranks(env)
+    assert (got["rank"], got["world_size"], got["source"]) == (0, 1, "single")
+
+
+MPIEXEC_ENV = {"PMI_RANK": "1", "PMI_SIZE": "3", "MPI_LOCALRANKID": "1", "PMI_HOSTNAME": "vm"}
+
+
+class _UnloadableMPI(types.ModuleType):
+    """An mpi4py whose MPI library cannot be loaded: importing mpi4py.MPI raises RuntimeError."""
+
+    def __getattr__(self, name):
+        raise RuntimeError("cannot load MPI library")
+
+
+@pytest.mark.parametrize("broken", ["absent", "unloadable"])
+def test_mpiexec_without_usable_mpi4py_falls_back_to_one_process(monkeypatch, broken):
+    monkeypatch.delitem(sys.modules, "mpi4py.MPI", raising=False)
+    monkeypatch.setitem(sys.modules, "mpi4py", None if broken == "absent" else _UnloadableMPI("mpi4py"))
+    got = ranks(MPIEXEC_ENV)
+    assert (got["rank"], got["world_size"], got["source"]) == (0, 1, "single")
+
+
+def fake_mpi(rank, size, local_rank, root_host):
+    """A stand-in mpi4py.MPI: COMM_WORLD with Get_rank/Get_size/bcast/Split_type, and COMM_TYPE_SHARED."""
+    mpi = types.ModuleType("mpi4py.MPI")
+    mpi.COMM_TYPE_SHARED = object()
+
+    class Node:
+        def Get_rank(self):
+            return local_rank
+
+    class World:
+        def Get_rank(self):
+            return rank
+
+        def Get_size(self):
+            return size
+
+        def bcast(self, obj, root=0):
+            assert root == 0
+            return root_host  # what rank 0 sent
+
+        def Split_type(self, split_type, *args, **kwargs):
+            assert split_type is mpi.COMM_TYPE_SHARED
+            return Node()
+
+    mpi.COMM_WORLD = World()
+    package = types.ModuleType("mpi4py")
+    package.MPI = mpi
+    return package, mpi
+
+
+def test_mpiexec_takes_rank_size_and_master_from_mpi4py(monkeypatch):
+    package, mpi = fake_mpi(rank=2, size=3, local_rank=1, root_host="node-of-rank0")
+    monkeypatch.setitem(sys.modules, "mpi4py", package)
+    monkeypatch.setitem(sys.modules, "mpi4py.MPI", mpi)
+    assert ranks(MPIEXEC_ENV) == dict(rank=2, world_size=3, local_rank=1, source="mpi",
+                                      master_addr="node-of-rank0", master_port="29500")
+
+
+def test_mpi4py_is_not_consulted_without_mpi_launcher_variables(monkeypatch):
+    package, mpi = fake_mpi(rank=2, size=3, local_rank=1, root_host="node-of-rank0")
+    monkeypatch.setitem(sys.modules, "mpi4py", package)
+    monkeypatch.setitem(sys.modules, "mpi4py.MPI", mpi)
+    assert ranks({})["source"] == "single"
+
+
+# ----------------------------------------------------------------------------
+# pick_device
+
+cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+
+
+@cpu_only
+def test_auto_device_is_the_cpu_without_a_gpu():
+    assert qml.pick_device("auto", 0) == torch.device("cpu")
+
+
+@cpu_only
+def test_cuda_device_without_a_gpu_is_a_usage_error():
+    with pytest.raises(qml.UsageError, match="--device cuda"):
+        qml.pick_device("cuda", 0)
+
+
+def test_cpu_device_is_the_cpu():
+    assert qml.pick_device("cpu", 0) == torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------
+# Real runs with two processes (gloo on the CPU)
+
+# Imports qml, records the dressed head of every rank after build_model and after train_model, then runs main.
+WRAPPER = textwrap.dedent("""\
+    import os, sys
+    sys.path.insert(0, {root!r})
+    import torch
+    import qml
+
+    out_dir, argv = sys.argv[1], sys.argv[2:]
+    build_model, train_model = qml.build_model, qml.train_model
+
+    def save_head(model, stage):
+        torch.save(model.fc.state_dict(), os.path.join(out_dir, f"head-{{stage}}-rank{{qml.get_rank()}}.pt"))
+
+    def recording_build_model(*args, **kwargs):
+        model = build_model(*args, **kwargs)
+        save_head(model, "init")
+        return model
+
+    def recording_train_model(*args, **kwargs):
+        model, state, config = train_model(*args, **kwargs)
+        save_head(model, "final")
+        return model, state, config
+
+    qml.build_model, qml.train_model = recording_build_model, recording_train_model
+    sys.exit(qml.main(argv))
+""")
+
+
+def launcher_free_env(**extra):
+    """os.environ without any launcher's variables, one thread per rank (two ranks share two cores)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(LAUNCHER_PREFIXES) and k not in LAUNCHER_VARS}
+    return dict(env, OMP_NUM_THREADS="1", **extra)
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def check(result, what):
+    assert result.returncode == 0, f"{what} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+
+
+def launch_by_env(script_argv, out_dir, world=2, timeout=240):
+    """Start `world` ranks ourselves with RANK/WORLD_SIZE/MASTER_* (as any launcher would) and wait for all."""
+    port = str(free_port())
+    procs = []
+    try:
+        for rank in range(world):
+            env = launcher_free_env(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                                    MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+            log = open(os.path.join(out_dir, f"rank{rank}.log"), "w")
+            procs.append((subprocess.Popen([sys.executable, *script_argv], stdout=log, stderr=subprocess.STDOUT,
+                                           env=env, text=True), log))
+        for rank, (proc, log) in enumerate(procs):
+            proc.wait(timeout=timeout)
+            log.close()
+            with open(log.name) as file:
+                check(subprocess.CompletedProcess(proc.args, proc.returncode, file.read(), ""), f"rank {rank}")
+    finally:
+        for proc, log in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            log.close()
+
+
+def run_args(data_dir, metrics, *extra):
+    return ["--data-dir", data_dir, "--weights", "none", "--epochs", "2", "--print-freq", "0", "--workers", "0",
+            "--metrics-json", str(metrics), *extra]
+
+
+@pytest.fixture(scope="module")
+def torchrun_run(tiny_data, tmp_path_factory):
+    """`torchrun --nproc-per-node 2` of the wrapper, tutorial defaults: (metrics, output folder)."""
+    out = tmp_path_factory.mktemp("torchrun")
+    wrapper = out / "wrapper.py"
+    wrapper.write_text(WRAPPER.format(root=ROOT))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               str(wrapper), str(out), *run_args(tiny_data, out / "metrics.json")]
+    result = subprocess.run(command, capture_output=True, text=True, env=launcher_free_env(), timeout=300)
+    check(result, "torchrun")
+    return json.loads((out / "metrics.json").read_text()), out
+
+
+def test_torchrun_run_reports_two_ranks(torchrun_run):
+    metrics, _ = torchrun_run
+    assert (metrics["world_size"], metrics["rank_source"], metrics["backend"]) == (2, "torchrun", "gloo")
+
+
+def test_two_ranks_count_every_validation_image_once(torchrun_run):
+    metrics, _ = torchrun_run
+    assert [e["val_count"] for e in metrics["epochs"]] == [N_VAL, N_VAL]
+
+
+def test_two_ranks_start_from_the_same_head(torchrun_run):
+    _, out = torchrun_run
+    rank0, rank1 = (torch.load(out / f"head-init-rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+
+
+def test_two_ranks_end_with_identical_trained_heads(torchrun_run):
+    _, out = torchrun_run
+    init = torch.load(out / "head-init-rank0.pt", weights_only=True)
+    rank0, rank1 = (torch.load(out / f"head-final-rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert set(rank0) == set(rank1) == set(init)
+    assert not all(torch.equal(rank0[k], init[k]) for k in init)  # training moved the head ...
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name  # ... in lockstep on both ranks
+
+
+@pytest.fixture(scope="module")
+def eval_bn_runs(tiny_data, tmp_path_factory):
+    """Two 2-rank runs with --bn-mode eval, launched through RANK/WORLD_SIZE: {"images": ..., "cached": ...}."""
+    metrics = {}
+    for name, extra in (("images", []), ("cached", ["--cache-features"])):
+        out = tmp_path_factory.mktemp(name)
+        launch_by_env([QML, *run_args(tiny_data, out / "metrics.json", "--bn-mode", "eval", *extra)], out)
+        metrics[name] = json.loads((out / "metrics.json").read_text())
+    return metrics
+
+
+def test_cached_features_give_the_same_metrics_as_images_on_two_ranks(eval_bn_runs):
+    images, cached = eval_bn_runs["images"], eval_bn_runs["cached"]
+    assert images["world_size"] == cached["world_size"] == 2
+    assert len(images["epochs"]) == len(cached["epochs"]) == 2
+    for from_images, from_cache in zip(images["epochs"], cached["epochs"]):
+        for key in ("train_count", "val_count"):
+            assert from_cache[key] == from_images[key], key
+        for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
+            assert from_cache[key] == pytest.approx(from_images[key], abs=1e-5), key
+
+
+# ----------------------------------------------------------------------------
+# mpiexec (the tutorial's launcher): mpich's wheel puts mpiexec beside the venv's python
+
+MPIEXEC = shutil.which("mpiexec", path=os.path.dirname(sys.executable))
+
+
+@pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec beside this Python (pip install mpich)")
+def test_mpiexec_run_takes_its_ranks_from_mpi(tiny_data, tmp_path):
+    metrics = tmp_path / "metrics.json"
+    command = [MPIEXEC, "-n", "2", sys.executable, QML, "--data-dir", tiny_data, "--weights", "none",
+               "--epochs", "1", "--print-freq", "0", "--workers", "0", "--metrics-json", str(metrics)]
+    env = launcher_free_env(MASTER_PORT=str(free_port()))  # a port of our own; the address comes from MPI
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    check(result, "mpiexec")
+    report = json.loads(metrics.read_text())
+    assert (report["world_size"], report["rank_source"]) == (2, "mpi")
+    assert report["epochs"][0]["val_count"] == N_VAL

@@ -1,0 +1,428 @@
+"""Faults: a dying rank, an unreachable rendezvous, SIGTERM/SIGKILL and resume, and safe downloads.
+
+Faults are injected by a wrapper script (WRAPPER) that imports qml, wraps DressedQuantumNet.forward to
+count its calls, and at a chosen call either raises or waits for the test to send a signal; so the
+signal always lands at the same point of training (mid-epoch 2, after epoch 1's checkpoint). The
+wrapper also prints "WROTE <path>" after each qml.atomic_write, to show which rank writes files.
+"""
+
+import contextlib
+import functools
+import http.server
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+
+import pytest
+import torch
+from PIL import Image
+
+import qml
+from conftest import QML, ROOT, run_qml
+
+BASE = ["--weights", "none", "--qdevice", "torch", "--workers", "0", "--print-freq", "0", "--device", "cpu"]
+HANG_GUARD = 60  # seconds: a run that takes longer is stuck, not slow
+# The tiny data set: 12 training and 9 validation images, batch 4 -> 3 + 3 head calls per epoch.
+FIRST_CALL_OF_EPOCH_2 = 7
+
+WRAPPER = f"""
+import os, sys, time
+sys.path.insert(0, {ROOT!r})
+import qml
+
+forward, calls = qml.DressedQuantumNet.forward, [0]
+
+
+def fault_injecting_forward(self, inputs):
+    calls[0] += 1
+    here = os.environ.get("RANK", "0") == os.environ.get("FAULT_RANK", "0")
+    if here and calls[0] == int(os.environ.get("FAULT_AT_CALL", "0")):
+        if os.environ["FAULT"] == "raise":
+            raise RuntimeError("injected fault")
+        print("FAULT: waiting for a signal", flush=True)
+        time.sleep(120)
+    return forward(self, inputs)
+
+
+atomic_write = qml.atomic_write
+
+
+def logging_atomic_write(path, write):
+    atomic_write(path, write)
+    print(f"WROTE {{path}}", flush=True)
+
+
+qml.DressedQuantumNet.forward = fault_injecting_forward
+qml.atomic_write = logging_atomic_write
+sys.exit(qml.main(sys.argv[1:]))
+"""
+
+
+def error_line(stderr):
+    """The single non-empty stderr line, after checking there is exactly one and no traceback."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert "Traceback" not in stderr, stderr
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(autouse=True)
+def restore_sigterm():
+    """qml.main installs a SIGTERM handler; give pytest its own back."""
+    handler = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, handler)
+
+
+@pytest.fixture(scope="module")
+def wrapper(tmp_path_factory):
+    path = tmp_path_factory.mktemp("wrapper") / "fault_wrapper.py"
+    path.write_text(WRAPPER)
+    return str(path)
+
+
+def start(command, env, out_dir, name):
+    """Popen with stdout/stderr in files (a killed process must not block on a full pipe)."""
+    out, err = open(out_dir / f"{name}.out", "w"), open(out_dir / f"{name}.err", "w")
+    with out, err:
+        return subprocess.Popen(command, env=dict(os.environ, **env), stdout=out, stderr=err)
+
+
+def finish(proc, out_dir, name, timeout=HANG_GUARD):
+    """Wait (bounded) for a process from start(); returns (status, stdout, stderr)."""
+    try:
+        status = proc.wait(timeout=timeout)
+    finally:
+        proc.kill()
+    return status, (out_dir / f"{name}.out").read_text(), (out_dir / f"{name}.err").read_text()
+
+
+# ----------------------------------------------------------------------------
+# Ranks
+
+
+def test_rank_that_fails_after_its_first_batch_ends_every_rank(tiny_data, wrapper, tmp_path):
+    env = dict(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), FAULT="raise",
+               FAULT_RANK="1", FAULT_AT_CALL="2")
+    argv = [sys.executable, wrapper, "--data-dir", tiny_data, *BASE, "--epochs", "2", "--dist-timeout", "30"]
+    procs = [start(argv, dict(env, RANK=str(rank), LOCAL_RANK=str(rank)), tmp_path, f"rank{rank}")
+             for rank in range(2)]
+    results = [finish(proc, tmp_path, f"rank{rank}") for rank, proc in enumerate(procs)]
+    assert "injected fault" in results[1][2]  # rank 1 failed as planned, not some other way
+    assert [status != 0 for status, _, _ in results] == [True, True], results
+
+
+def test_only_rank_0_writes_the_checkpoint_after_every_epoch(tiny_data, wrapper, tmp_path):
+    checkpoint = tmp_path / "run.pt"
+    env = dict(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    argv = [sys.executable, wrapper, "--data-dir", tiny_data, *BASE, "--epochs", "2", "--checkpoint", str(checkpoint)]
+    procs = [start(argv, dict(env, RANK=str(rank), LOCAL_RANK=str(rank)), tmp_path, f"rank{rank}")
+             for rank in range(2)]
+    results = [finish(proc, tmp_path, f"rank{rank}") for rank, proc in enumerate(procs)]
+    assert [status for status, _, _ in results] == [0, 0], results
+    writes = [[line for line in stdout.splitlines() if line.startswith("WROTE")] for _, stdout, _ in results]
+    assert writes == [[f"WROTE {checkpoint}"] * 2, []]
+    assert torch.load(checkpoint, map_location="cpu", weights_only=True)["state"]["epoch"] == 2
+
+
+@pytest.fixture(scope="module")
+def rendezvous_failures(tiny_data, tmp_path_factory):
+    """Two lonely ranks at once, --dist-timeout 3: rank 0 of 2 with no peer, rank 1 of 2 whose MASTER_PORT is closed.
+
+    Each must be done within 30 s (imports, the 3 s timeout and torch's rounding up, with room for a busy machine).
+    """
+    tmp = tmp_path_factory.mktemp("rendezvous")
+    cases = {"rank0-alone": "0", "rank1-no-master": "1"}
+    procs = {name: start([sys.executable, QML, "--data-dir", tiny_data, *BASE, "--epochs", "1",
+                          "--dist-timeout", "3"],
+                         dict(RANK=rank, LOCAL_RANK=rank, WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(free_port())), tmp, name)
+             for name, rank in cases.items()}
+    return {name: finish(proc, tmp, name, timeout=30) for name, proc in procs.items()}
+
+
+def test_rank_0_without_its_peers_exits_2_with_one_line_after_dist_timeout(rendezvous_failures):
+    status, _, stderr = rendezvous_failures["rank0-alone"]
+    assert status == 2, stderr
+    line = error_line(stderr)
+    assert "rank 0: cannot join the process group" in line and "within 3s" in line
+    assert "MASTER_ADDR/MASTER_PORT" in line and "all 2 ranks started" in line
+
+
+def test_rank_1_with_unreachable_master_exits_2_with_one_line_after_dist_timeout(rendezvous_failures):
+    status, _, stderr = rendezvous_failures["rank1-no-master"]
+    assert status == 2, stderr
+    line = error_line(stderr)
+    assert "rank 1: nothing answers at 127.0.0.1:" in line and "within 3s" in line
+    assert "MASTER_ADDR/MASTER_PORT" in line
+
+
+# ----------------------------------------------------------------------------
+# Checkpoints, signals and resume
+
+
+def metrics_run(data, metrics, *extra):
+    """Train 3 epochs in this process; returns the --metrics-json report."""
+    assert qml.main(["--data-dir", data, *BASE, "--epochs", "3", "--metrics-json", str(metrics), *extra]) == 0
+    with open(metrics) as file:
+        return json.load(file)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_data, tmp_path_factory):
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        return metrics_run(tiny_data, tmp_path_factory.mktemp("whole") / "metrics.json")
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+
+
+def interrupted_run(tiny_data, wrapper, tmp, signum):
+    """Run 3 epochs with --checkpoint, send `signum` once training waits in epoch 2; returns (status, stderr, ckpt)."""
+    checkpoint = tmp / "run.pt"
+    argv = [sys.executable, wrapper, "--data-dir", tiny_data, *BASE, "--epochs", "3", "--checkpoint", str(checkpoint)]
+    proc = start(argv, dict(FAULT="wait", FAULT_AT_CALL=str(FIRST_CALL_OF_EPOCH_2)), tmp, "run")
+    deadline = time.monotonic() + HANG_GUARD
+    while "FAULT: waiting" not in (tmp / "run.out").read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, (tmp / "run.err").read_text()
+        time.sleep(0.1)
+    assert "validation   Epoch: 1/3" in (tmp / "run.out").read_text()
+    proc.send_signal(signum)
+    status, _, stderr = finish(proc, tmp, "run")
+    return status, stderr, checkpoint
+
+
+@pytest.fixture(scope="module")
+def sigterm_run(tiny_data, wrapper, tmp_path_factory):
+    return interrupted_run(tiny_data, wrapper, tmp_path_factory.mktemp("sigterm"), signal.SIGTERM)
+
+
+@pytest.fixture(scope="module")
+def sigkill_run(tiny_data, wrapper, tmp_path_factory):
+    return interrupted_run(tiny_data, wrapper, tmp_path_factory.mktemp("sigkill"), signal.SIGKILL)
+
+
+def test_sigterm_stops_with_one_line_pointing_to_resume(sigterm_run):
+    status, stderr, _ = sigterm_run
+    assert status == 130, stderr
+    line = error_line(stderr)
+    assert "stopped by SIGTERM" in line and "--resume" in line
+
+
+def test_sigterm_leaves_the_checkpoint_of_the_last_complete_epoch(sigterm_run):
+    _, _, checkpoint = sigterm_run
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    assert saved["state"]["epoch"] == 1
+    assert [record["epoch"] for record in saved["state"]["history"]] == [1]
+    assert sorted(os.listdir(checkpoint.parent)) == ["run.err", "run.out", "run.pt"]  # no temporary file left
+
+
+def comparable(report):
+    """Per-epoch metrics without timings, and the best values."""
+    epochs = [{k: v for k, v in record.items() if k != "seconds"} for record in report["epochs"]]
+    best = {k: report[k] for k in ("best_val_acc", "best_val_loss", "best_train_acc", "best_train_loss")}
+    return epochs, best
+
+
+@pytest.mark.parametrize("killed", ["sigterm_run", "sigkill_run"])
+def test_resume_after_kill_ends_with_the_uninterrupted_metrics(request, killed, tiny_data, uninterrupted, tmp_path):
+    status, _, checkpoint = request.getfixturevalue(killed)
+    assert status in (130, -signal.SIGKILL)  # stopped by the signal, in epoch 2
+    assert torch.load(checkpoint, map_location="cpu", weights_only=True)["state"]["epoch"] == 1
+    resumed = metrics_run(tiny_data, tmp_path / "metrics.json", "--resume", str(checkpoint),
+                          "--checkpoint", str(tmp_path / "again.pt"))
+    epochs, best = comparable(resumed)
+    expected_epochs, expected_best = comparable(uninterrupted)
+    assert [record["epoch"] for record in epochs] == [1, 2, 3]
+    assert len(epochs) == len(expected_epochs)
+    for got, want in zip(epochs, expected_epochs):
+        assert got == pytest.approx(want, rel=0, abs=1e-9)
+    assert best == pytest.approx(expected_best, rel=0, abs=1e-9)
+
+
+def test_interrupted_checkpoint_write_keeps_the_previous_file(tmp_path):
+    path = tmp_path / "run.pt"
+    path.write_bytes(b"epoch 1")
+
+    def interrupted(file):
+        file.write(b"half of epoch 2")
+        raise KeyboardInterrupt("SIGTERM")
+
+    with pytest.raises(KeyboardInterrupt):
+        qml.atomic_write(str(path), interrupted)
+    assert path.read_bytes() == b"epoch 1"
+    assert os.listdir(tmp_path) == ["run.pt"]
+
+
+# ----------------------------------------------------------------------------
+# Downloads
+
+
+def tiny_jpeg():
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4), (200, 120, 40)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def hymenoptera_zip(path, counts=qml.HYMENOPTERA_COUNTS, extra=()):
+    """The published archive's layout (hymenoptera_data/{train,val}/{ants,bees}) with tiny JPEGs."""
+    jpeg = tiny_jpeg()
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for split, classes in counts.items():
+            for name, n in classes.items():
+                for i in range(n):
+                    archive.writestr(f"hymenoptera_data/{split}/{name}/{i:03d}.jpg", jpeg)
+        for name in extra:
+            archive.writestr(name, b"written outside the target")
+    return path
+
+
+@pytest.fixture
+def target(tmp_path):
+    """Where the data set should land: <tmp>/parent/hymenoptera_data (parent exists and is empty)."""
+    (tmp_path / "parent").mkdir()
+    return tmp_path / "parent" / "hymenoptera_data"
+
+
+@contextlib.contextmanager
+def http_server(directory):
+    """Serve `directory` on 127.0.0.1 from a thread; yields the base URL."""
+
+    class QuietHandler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=directory))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+def assert_downloaded(target):
+    layout = qml.check_layout(str(target), qml.HYMENOPTERA_COUNTS)
+    qml.check_images_decode(layout)
+    assert {split: {name: len(paths) for name, paths in classes.items()} for split, classes in layout.items()} == \
+        qml.HYMENOPTERA_COUNTS
+    assert os.listdir(target.parent) == ["hymenoptera_data"]  # no temporary folder beside it
+
+
+def test_download_from_file_url_extracts_the_data_set_into_place(tmp_path, target):
+    url = hymenoptera_zip(tmp_path / "good.zip").as_uri()
+    qml.download_dataset(str(target), url)
+    assert_downloaded(target)
+
+
+def test_download_over_http_extracts_the_data_set_into_place(tmp_path, target, monkeypatch):
+    monkeypatch.setattr(qml, "DOWNLOAD_TIMEOUT", 10)
+    (tmp_path / "site").mkdir()
+    hymenoptera_zip(tmp_path / "site" / "hymenoptera_data.zip")
+    with http_server(str(tmp_path / "site")) as base:
+        qml.download_dataset(str(target), f"{base}/hymenoptera_data.zip")
+    assert_downloaded(target)
+
+
+def assert_nothing_left(target):
+    assert not os.path.exists(target)
+    assert os.listdir(target.parent) == []  # no data set and no temporary folder
+
+
+@pytest.mark.parametrize("entry", ["../evil", "hymenoptera_data/../../evil", "hymenoptera_data/train/../../../evil"])
+def test_download_refuses_an_archive_with_an_entry_outside_its_folder(tmp_path, target, entry):
+    url = hymenoptera_zip(tmp_path / "evil.zip", extra=[entry]).as_uri()
+    with pytest.raises(qml.UsageError, match="outside its folder"):
+        qml.download_dataset(str(target), url)
+    assert_nothing_left(target)
+    assert not [path for path in tmp_path.rglob("evil")], "an entry was written outside the target"
+
+
+def broken_download(kind, tmp_path):
+    good = hymenoptera_zip(tmp_path / "good.zip").read_bytes()
+    if kind == "truncated":
+        data = good[: len(good) // 2]
+    elif kind == "html-page":
+        data = b"<html><body>Sign in to continue</body></html>"
+    elif kind == "empty":
+        data = b""
+    else:  # damaged-member: flip bytes inside the first entry's compressed data
+        data = bytearray(good)
+        start = 30 + len("hymenoptera_data/train/ants/000.jpg") + 20
+        data[start:start + 40] = bytes(b ^ 0xFF for b in data[start:start + 40])
+    path = tmp_path / f"{kind}.zip"
+    path.write_bytes(bytes(data))
+    return path.as_uri()
+
+
+@pytest.mark.parametrize("kind", ["truncated", "html-page", "empty", "damaged-member"])
+def test_download_of_a_broken_archive_leaves_nothing(tmp_path, target, kind):
+    with pytest.raises(qml.UsageError, match="not a complete zip archive.*--data-url"):
+        qml.download_dataset(str(target), broken_download(kind, tmp_path))
+    assert_nothing_left(target)
+
+
+@pytest.mark.parametrize("counts", [
+    {"train": {"ants": 124, "bees": 121}, "val": {"ants": 70}},
+    {"train": {"ants": 123, "bees": 121}, "val": {"ants": 70, "bees": 83}},
+    {"train": {"ants": 124, "bees": 121, "wasps": 5}, "val": {"ants": 70, "bees": 83, "wasps": 5}},
+], ids=["missing-class", "wrong-count", "extra-class"])
+def test_download_with_the_wrong_layout_leaves_nothing(tmp_path, target, counts):
+    url = hymenoptera_zip(tmp_path / "other.zip", counts=counts).as_uri()
+    with pytest.raises(qml.UsageError, match="not the ants/bees data set"):
+        qml.download_dataset(str(target), url)
+    assert_nothing_left(target)
+
+
+def test_download_from_a_missing_file_url_names_data_dir(tmp_path, target):
+    with pytest.raises(qml.UsageError, match="cannot download .*--data-dir DIR"):
+        qml.download_dataset(str(target), (tmp_path / "nowhere.zip").as_uri())
+    assert_nothing_left(target)
+
+
+def test_download_from_a_closed_port_names_data_dir(target):
+    with pytest.raises(qml.UsageError, match="cannot download .*--data-dir DIR"):
+        qml.download_dataset(str(target), f"http://127.0.0.1:{free_port()}/hymenoptera_data.zip")
+    assert_nothing_left(target)
+
+
+def test_download_of_a_missing_page_names_data_dir(tmp_path, target, monkeypatch):
+    monkeypatch.setattr(qml, "DOWNLOAD_TIMEOUT", 10)
+    with http_server(str(tmp_path)) as base:
+        with pytest.raises(qml.UsageError, match="cannot download .*404.*--data-dir DIR"):
+            qml.download_dataset(str(target), f"{base}/hymenoptera_data.zip")
+    assert_nothing_left(target)
+
+
+def test_download_from_a_server_that_never_answers_times_out(target, monkeypatch):
+    monkeypatch.setattr(qml, "DOWNLOAD_TIMEOUT", 1)
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # listens, never accepts nor answers
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/hymenoptera_data.zip"
+        with pytest.raises(qml.UsageError, match="cannot download .*timed out.*--data-dir DIR"):
+            qml.download_dataset(str(target), url)
+    assert_nothing_left(target)
+
+
+def test_cli_download_from_a_bad_url_exits_2_with_one_line(tmp_path):
+    data_dir = tmp_path / "parent" / "hymenoptera_data"
+    result = run_qml("--data-dir", data_dir, "--download", "--data-url", (tmp_path / "nowhere.zip").as_uri(),
+                     *BASE, "--epochs", "1", timeout=HANG_GUARD)
+    assert result.returncode == 2, result.stderr
+    line = error_line(result.stderr)
+    assert "cannot download" in line and "nowhere.zip" in line and "--data-dir DIR" in line
+    assert not data_dir.exists()

