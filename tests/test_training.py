@@ -253,20 +253,13 @@ def tutorial_epoch(tiny_data):
     return tutorial_one_epoch(tiny_data)
 
 
-def test_train_loss_and_accuracy_match_the_tutorial(one_epoch, tutorial_epoch):
+@pytest.mark.parametrize("phase, key", [("train", "train"), ("validation", "val")])
+def test_loss_and_accuracy_match_the_tutorial(one_epoch, tutorial_epoch, phase, key):
     _, metrics, _ = one_epoch
-    record, (loss, acc, count) = metrics["epochs"][0], tutorial_epoch[0]["train"]
-    assert record["train_count"] == count
-    assert record["train_loss"] == pytest.approx(loss, abs=5e-5)
-    assert record["train_acc"] == pytest.approx(acc, abs=5e-5)
-
-
-def test_validation_loss_and_accuracy_match_the_tutorial(one_epoch, tutorial_epoch):
-    _, metrics, _ = one_epoch
-    record, (loss, acc, count) = metrics["epochs"][0], tutorial_epoch[0]["validation"]
-    assert record["val_count"] == count
-    assert record["val_loss"] == pytest.approx(loss, abs=5e-5)
-    assert record["val_acc"] == pytest.approx(acc, abs=5e-5)
+    record, (loss, acc, count) = metrics["epochs"][0], tutorial_epoch[0][phase]
+    assert record[f"{key}_count"] == count
+    assert record[f"{key}_loss"] == pytest.approx(loss, abs=5e-5)  # equal to the printed 4 decimals
+    assert record[f"{key}_acc"] == pytest.approx(acc, abs=5e-5)
 
 
 def test_saved_head_matches_the_tutorial_head_after_one_epoch(one_epoch, tutorial_epoch):
