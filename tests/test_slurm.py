@@ -192,7 +192,7 @@ def test_single_task_job_like_the_tutorial(slurm_env, submit_dir, tiny_images):
     assert metrics["world_size"] == 1, metrics
 
 
-def test_two_tasks(slurm_env, submit_dir, tiny_images):
+def test_two_task_job_shares_the_node_and_reports_world_size_2(slurm_env, submit_dir, tiny_images):
     rc, jobid, log, context = submit(slurm_env, submit_dir, 2, "--data-dir", tiny_images, *QML_ARGS)
     assert rc == 0, context
     assert_final_lines(log, context)
@@ -206,7 +206,7 @@ def test_two_tasks(slurm_env, submit_dir, tiny_images):
         assert key in metrics, f"{key} missing from metrics: {sorted(metrics)}"
 
 
-def test_sweep_report(slurm_env, tmp_path, tiny_images):
+def test_sweep_writes_table_csv_png_and_answer(slurm_env, tmp_path, tiny_images):
     """A 1,2 sweep in one allocation, qml.py found through QML_SCRIPT, then the scaling report."""
     shutil.copy(SBATCH_SCRIPT, tmp_path / "submit_qml.sbatch")
     rc, jobid, log, context = submit(slurm_env, tmp_path, "1,2", "--data-dir", tiny_images, *QML_ARGS,
@@ -240,7 +240,7 @@ def test_sweep_stops_at_first_failed_step(slurm_env, submit_dir, tiny_images):
     assert "the 1-task step failed with exit status" in log, context
 
 
-def test_bad_task_count(slurm_env, submit_dir):
+def test_bad_task_count_fails_the_job_with_status_2(slurm_env, submit_dir):
     rc, jobid, log, context = submit(slurm_env, submit_dir, "two", sbatch_wait=True)
     assert rc == 2, context
     errors = [line for line in log.splitlines() if "error" in line]
@@ -321,7 +321,7 @@ def env_of(out):
     return dict(line.split("=", 1) for line in out.splitlines() if re.match(r"^[A-Za-z_]+=", line))
 
 
-def test_sbatch_header():
+def test_sbatch_header_keeps_the_originals_facts():
     header = [line.split("#", 2)[1].split()[1:] for line in SBATCH_SCRIPT.read_text().splitlines()
               if line.startswith("#SBATCH")]
     for option in (["-A", "TRN001"], ["-J", "qml_basics"], ["-o", "%x-%j.out"], ["-N", "1"], ["-t", "20"],
@@ -329,7 +329,7 @@ def test_sbatch_header():
         assert option in header, f"#SBATCH {' '.join(option)} missing: {header}"
 
 
-def test_frontier_step(fake_job):
+def test_frontier_step_is_the_tutorials_srun_line(fake_job):
     proc = fake_job(4, "--epochs", "3", QML_SITE="frontier")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "MODULE load PrgEnv-gnu/8.5.0 rocm/6.1.3 craype-accel-amd-gfx90a kokkos/4.3.00-omp miniforge3" \
@@ -427,7 +427,7 @@ def test_bad_first_argument(fake_job, first):
     assert not srun_lines(proc.stdout)
 
 
-def test_bad_settings(fake_job):
+def test_bad_settings_exit_2(fake_job):
     for env in ({"QML_SITE": "mars"}, {"QML_SITE": "generic", "QML_CPUS_PER_TASK": "0"},
                 {"QML_SITE": "generic", "QML_GPUS_PER_TASK": "x"}):
         proc = fake_job(1, **env)
