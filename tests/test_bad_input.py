@@ -93,6 +93,8 @@ OPTION_CASES = [
     ("unknown-qdevice", ["--qdevice", "lightning.nosuch"],
      ["--qdevice lightning.nosuch", "not installed", "default.qubit", "lightning.qubit", "torch"]),
     ("backend-nccl-on-cpu", ["--backend", "nccl"], ["--backend nccl", "GPU", "--backend gloo"]),
+    ("cache-features-with-batch-statistics", ["--cache-features", "--bn-mode", "train"],
+     ["--cache-features", "--bn-mode eval"]),
 ]
 
 
