@@ -338,19 +338,28 @@ def init_distributed_mode(args):
     if device.type == "cuda":
         torch.cuda.set_device(device)  # before init_process_group, so NCCL binds the right GPU
     if ranks["world_size"] > 1:
-        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = ranks["master_addr"], ranks["master_port"]
-        if ranks["rank"] != 0:
-            wait_for_master(ranks, args.dist_timeout)
-        try:
-            dist.init_process_group(backend, init_method="env://", rank=ranks["rank"],
-                                    world_size=ranks["world_size"],
-                                    timeout=datetime.timedelta(seconds=args.dist_timeout))
-        except (RuntimeError, dist.DistError) as err:
-            raise UsageError(f"rank {ranks['rank']}: cannot join the process group at "
-                             f"{ranks['master_addr']}:{ranks['master_port']} within {args.dist_timeout}s "
-                             f"({str(err).splitlines()[0][:160]}); check MASTER_ADDR/MASTER_PORT "
-                             f"and that all {ranks['world_size']} ranks started") from None
+        join_process_group(ranks, backend, args.dist_timeout)
     return dict(ranks, device=device, backend=backend)
+
+
+def join_process_group(ranks, backend, seconds):
+    """init_process_group, failing in one line within `seconds` when the rendezvous cannot happen."""
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = ranks["master_addr"], ranks["master_port"]
+    try:  # torch would retry an unknown host until the timeout, printing C++ log lines
+        socket.getaddrinfo(ranks["master_addr"], int(ranks["master_port"]))
+    except (socket.gaierror, ValueError) as err:
+        raise UsageError(f"MASTER_ADDR={ranks['master_addr']} MASTER_PORT={ranks['master_port']} cannot be "
+                         f"used ({err}); set them to rank 0's host name and a free port") from None
+    if ranks["rank"] != 0:
+        wait_for_master(ranks, seconds)
+    try:
+        dist.init_process_group(backend, init_method="env://", rank=ranks["rank"], world_size=ranks["world_size"],
+                                timeout=datetime.timedelta(seconds=seconds))
+    except (RuntimeError, dist.DistError) as err:
+        raise UsageError(f"rank {ranks['rank']}: cannot join the process group at "
+                         f"{ranks['master_addr']}:{ranks['master_port']} within {seconds}s "
+                         f"({str(err).splitlines()[0][:160]}); check MASTER_ADDR/MASTER_PORT "
+                         f"and that all {ranks['world_size']} ranks started") from None
 
 
 def wait_for_master(ranks, seconds):

@@ -140,17 +140,19 @@ def test_only_rank_0_writes_the_checkpoint_after_every_epoch(tiny_data, wrapper,
 
 @pytest.fixture(scope="module")
 def rendezvous_failures(tiny_data, tmp_path_factory):
-    """Two lonely ranks at once, --dist-timeout 3: rank 0 of 2 with no peer, rank 1 of 2 whose MASTER_PORT is closed.
+    """Three lonely ranks at once, --dist-timeout 3: rank 0 of 2 with no peer, rank 1 of 2 whose MASTER_PORT is
+    closed, rank 0 of 2 whose MASTER_ADDR names no host.
 
     Each must be done within 30 s (imports, the 3 s timeout and torch's rounding up, with room for a busy machine).
     """
     tmp = tmp_path_factory.mktemp("rendezvous")
-    cases = {"rank0-alone": "0", "rank1-no-master": "1"}
+    cases = {"rank0-alone": ("0", "127.0.0.1"), "rank1-no-master": ("1", "127.0.0.1"),
+             "rank0-unknown-host": ("0", "no-such-host.invalid")}
     procs = {name: start([sys.executable, QML, "--data-dir", tiny_data, *BASE, "--epochs", "1",
                           "--dist-timeout", "3"],
-                         dict(RANK=rank, LOCAL_RANK=rank, WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                         dict(RANK=rank, LOCAL_RANK=rank, WORLD_SIZE="2", MASTER_ADDR=addr,
                               MASTER_PORT=str(free_port())), tmp, name)
-             for name, rank in cases.items()}
+             for name, (rank, addr) in cases.items()}
     return {name: finish(proc, tmp, name, timeout=30) for name, proc in procs.items()}
 
 
@@ -160,6 +162,13 @@ def test_rank_0_without_its_peers_exits_2_with_one_line_after_dist_timeout(rende
     line = error_line(stderr)
     assert "rank 0: cannot join the process group" in line and "within 3s" in line
     assert "MASTER_ADDR/MASTER_PORT" in line and "all 2 ranks started" in line
+
+
+def test_master_addr_that_names_no_host_exits_2_with_one_line(rendezvous_failures):
+    status, _, stderr = rendezvous_failures["rank0-unknown-host"]
+    assert status == 2, stderr
+    line = error_line(stderr)
+    assert "MASTER_ADDR=no-such-host.invalid" in line and "rank 0's host name" in line
 
 
 def test_rank_1_with_unreachable_master_exits_2_with_one_line_after_dist_timeout(rendezvous_failures):
