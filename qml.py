@@ -213,11 +213,12 @@ def load_backbone(weights):
             raise UsageError(f"{resnet18_weights_error()} [{err}]") from None
     model = torchvision.models.resnet18(weights=None)
     if weights != "none":
-        model.load_state_dict(read_resnet18_state_dict(weights))
+        model.load_state_dict(read_resnet18_state_dict(weights, model.state_dict()))
     return model
 
 
-def read_resnet18_state_dict(path):
+def read_resnet18_state_dict(path, expected):
+    """The state_dict in `path`, checked to have the keys and shapes of `expected` (a fresh ResNet18's)."""
     if not os.path.isfile(path):
         raise UsageError(f"--weights {path}: no such file; give a ResNet18 state_dict file, 'imagenet' or 'none'")
     try:
@@ -225,10 +226,6 @@ def read_resnet18_state_dict(path):
     except Exception as err:  # torch raises many types for unreadable files
         raise UsageError(f"--weights {path}: cannot read it ({type(err).__name__}); "
                          f"save one with torch.save(model.state_dict(), PATH)") from None
-    import torchvision
-
-    with torch.random.fork_rng(devices=[]):  # this reference model must not shift the seeded draws
-        expected = torchvision.models.resnet18().state_dict()
     if not isinstance(state, dict) or {k: tuple(v.shape) for k, v in expected.items()} != {
             k: tuple(getattr(v, "shape", ())) for k, v in state.items()}:
         raise UsageError(f"--weights {path}: not a ResNet18 state_dict (keys or shapes differ); "
@@ -736,9 +733,10 @@ def gather_shards(local, total, world, rank):
 
 
 def fetch_weights_once(args):
-    """Rank 0 downloads the ImageNet weights into the torch hub cache before the others read them."""
+    """With several ranks, rank 0 downloads the ImageNet weights into the torch hub cache before the others
+    read them (one process simply loads them in build_model)."""
     message = None
-    if args.weights == "imagenet" and is_main_process():
+    if args.weights == "imagenet" and get_world_size() > 1 and is_main_process():
         try:
             load_backbone("imagenet")
         except UsageError as err:
@@ -911,8 +909,6 @@ def validate_args(args):
         raise UsageError(f"--workers must be 0 or more, got {args.workers}")
     if args.qdevice != TORCH_QDEVICE and args.qdevice not in available_qdevices():  # torch needs no PennyLane import
         raise UsageError(f"--qdevice {args.qdevice}: not installed; choose one of {', '.join(available_qdevices())}")
-    if args.weights not in ("imagenet", "none"):
-        read_resnet18_state_dict(args.weights)
 
 
 def package_versions():
