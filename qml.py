@@ -14,6 +14,7 @@ dressed head trains, with DistributedDataParallel across Slurm/torchrun/MPI rank
 import argparse
 import datetime
 import functools
+import gc
 import glob
 import json
 import math
@@ -813,6 +814,8 @@ def train_model(args, ctx):
             elapsed = dict(state, seconds=state["seconds"] + time.time() - since)
             save_checkpoint(args.checkpoint, model, optimizer, scheduler, elapsed, config)
     state["seconds"] += time.time() - since
+    # Lightning caches import tracebacks that keep this frame alive: let DDP and loader workers go now.
+    del step_net, loaders
     if state["best_head"] is not None:
         model.fc.load_state_dict(state["best_head"])
     return model, state, config
@@ -966,8 +969,18 @@ def setup(args):
             dist.barrier()
         return 0
     finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        leave_process_group()
+
+
+def leave_process_group():
+    """Free what is left of DDP, then the process group, while Python is still fully alive.
+
+    DDP holds the group: freed only at interpreter exit, it takes gloo's worker threads down
+    with it, and one of them that then needs the GIL aborts the process (SIGABRT).
+    """
+    gc.collect()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def raise_interrupt(signum, frame):

@@ -313,11 +313,34 @@ def test_cached_features_give_the_same_metrics_as_images_on_two_ranks(eval_bn_ru
     images, cached = eval_bn_runs["images"], eval_bn_runs["cached"]
     assert images["world_size"] == cached["world_size"] == 2
     assert len(images["epochs"]) == len(cached["epochs"]) == 2
-    for from_images, from_cache in zip(images["epochs"], cached["epochs"]):
+    for from_images, from_cache in zip(images["epochs"], cached["epochs"], strict=True):
         for key in ("train_count", "val_count"):
             assert from_cache[key] == from_images[key], key
         for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
             assert from_cache[key] == pytest.approx(from_images[key], abs=1e-5), key
+
+
+# With the collector off, only qml's own cleanup can free DDP's reference cycle; left to the interpreter's
+# exit, the wrapper takes gloo's threads down during finalization, which aborts the process now and then.
+DDP_COUNTER = textwrap.dedent("""\
+    import gc, sys
+    gc.disable()
+    sys.path.insert(0, {root!r})
+    import qml
+    from torch.nn.parallel import DistributedDataParallel
+
+    status = qml.main(sys.argv[1:])
+    print("DDP wrappers alive after main:", sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects()))
+    sys.exit(status)
+""")
+
+
+def test_two_ranks_free_the_ddp_wrapper_before_python_exits(tiny_data, tmp_path):
+    counter = tmp_path / "count_ddp.py"
+    counter.write_text(DDP_COUNTER.format(root=ROOT))
+    launch_by_env([str(counter), *run_args(tiny_data, tmp_path / "metrics.json", "--epochs", "1")], tmp_path)
+    for rank in (0, 1):
+        assert "DDP wrappers alive after main: 0" in (tmp_path / f"rank{rank}.log").read_text(), rank
 
 
 # ----------------------------------------------------------------------------

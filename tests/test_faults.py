@@ -257,7 +257,7 @@ def test_resume_after_kill_ends_with_the_uninterrupted_metrics(request, killed, 
     expected_epochs, expected_best = comparable(uninterrupted)
     assert [record["epoch"] for record in epochs] == [1, 2, 3]
     assert len(epochs) == len(expected_epochs)
-    for got, want in zip(epochs, expected_epochs):
+    for got, want in zip(epochs, expected_epochs, strict=True):
         assert got == pytest.approx(want, rel=0, abs=1e-9)
     assert best == pytest.approx(expected_best, rel=0, abs=1e-9)
 

@@ -167,7 +167,7 @@ def submit(env, cwd, *args, sbatch_opts=(), extra_env=None, sbatch_wait=False):
 def assert_final_lines(log, context):
     lines = [line.rstrip() for line in log.splitlines() if line.strip()]
     assert len(lines) >= 2, context
-    for line, pattern in zip(lines[-2:], FINAL_LINES):
+    for line, pattern in zip(lines[-2:], FINAL_LINES, strict=True):
         assert re.match(pattern, line), f"log does not end with the tutorial's two result lines: {context}"
 
 

@@ -43,9 +43,9 @@ def test_torch_simulator_matches_pennylane_values_and_gradients(nqubits, batch_s
 
     ours = values_and_gradients(qml.make_quantum_net(nqubits, depth, qml.TORCH_QDEVICE), inputs, weights, cotangent)
     pennylane = values_and_gradients(qml.make_quantum_net(nqubits, depth, "default.qubit"), inputs, weights, cotangent)
-    for name, mine, theirs in zip(("values", "input gradients", "weight gradients"), ours, pennylane):
+    for name, mine, theirs in zip(("values", "input gradients", "weight gradients"), ours, pennylane, strict=True):
         assert mine.shape == theirs.shape, name
-        torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-10, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-10, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_torch_simulator_accepts_several_batch_dimensions():
