@@ -320,8 +320,9 @@ def test_cached_features_give_the_same_metrics_as_images_on_two_ranks(eval_bn_ru
             assert from_cache[key] == pytest.approx(from_images[key], abs=1e-5), key
 
 
-# With the collector off, only qml's own cleanup can free DDP's reference cycle; left to the interpreter's
-# exit, the wrapper takes gloo's threads down during finalization, which aborts the process now and then.
+# Lightning's cached import tracebacks keep train_model's frame alive. A DDP wrapper left to interpreter exit
+# takes gloo's threads down during finalization, which now and then aborts a rank; the collector is off so that
+# only qml's own cleanup can free it.
 DDP_COUNTER = textwrap.dedent("""\
     import gc, sys
     gc.disable()
