@@ -1,6 +1,8 @@
 """Shared fixtures: tiny generated ImageFolder data sets and a quiet, CPU-only environment."""
 
 import os
+import signal
+import socket
 import subprocess
 import sys
 
@@ -48,3 +50,25 @@ def run_qml(*args, env=None, timeout=300, cwd=None):
     full_env = dict(os.environ, **(env or {}))
     return subprocess.run([sys.executable, QML, *map(str, args)], capture_output=True, text=True,
                           env=full_env, timeout=timeout, cwd=cwd)
+
+
+@pytest.fixture(autouse=True)
+def restore_sigterm():
+    """qml.main installs a SIGTERM handler; give pytest its own back."""
+    handler = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, handler)
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def one_stderr_line(stderr):
+    """The single non-empty stderr line, after checking there is exactly one and no traceback."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert "Traceback" not in stderr, stderr
+    assert len(lines) == 1, stderr
+    return lines[0]

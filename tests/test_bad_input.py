@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 
@@ -19,7 +18,7 @@ import torch
 from PIL import Image
 
 import qml
-from conftest import QML, make_image_folder
+from conftest import QML, free_port, make_image_folder, one_stderr_line
 
 # Fast, CPU-only options; cases override what they test (argparse keeps the last value).
 BASE = ["--weights", "none", "--qdevice", "torch", "--workers", "0", "--print-freq", "0", "--epochs", "1",
@@ -28,12 +27,10 @@ HANG_GUARD = 60  # seconds: a bad-input run that takes longer is stuck, not slow
 
 
 def error_line(stderr):
-    """The single non-empty stderr line, after checking there is exactly one and no traceback."""
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert "Traceback" not in stderr, stderr
-    assert len(lines) == 1, stderr
-    assert lines[0].startswith("qml.py: error: "), stderr
-    return lines[0]
+    """The single stderr line (no traceback), which must be qml.py's error line."""
+    line = one_stderr_line(stderr)
+    assert line.startswith("qml.py: error: "), stderr
+    return line
 
 
 def main_error(capfd, argv):
@@ -49,24 +46,10 @@ def assert_mentions(line, *parts):
         assert part in line, f"{part!r} not in {line!r}"
 
 
-@pytest.fixture(autouse=True)
-def restore_sigterm():
-    """qml.main installs a SIGTERM handler; give pytest its own back."""
-    handler = signal.getsignal(signal.SIGTERM)
-    yield
-    signal.signal(signal.SIGTERM, handler)
-
-
 @pytest.fixture
 def data(tiny_data, tmp_path):
     """A private copy of the tiny data set that a test may break."""
     return shutil.copytree(tiny_data, tmp_path / "data")
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------

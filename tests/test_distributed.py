@@ -3,7 +3,6 @@
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -11,7 +10,7 @@ import types
 
 import pytest
 import torch
-from conftest import QML, ROOT, TINY_COUNTS
+from conftest import QML, ROOT, TINY_COUNTS, free_port
 
 import qml
 
@@ -218,12 +217,6 @@ def launcher_free_env(**extra):
     """os.environ without any launcher's variables, one thread per rank (two ranks share two cores)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(LAUNCHER_PREFIXES) and k not in LAUNCHER_VARS}
     return dict(env, OMP_NUM_THREADS="1", **extra)
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def check(result, what):

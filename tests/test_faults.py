@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 import qml
-from conftest import QML, ROOT, run_qml
+from conftest import QML, ROOT, free_port, one_stderr_line, run_qml
 
 BASE = ["--weights", "none", "--qdevice", "torch", "--workers", "0", "--print-freq", "0", "--device", "cpu"]
 HANG_GUARD = 60  # seconds: a run that takes longer is stuck, not slow
@@ -63,28 +63,6 @@ qml.DressedQuantumNet.forward = fault_injecting_forward
 qml.atomic_write = logging_atomic_write
 sys.exit(qml.main(sys.argv[1:]))
 """
-
-
-def error_line(stderr):
-    """The single non-empty stderr line, after checking there is exactly one and no traceback."""
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert "Traceback" not in stderr, stderr
-    assert len(lines) == 1, stderr
-    return lines[0]
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(autouse=True)
-def restore_sigterm():
-    """qml.main installs a SIGTERM handler; give pytest its own back."""
-    handler = signal.getsignal(signal.SIGTERM)
-    yield
-    signal.signal(signal.SIGTERM, handler)
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +137,7 @@ def rendezvous_failures(tiny_data, tmp_path_factory):
 def test_rank_0_without_its_peers_exits_2_with_one_line_after_dist_timeout(rendezvous_failures):
     status, _, stderr = rendezvous_failures["rank0-alone"]
     assert status == 2, stderr
-    line = error_line(stderr)
+    line = one_stderr_line(stderr)
     assert "rank 0: cannot join the process group" in line and "within 3s" in line
     assert "MASTER_ADDR/MASTER_PORT" in line and "all 2 ranks started" in line
 
@@ -167,14 +145,14 @@ def test_rank_0_without_its_peers_exits_2_with_one_line_after_dist_timeout(rende
 def test_master_addr_that_names_no_host_exits_2_with_one_line(rendezvous_failures):
     status, _, stderr = rendezvous_failures["rank0-unknown-host"]
     assert status == 2, stderr
-    line = error_line(stderr)
+    line = one_stderr_line(stderr)
     assert "MASTER_ADDR=no-such-host.invalid" in line and "rank 0's host name" in line
 
 
 def test_rank_1_with_unreachable_master_exits_2_with_one_line_after_dist_timeout(rendezvous_failures):
     status, _, stderr = rendezvous_failures["rank1-no-master"]
     assert status == 2, stderr
-    line = error_line(stderr)
+    line = one_stderr_line(stderr)
     assert "rank 1: nothing answers at 127.0.0.1:" in line and "within 3s" in line
     assert "MASTER_ADDR/MASTER_PORT" in line
 
@@ -227,7 +205,7 @@ def sigkill_run(tiny_data, wrapper, tmp_path_factory):
 def test_sigterm_stops_with_one_line_pointing_to_resume(sigterm_run):
     status, stderr, _ = sigterm_run
     assert status == 130, stderr
-    line = error_line(stderr)
+    line = one_stderr_line(stderr)
     assert "stopped by SIGTERM" in line and "--resume" in line
 
 
@@ -432,6 +410,6 @@ def test_cli_download_from_a_bad_url_exits_2_with_one_line(tmp_path):
     result = run_qml("--data-dir", data_dir, "--download", "--data-url", (tmp_path / "nowhere.zip").as_uri(),
                      *BASE, "--epochs", "1", timeout=HANG_GUARD)
     assert result.returncode == 2, result.stderr
-    line = error_line(result.stderr)
+    line = one_stderr_line(result.stderr)
     assert "cannot download" in line and "nowhere.zip" in line and "--data-dir DIR" in line
     assert not data_dir.exists()
