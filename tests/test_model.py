@@ -11,9 +11,9 @@ import torch.nn as nn
 import torchvision
 
 import qml
+from conftest import ROOT
 from numpy_circuit import dressed_logits
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGENET_FILE = "resnet18-f37072fd.pth"  # the name torchvision caches ImageNet ResNet18 weights under
 
 

@@ -19,12 +19,11 @@ import time
 from pathlib import Path
 
 import pytest
-from PIL import Image
+from conftest import QML, ROOT
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(ROOT)
 CLUSTER = REPO / "tests" / "slurm_cluster.sh"
 SBATCH_SCRIPT = REPO / "submit_qml.sbatch"
-QML = REPO / "qml.py"
 IN_CI = os.environ.get("CI", "").lower() == "true"
 JOB_TIMEOUT = 240  # seconds one job may take, queueing included
 QML_ARGS = ["--weights", "none", "--epochs", "1", "--device", "cpu"]
@@ -88,21 +87,6 @@ def slurm_env():
         stop = subprocess.run(["bash", str(CLUSTER), "stop"], env=cluster_env, capture_output=True, text=True,
                               timeout=120)
         assert stop.returncode == 0, stop.stderr
-
-
-@pytest.fixture(scope="session")
-def tiny_images(tmp_path_factory):
-    """ImageFolder: train/ and val/, each with ants/ and bees/ of 4 random 32x32 JPEGs."""
-    root = tmp_path_factory.mktemp("slurm-data")
-    for s, split in enumerate(("train", "val")):
-        for c, name in enumerate(("ants", "bees")):
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i in range(4):
-                seed = (s * 2 + c) * 4 + i
-                pixels = bytes((seed * 37 + j * 11) % 256 for j in range(32 * 32 * 3))
-                Image.frombytes("RGB", (32, 32), pixels).save(folder / f"{i}.jpg")
-    return root
 
 
 @pytest.fixture
@@ -177,12 +161,12 @@ def load_metrics(cwd, jobid, tasks, context):
     return json.loads(path.read_text())
 
 
-def test_single_task_job_like_the_tutorial(slurm_env, submit_dir, tiny_images):
+def test_single_task_job_like_the_tutorial(slurm_env, submit_dir, tiny_data):
     """One task, submitted as the tutorial does (--export=NONE style: only the named variables travel)."""
     # Not OMP_PROC_BIND: the script sets it, and it reaches the tasks only if the script undoes the
     # export restriction (unset SLURM_EXPORT_ENV); otherwise Kokkos complains in the log.
     keep = ",".join(f"{k}={slurm_env[k]}" for k in ("QML_PYTHON", "QML_SITE", "OMP_NUM_THREADS"))
-    rc, jobid, log, context = submit(slurm_env, submit_dir, 1, "--data-dir", tiny_images, *QML_ARGS,
+    rc, jobid, log, context = submit(slurm_env, submit_dir, 1, "--data-dir", tiny_data, *QML_ARGS,
                                      sbatch_opts=[f"--export={keep}"])
     assert rc == 0, context
     assert_final_lines(log, context)
@@ -192,8 +176,8 @@ def test_single_task_job_like_the_tutorial(slurm_env, submit_dir, tiny_images):
     assert metrics["world_size"] == 1, metrics
 
 
-def test_two_task_job_shares_the_node_and_reports_world_size_2(slurm_env, submit_dir, tiny_images):
-    rc, jobid, log, context = submit(slurm_env, submit_dir, 2, "--data-dir", tiny_images, *QML_ARGS)
+def test_two_task_job_shares_the_node_and_reports_world_size_2(slurm_env, submit_dir, tiny_data):
+    rc, jobid, log, context = submit(slurm_env, submit_dir, 2, "--data-dir", tiny_data, *QML_ARGS)
     assert rc == 0, context
     assert_final_lines(log, context)
     # 8 CPUs on the node, shared by 2 tasks; no GPU flags without GPUs in the allocation.
@@ -206,10 +190,10 @@ def test_two_task_job_shares_the_node_and_reports_world_size_2(slurm_env, submit
         assert key in metrics, f"{key} missing from metrics: {sorted(metrics)}"
 
 
-def test_sweep_writes_table_csv_png_and_answer(slurm_env, tmp_path, tiny_images):
+def test_sweep_writes_table_csv_png_and_answer(slurm_env, tmp_path, tiny_data):
     """A 1,2 sweep in one allocation, qml.py found through QML_SCRIPT, then the scaling report."""
     shutil.copy(SBATCH_SCRIPT, tmp_path / "submit_qml.sbatch")
-    rc, jobid, log, context = submit(slurm_env, tmp_path, "1,2", "--data-dir", tiny_images, *QML_ARGS,
+    rc, jobid, log, context = submit(slurm_env, tmp_path, "1,2", "--data-dir", tiny_data, *QML_ARGS,
                                      extra_env={"QML_SCRIPT": str(QML)})
     assert rc == 0, context
     assert log.count("Training completed in") == 2, context
@@ -233,8 +217,8 @@ def test_sweep_writes_table_csv_png_and_answer(slurm_env, tmp_path, tiny_images)
     assert (shown if shown.is_absolute() else tmp_path / shown).resolve() == png.resolve(), plot_lines
 
 
-def test_sweep_stops_at_first_failed_step(slurm_env, submit_dir, tiny_images):
-    rc, jobid, log, context = submit(slurm_env, submit_dir, "1,2", "--data-dir", tiny_images, "--epochs", "0")
+def test_sweep_stops_at_first_failed_step(slurm_env, submit_dir, tiny_data):
+    rc, jobid, log, context = submit(slurm_env, submit_dir, "1,2", "--data-dir", tiny_data, "--epochs", "0")
     assert rc != 0, context
     assert "tasks=1 " in log and "tasks=2 " not in log and "scaling report" not in log, context
     assert "the 1-task step failed with exit status" in log, context
