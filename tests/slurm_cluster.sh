@@ -1,22 +1,27 @@
 #!/usr/bin/env bash
-# Throwaway one-node Slurm cluster on localhost, for tests/test_slurm.py.
+# Throwaway Slurm cluster on localhost, for tests/test_slurm.py: one node by default, or
+# QML_SLURM_NODES nodes, each its own slurmd (`slurmd -N NAME`) on this one machine.
 #
 #   tests/slurm_cluster.sh start   # install slurm-wlm + munge if missing (root), start
-#                                  # munged, slurmctld, slurmd; print the SLURM_CONF path
+#                                  # munged, slurmctld, slurmd(s); print the SLURM_CONF path
 #   tests/slurm_cluster.sh stop    # cancel jobs, stop the daemons, remove the state dir
-#   tests/slurm_cluster.sh status  # exit 0 if the cluster answers and the node is usable
+#   tests/slurm_cluster.sh status  # exit 0 if the cluster answers and every node is usable
 #
 # Everything (config, munge key and socket, spool, state, logs) lives under one state
-# dir, $QML_SLURM_DIR (default /tmp/qml-slurm); nothing under /etc is written, and the
-# daemons use their own ports and munge socket, so a site Slurm is left alone.
+# dir, $QML_SLURM_DIR (default /tmp/qml-slurm); the daemons use their own ports and munge
+# socket, so a site Slurm is left alone. Nothing under /etc is written, except that with
+# QML_SLURM_NODES>1 `start` appends "127.0.0.1 qmlnodeN" lines to /etc/hosts (as root) for
+# node names that do not resolve yet; it never removes or edits other lines.
 # Both subcommands are idempotent. Messages go to stderr; `start` prints only the
 # SLURM_CONF path on stdout, so `export SLURM_CONF=$(tests/slurm_cluster.sh start)` works.
 #
 # Environment:
 #   QML_SLURM_DIR        state dir (default /tmp/qml-slurm; keep it short: it holds a socket)
-#   QML_SLURM_CPUS       CPUs the node advertises (default 8, whatever the machine has)
-#   QML_SLURM_PORT       slurmctld port; slurmd uses the next one (default 16817)
-#   QML_SLURM_WAIT       seconds to wait for the node to turn idle (default 60)
+#   QML_SLURM_NODES      number of nodes (default 1: node "localhost"; N>1: nodes qmlnode1..qmlnodeN,
+#                        all in partition "batch", each a slurmd with its own port, spool and log)
+#   QML_SLURM_CPUS       CPUs each node advertises (default 8, whatever the machine has)
+#   QML_SLURM_PORT       slurmctld port; the slurmd of node i uses port+i (default 16817)
+#   QML_SLURM_WAIT       seconds to wait for the nodes to turn idle (default 60)
 #   QML_SLURM_KEEP=1     `stop` keeps the state dir (logs) instead of removing it
 set -euo pipefail
 
@@ -25,9 +30,10 @@ CPUS=${QML_SLURM_CPUS:-8}
 CTLD_PORT=${QML_SLURM_PORT:-16817}
 SLURMD_PORT=$((CTLD_PORT + 1))
 WAIT=${QML_SLURM_WAIT:-60}
-NODE=localhost
+NNODES=${QML_SLURM_NODES:-1}
 CONF="$DIR/slurm.conf"
 MARKER="$DIR/.qml-slurm-cluster"
+NODES_FILE="$DIR/nodes" # the node names the running cluster was started with, one a line
 PATH="$PATH:/usr/sbin:/sbin:/usr/local/sbin"
 export SLURM_CONF="$CONF"
 
@@ -47,13 +53,36 @@ show_logs() {
     done
 }
 
-# The daemon of a pidfile ($DIR/<name>.pid) runs: the pid is alive and is still <name>, not a reused pid.
+# The node names QML_SLURM_NODES asks for: "localhost" for one node (as before), else qmlnode1..N.
+requested_nodes() {
+    local i
+    if [ "$NNODES" -eq 1 ]; then
+        echo localhost
+    else
+        for ((i = 1; i <= NNODES; i++)); do echo "qmlnode$i"; done
+    fi
+}
+
+# The node names of the cluster in $DIR (what `start` recorded), else the requested ones.
+cluster_nodes() {
+    if [ -s "$NODES_FILE" ]; then cat "$NODES_FILE"; else requested_nodes; fi
+}
+
+# The slurmd pidfile of a node: $DIR/slurmd.pid for the single node "localhost" (as before),
+# $DIR/slurmd-<node>.pid for the qmlnodeN nodes (SlurmdPidFile=$DIR/slurmd-%n.pid).
+slurmd_pidfile() { # node
+    if [ "$1" = localhost ]; then echo "$DIR/slurmd.pid"; else echo "$DIR/slurmd-$1.pid"; fi
+}
+
+# The daemon of a pidfile ($DIR/<name>.pid or $DIR/<name>-<node>.pid) runs: the pid is alive and is
+# still <name>, not a reused pid.
 pid_alive() { # pidfile
     local pid name
     [ -s "$1" ] || return 1
     pid=$(cat "$1" 2>/dev/null) || return 1
     [[ "$pid" =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null || return 1
     name=$(basename "$1" .pid)
+    name=${name%%-*}
     [ "$(cat "/proc/$pid/comm" 2>/dev/null || ps -o comm= -p "$pid" 2>/dev/null)" = "$name" ]
 }
 
@@ -82,8 +111,37 @@ kill_pidfiles() { # pidfile...
     rm -f "$@"
 }
 
-node_state() {
-    timeout 10 sinfo -h -n "$NODE" -o %t 2>/dev/null | head -n1 || true
+node_state() { # node
+    timeout 10 sinfo -h -N -n "$1" -o %t 2>/dev/null | head -n1 || true
+}
+
+# The qmlnodeN names must resolve to 127.0.0.1 on this machine (jobs use them, e.g. for MASTER_ADDR):
+# append "127.0.0.1 <name>" to /etc/hosts for each one that does not resolve at all; never touch
+# other lines. A name that resolves elsewhere is an error.
+ensure_hosts() { # node...
+    local n addrs missing=()
+    for n in "$@"; do
+        [ "$n" = localhost ] && continue
+        addrs=$(getent ahostsv4 "$n" 2>/dev/null | awk '{print $1}' | sort -u | tr '\n' ' ') || true
+        if [ -z "$addrs" ]; then
+            missing+=("$n")
+        elif [ "$addrs" != "127.0.0.1 " ]; then
+            die "node name $n resolves to ${addrs% } on this machine, not 127.0.0.1; fix /etc/hosts or DNS"
+        fi
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    [ "$(id -u)" -eq 0 ] && [ -w /etc/hosts ] ||
+        die "node names ${missing[*]} do not resolve; as root add them to /etc/hosts:" \
+            "echo '127.0.0.1 ${missing[*]}' >> /etc/hosts"
+    log "adding '127.0.0.1 ${missing[*]}' to /etc/hosts"
+    # A file without a final newline would glue the new line to its last one.
+    [ -s /etc/hosts ] && [ -n "$(tail -c1 /etc/hosts)" ] && echo >>/etc/hosts
+    for n in "${missing[@]}"; do
+        printf '127.0.0.1\t%s\t# added by tests/slurm_cluster.sh\n' "$n" >>/etc/hosts
+    done
+    for n in "${missing[@]}"; do
+        getent hosts "$n" >/dev/null 2>&1 || die "$n still does not resolve after adding it to /etc/hosts"
+    done
 }
 
 install_packages() {
@@ -109,10 +167,22 @@ install_packages() {
     done
 }
 
-write_config() {
-    local user
+write_config() { # node...
+    local user n i=0 nodelines="" spool="$DIR/spool" pidfile="$DIR/slurmd.pid" logfile="$DIR/log/slurmd.log"
     user=$(id -un)
     mkdir -p "$DIR"/{munge,state,spool,log}
+    if [ $# -gt 1 ] || [ "$1" != localhost ]; then
+        # Several slurmds on one host: each needs its own port, spool dir, pidfile and log (%n = node name).
+        spool="$DIR/spool/%n" pidfile="$DIR/slurmd-%n.pid" logfile="$DIR/log/slurmd-%n.log"
+        for n in "$@"; do
+            i=$((i + 1))
+            mkdir -p "$DIR/spool/$n"
+            nodelines+="NodeName=$n NodeHostname=localhost NodeAddr=127.0.0.1 Port=$((CTLD_PORT + i)) CPUs=$CPUS State=UNKNOWN"$'\n'
+        done
+    else
+        nodelines="NodeName=localhost NodeAddr=127.0.0.1 CPUs=$CPUS State=UNKNOWN"$'\n'
+    fi
+    printf '%s\n' "$@" >"$NODES_FILE"
     chmod 755 "$DIR" "$DIR/munge"
     touch "$MARKER"
     if [ ! -s "$DIR/munge/munge.key" ]; then
@@ -124,9 +194,9 @@ write_config() {
     fi
     chmod 600 "$DIR/munge/munge.key"
     cat >"$CONF" <<EOF
-# Written by tests/slurm_cluster.sh: a one-node test cluster on localhost.
+# Written by tests/slurm_cluster.sh: a test cluster of $# node(s) on localhost.
 ClusterName=qmltest
-SlurmctldHost=$NODE(127.0.0.1)
+SlurmctldHost=localhost(127.0.0.1)
 SlurmctldPort=$CTLD_PORT
 SlurmdPort=$SLURMD_PORT
 SlurmUser=$user
@@ -135,11 +205,11 @@ AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket=$DIR/munge/munge.socket.2
 StateSaveLocation=$DIR/state
-SlurmdSpoolDir=$DIR/spool
+SlurmdSpoolDir=$spool
 SlurmctldPidFile=$DIR/slurmctld.pid
-SlurmdPidFile=$DIR/slurmd.pid
+SlurmdPidFile=$pidfile
 SlurmctldLogFile=$DIR/log/slurmctld.log
-SlurmdLogFile=$DIR/log/slurmd.log
+SlurmdLogFile=$logfile
 SlurmctldDebug=info
 SlurmdDebug=info
 PlugStackConfig=$DIR/plugstack.conf
@@ -161,20 +231,27 @@ KillWait=5
 MinJobAge=300
 SlurmdTimeout=60
 SlurmctldTimeout=60
-NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$CPUS State=UNKNOWN
-PartitionName=batch Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
+${nodelines%$'\n'}
+PartitionName=batch Nodes=$(IFS=,; echo "$*") Default=YES MaxTime=INFINITE State=UP
 EOF
     : >"$DIR/plugstack.conf"
 }
 
-# Succeeds when all three daemons run and the node takes jobs; otherwise prints why.
+# Succeeds when munged, slurmctld and every node's slurmd run and every node takes jobs;
+# otherwise prints why.
 unhealthy_reason() {
-    local d state
-    for d in munged slurmctld slurmd; do
+    local d n state nodes=()
+    mapfile -t nodes < <(cluster_nodes)
+    for d in munged slurmctld; do
         pid_alive "$DIR/$d.pid" || { echo "$d is not running"; return 0; }
     done
-    state=$(node_state)
-    [[ "$state" =~ ^(idle|mix|alloc|comp) ]] || { echo "node $NODE is '${state:-unknown}'"; return 0; }
+    for n in "${nodes[@]}"; do
+        pid_alive "$(slurmd_pidfile "$n")" || { echo "slurmd of node $n is not running"; return 0; }
+    done
+    for n in "${nodes[@]}"; do
+        state=$(node_state "$n")
+        [[ "$state" =~ ^(idle|mix|alloc|comp) ]] || { echo "node $n is '${state:-unknown}'"; return 0; }
+    done
     return 1
 }
 
@@ -189,8 +266,16 @@ on_failed_start() {
 cmd_start() {
     [[ "$CPUS" =~ ^[1-9][0-9]*$ ]] || die "QML_SLURM_CPUS must be a positive integer, not '$CPUS'"
     [[ "$CTLD_PORT" =~ ^[1-9][0-9]*$ ]] || die "QML_SLURM_PORT must be a port number, not '$CTLD_PORT'"
+    [[ "$NNODES" =~ ^[1-9][0-9]*$ ]] && [ "$NNODES" -le 64 ] ||
+        die "QML_SLURM_NODES must be a node count from 1 to 64, not '$NNODES'"
+    [ $((CTLD_PORT + NNODES)) -le 65535 ] || die "QML_SLURM_PORT $CTLD_PORT leaves no room for $NNODES slurmd port(s)"
     [ ${#DIR} -le 80 ] || die "QML_SLURM_DIR '$DIR' is too long for a unix socket path (keep it under 80 characters)"
+    local nodes=()
+    mapfile -t nodes < <(requested_nodes)
     if [ -f "$MARKER" ] && ! unhealthy_reason >/dev/null; then
+        [ "$(cluster_nodes)" = "$(requested_nodes)" ] ||
+            die "the cluster in $DIR runs node(s) $(cluster_nodes | paste -sd, -), not ${nodes[*]}" \
+                "(QML_SLURM_NODES=$NNODES); run '$0 stop' first or use another QML_SLURM_DIR"
         log "cluster already running (state dir $DIR)"
         echo "$CONF"
         return 0
@@ -199,8 +284,9 @@ cmd_start() {
         die "state dir $DIR exists, is not empty and was not made by this script; set QML_SLURM_DIR to another path"
     fi
     install_packages
+    ensure_hosts "${nodes[@]}"
     cmd_stop_daemons # leftovers from a half-started earlier run
-    write_config
+    write_config "${nodes[@]}"
     # A failed start stops whatever it did start; the logs stay in $DIR/log.
     trap on_failed_start EXIT
 
@@ -226,22 +312,32 @@ cmd_start() {
         pid_alive "$DIR/slurmctld.pid" || [ $i -lt 20 ] || { show_logs; die "slurmctld exited"; }
         sleep 0.1
     done
-    log "starting slurmd (node $NODE, $CPUS CPUs, port $SLURMD_PORT)"
-    slurmd -f "$CONF" -N "$NODE" >&2 || { show_logs; die "slurmd did not start"; }
+    local n port=$SLURMD_PORT
+    for n in "${nodes[@]}"; do
+        log "starting slurmd (node $n, $CPUS CPUs, port $port)"
+        slurmd -f "$CONF" -N "$n" >&2 || { show_logs; die "slurmd of node $n did not start"; }
+        port=$((port + 1))
+    done
 
-    local state=""
-    for ((i = 0; i < WAIT; i++)); do
-        state=$(node_state)
-        [ "$state" = idle ] && break
+    local state="" idle=0 t0=$SECONDS
+    while :; do
+        idle=0
+        for n in "${nodes[@]}"; do
+            state=$(node_state "$n")
+            [ "$state" = idle ] || break
+            idle=$((idle + 1))
+        done
+        [ "$idle" -eq ${#nodes[@]} ] && break
+        [ $((SECONDS - t0)) -lt "$WAIT" ] || break
         sleep 1
     done
-    if [ "$state" != idle ]; then
+    if [ "$idle" -ne ${#nodes[@]} ]; then
         show_logs
-        timeout 10 scontrol show node "$NODE" >&2 || true
-        die "node $NODE is '${state:-unknown}', not idle, after ${WAIT}s; logs are in $DIR/log"
+        timeout 10 scontrol show node "$n" >&2 || true
+        die "node $n is '${state:-unknown}', not idle, after ${WAIT}s; logs are in $DIR/log"
     fi
     trap - EXIT
-    log "cluster up: partition batch, node $NODE with $CPUS CPUs; export SLURM_CONF=$CONF"
+    log "cluster up: partition batch, node(s) ${nodes[*]} with $CPUS CPUs each; export SLURM_CONF=$CONF"
     echo "$CONF"
 }
 
@@ -259,7 +355,10 @@ cmd_stop_daemons() {
             done
         fi
     fi
-    kill_pidfiles "$DIR/slurmd.pid" "$DIR/slurmctld.pid"
+    # Every slurmd this state dir has (slurmd.pid or slurmd-<node>.pid), whatever QML_SLURM_NODES says now.
+    local slurmds=()
+    mapfile -t slurmds < <(compgen -G "$DIR/slurmd*.pid" || true)
+    kill_pidfiles "${slurmds[@]}" "$DIR/slurmctld.pid"
     kill_pidfiles "$DIR/munged.pid"
 }
 
