@@ -16,6 +16,7 @@ import datetime
 import functools
 import gc
 import glob
+import hashlib
 import json
 import math
 import os
@@ -30,6 +31,21 @@ import time
 import urllib.request
 import zipfile
 import zlib
+
+# Launchers of MPI programs set these; mpiexec started us when one is present.
+MPI_LAUNCHER_VARS = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALRANKID")
+if any(var in os.environ for var in MPI_LAUNCHER_VARS):
+    # Under Cray MPICH, mpi4py must load MPI before torch loads its libraries (OLCF's "PyTorch on
+    # Frontier", MPICH mpi4py errors). Loading is not MPI_Init: that waits until mpi_ranks() needs it,
+    # so that decoding workers are not forked after MPI_Init when the launcher's variables suffice.
+    try:
+        import mpi4py
+
+        mpi4py.rc.initialize = False
+        mpi4py.rc.finalize = True  # finalize at exit if mpi_ranks() initialised MPI
+        from mpi4py import MPI  # noqa: F401
+    except (ImportError, RuntimeError, OSError):  # no mpi4py, or no MPI library: discover_ranks copes
+        pass
 
 import numpy as np
 import torch
@@ -149,14 +165,31 @@ def available_qdevices():
     return sorted(set(qml.plugin_devices) | {TORCH_QDEVICE})
 
 
-def make_quantum_net(nqubits=n_qubits, depth=q_depth, qdevice="lightning.kokkos"):
-    """Build the circuit for these sizes as a callable (q_input_features, q_weights_flat) -> list of <Z>."""
+def make_quantum_net(nqubits=n_qubits, depth=q_depth, qdevice="lightning.kokkos", device_id=None):
+    """Build the circuit for these sizes as a callable (q_input_features, q_weights_flat) -> list of <Z>.
+
+    device_id: the rank's GPU, for a GPU build of lightning.kokkos (None: Kokkos' own choice).
+    """
     if qdevice == TORCH_QDEVICE:
         return TorchCircuit(nqubits, depth)
     import pennylane as qml
 
-    dev = qml.device(qdevice, wires=nqubits)
+    dev = qml.device(qdevice, wires=nqubits, **qdevice_options(qdevice, device_id))
     return qml.QNode(functools.partial(circuit, nqubits=nqubits, depth=depth), dev, interface="torch")
+
+
+def qdevice_options(qdevice, device_id):
+    """lightning.kokkos' settings: no OMP_PROC_BIND warning (binding threads would shrink the rank's CPU mask),
+    and on a GPU build this rank's GPU, since Kokkos does not read LOCAL_RANK. Only a process's first
+    lightning.kokkos device initialises Kokkos, so these hold for the whole run."""
+    if qdevice != "lightning.kokkos":
+        return {}
+    from pennylane_lightning.lightning_kokkos_ops import InitializationSettings
+
+    settings = InitializationSettings().set_disable_warnings(True)
+    if device_id is not None:
+        settings = settings.set_device_id(device_id)
+    return {"kokkos_args": settings}
 
 
 @functools.lru_cache(maxsize=None)
@@ -177,14 +210,14 @@ class DressedQuantumNet(nn.Module):
     """Linear(512 -> n_qubits), the circuit, Linear(n_qubits -> n_classes): the *dressed* quantum net."""
 
     def __init__(self, n_qubits=n_qubits, q_depth=q_depth, q_delta=q_delta, n_classes=2,
-                 qdevice="lightning.kokkos", per_sample=False, in_features=512):
+                 qdevice="lightning.kokkos", per_sample=False, in_features=512, device_id=None):
         super().__init__()
         # Parameter creation order (pre_net, q_params, post_net) is the tutorial's: same seed, same numbers.
         self.pre_net = nn.Linear(in_features, n_qubits)
         self.q_params = nn.Parameter(q_delta * torch.randn(q_depth * n_qubits))
         self.post_net = nn.Linear(n_qubits, n_classes)
         self.per_sample = per_sample
-        self.quantum_net = make_quantum_net(n_qubits, q_depth, qdevice)
+        self.quantum_net = make_quantum_net(n_qubits, q_depth, qdevice, device_id)
 
     def forward(self, input_features):
         q_in = torch.tanh(self.pre_net(input_features)) * math.pi / 2.0
@@ -234,14 +267,40 @@ def read_resnet18_state_dict(path, expected):
     return state
 
 
-def build_model(args, n_classes):
+def build_model(args, n_classes, device_id=None):
     """Frozen ResNet18 whose fc is the dressed quantum head; random draws in the tutorial's order."""
     model = load_backbone(args.weights)
     for param in model.parameters():
         param.requires_grad = False
-    model.fc = DressedQuantumNet(args.n_qubits, args.q_depth, args.q_delta, n_classes,
-                                 args.qdevice, args.per_sample, model.fc.in_features)
+    model.fc = DressedQuantumNet(args.n_qubits, args.q_depth, args.q_delta, n_classes, args.qdevice,
+                                 args.per_sample, model.fc.in_features, device_id)
     return model
+
+
+def describe_qdevice(head, qdevice):
+    """Where the circuit really runs; `summary` says it in a few words.
+
+    lightning.kokkos tells its Kokkos execution space (OpenMP on CPUs; HIP or Cuda on GPUs) once Kokkos has
+    started, that is after one circuit call.
+    """
+    if qdevice == TORCH_QDEVICE:
+        runs_on = str(head.q_params.device)
+        return dict(name=qdevice, runs_on=runs_on,
+                    summary=f"qml.py's exact torch simulator, not a PennyLane device, on {runs_on}")
+    if qdevice != "lightning.kokkos":
+        runs_on = "gpu" if "gpu" in qdevice else "cpu"
+        return dict(name=qdevice, runs_on=runs_on, summary=f"PennyLane device on the {runs_on}")
+    from pennylane_lightning.lightning_kokkos_ops import print_configuration
+
+    with torch.no_grad():
+        head.quantum_net(torch.zeros(head.pre_net.out_features), head.q_params.detach().cpu())
+    config = print_configuration()
+    version = re.search(r"Kokkos Version: (\S+)", config)
+    space = re.search(r"Default Device: (\S+)", config)
+    space = space.group(1) if space else "unknown"
+    runs_on = "gpu" if space in ("Cuda", "HIP", "SYCL") else "cpu"
+    return dict(name=qdevice, runs_on=runs_on, kokkos_version=version and version.group(1), kokkos_device=space,
+                summary=f"Kokkos {space}, on the {runs_on}")
 
 
 # ----------------------------------------------------------------------------
@@ -261,73 +320,132 @@ def is_main_process():
 
 
 def expand_nodelist(nodelist):
-    """Hosts of a Slurm node list: 'frontier[00012-00014,00020],login1' -> frontier00012, ... login1."""
-    hosts = []
-    for prefix, ranges, plain in re.findall(r"([^,\[]+)\[([^\]]+)\]|([^,\[\]]+)", nodelist):
-        if plain:
-            hosts.append(plain)
-            continue
-        for part in ranges.split(","):
-            lo, _, hi = part.partition("-")
-            hosts += [f"{prefix}{i:0{len(lo)}d}" for i in range(int(lo), int(hi or lo) + 1)]
-    return hosts
+    """Hosts of a Slurm node list: 'frontier[00012-00014,00020],login1' -> frontier00012, ... login1.
+
+    python-hostlist does it; where it is not installed (a prebuilt environment), Slurm's scontrol does.
+    """
+    try:
+        import hostlist
+    except ImportError:
+        return scontrol_hostnames(nodelist)
+    try:
+        return hostlist.expand_hostlist(nodelist)
+    except hostlist.BadHostlist as err:
+        raise UsageError(f"cannot read the Slurm node list {nodelist!r} ({err}); set MASTER_ADDR") from None
 
 
-MPI_LAUNCHER_VARS = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALRANKID")
+def scontrol_hostnames(nodelist):
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             check=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as err:
+        raise UsageError(f"cannot expand the Slurm node list {nodelist!r} ({err}); pip install python-hostlist "
+                         f"or set MASTER_ADDR") from None
+    return out.split()
 
 
-def mpi_ranks(env=None):
-    """(rank, world_size, local_rank, rank 0's host) from mpi4py when mpiexec started us, else None."""
-    if not any(var in (os.environ if env is None else env) for var in MPI_LAUNCHER_VARS):
+# (rank, size, local rank, local size) variables of the MPI launchers that set all four:
+# MPICH's and Cray MPICH's mpiexec (Hydra, PALS), and Open MPI's mpirun.
+MPI_RANK_VARS = (("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
+                 ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
+                  "OMPI_COMM_WORLD_LOCAL_SIZE"))
+
+
+def mpi_ranks(env):
+    """(rank, world_size, local_rank, local_world_size, rank 0's host or None) under mpiexec, else None.
+
+    The launcher's variables are enough when they give all four numbers and either MASTER_ADDR is set or
+    every rank is on this host; only otherwise is MPI initialised (mpi4py) to ask it.
+    """
+    if not any(var in env for var in MPI_LAUNCHER_VARS):
         return None
+    for names in MPI_RANK_VARS:
+        if all(env.get(name, "").isdigit() for name in names):
+            rank, world, local, local_world = (int(env[name]) for name in names)
+            if "MASTER_ADDR" in env or local_world == world:
+                return rank, world, local, local_world, None
     try:
         from mpi4py import MPI
     except (ImportError, RuntimeError, OSError):  # mpi4py absent, or no MPI library to load
         return None
+    if not MPI.Is_initialized():
+        MPI.Init()
     comm = MPI.COMM_WORLD
-    local_rank = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
-    return comm.Get_rank(), comm.Get_size(), local_rank, comm.bcast(socket.gethostname(), root=0)
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    return comm.Get_rank(), comm.Get_size(), node.Get_rank(), node.Get_size(), comm.bcast(socket.gethostname())
+
+
+def slurm_local_world_size(env):
+    """Tasks of this srun step on this node, from SLURM_STEP_TASKS_PER_NODE ('2(x3),1') and SLURM_NODEID."""
+    counts = []
+    for part in env.get("SLURM_STEP_TASKS_PER_NODE", "").split(","):
+        match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part)
+        if not match:
+            return None
+        counts += [int(match.group(1))] * int(match.group(2) or 1)
+    node = int(env.get("SLURM_NODEID", 0))
+    return counts[node] if node < len(counts) else None
 
 
 def discover_ranks(env=None):
-    """Where this process sits: dict(rank, world_size, local_rank, master_addr, master_port, source)."""
+    """Where this process sits: dict(rank, world_size, local_rank, local_world_size, master_addr, master_port,
+    source). local_world_size (ranks on this host) is None where the launcher does not say."""
     env = os.environ if env is None else env
-    master_addr, source = None, "single"
+    master_addr = None
     if "RANK" in env and "WORLD_SIZE" in env:
-        rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
         source = "torchrun"
+        rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+        local = int(env.get("LOCAL_RANK", 0))
+        local_world = int(env["LOCAL_WORLD_SIZE"]) if "LOCAL_WORLD_SIZE" in env else None
     elif "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:  # only srun steps set the step count
-        rank, world, local, source = (int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"]),
-                                      int(env.get("SLURM_LOCALID", 0)), "slurm")
+        source = "slurm"
+        rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"])
+        local = int(env.get("SLURM_LOCALID", 0))
+        local_world = slurm_local_world_size(env)
     elif (mpi := mpi_ranks(env)) is not None:
-        rank, world, local, master_addr = mpi
         source = "mpi"
+        rank, world, local, local_world, master_addr = mpi
     else:
-        rank, world, local = 0, 1, 0
-    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        source = "single"
+        rank, world, local, local_world = 0, 1, 0, 1
     if "MASTER_ADDR" in env:
         master_addr = env["MASTER_ADDR"]
-    elif nodelist and source == "slurm":
-        master_addr = expand_nodelist(nodelist)[0]
-    master_port = env.get("MASTER_PORT") or str(10000 + int(env["SLURM_JOB_ID"]) % 20000
-                                                  if env.get("SLURM_JOB_ID", "").isdigit() else 29500)
-    return dict(rank=rank, world_size=world, local_rank=local, source=source,
-                master_addr=master_addr or "127.0.0.1", master_port=str(master_port))
+    elif source == "slurm":
+        # The step's own nodes: in a sweep a small step may not run on the allocation's first node.
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        if nodelist:
+            master_addr = expand_nodelist(nodelist)[0]
+    return dict(rank=rank, world_size=world, local_rank=local, local_world_size=local_world, source=source,
+                master_addr=master_addr or "127.0.0.1", master_port=master_port(env))
+
+
+def master_port(env):
+    """MASTER_PORT, else one derived from the Slurm job id (two jobs on a node do not collide), else 29500."""
+    if env.get("MASTER_PORT"):
+        return env["MASTER_PORT"]
+    job_id = env.get("SLURM_JOB_ID", "")
+    if job_id.isdigit():
+        return str(10000 + int(job_id) % 20000)
+    return "29500"
 
 
 def pick_device(requested, local_rank):
-    """The torch device for this rank: a GPU (CUDA or ROCm) when asked for or visible, else the CPU."""
+    """The torch device for this rank: a GPU (CUDA or ROCm) when asked for or visible, else the CPU.
+
+    GPU = local rank modulo the visible GPUs: each task sees one (srun --gpus-per-task=1 --gpu-bind=closest),
+    or all of the node's. Whether two ranks then share one is checked later (check_one_gpu_per_rank).
+    """
     has_gpu = torch.cuda.is_available()
     if requested == "cuda" and not has_gpu:
         raise UsageError("--device cuda: no GPU is visible to this process; use --device cpu (or auto)")
     if requested == "cpu" or not has_gpu:
         return torch.device("cpu")
-    # Works whether each task sees one GPU (--gpu-bind=closest) or all of the node's GPUs.
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
 def init_distributed_mode(args):
-    """Find rank and world size, set the device, and join the process group when there are several ranks."""
+    """Find rank and world size, set the device, join the process group when there are several ranks,
+    and learn where every rank runs (ctx["ranks"])."""
     ranks = discover_ranks()
     device = pick_device(args.device, ranks["local_rank"])
     backend = args.backend if args.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
@@ -335,13 +453,21 @@ def init_distributed_mode(args):
         raise UsageError("--backend nccl needs a GPU; use --backend gloo (or auto) on CPUs")
     if device.type == "cuda":
         torch.cuda.set_device(device)  # before init_process_group, so NCCL binds the right GPU
-    if ranks["world_size"] > 1:
+    if ranks["source"] != "single":  # even one launched task runs DDP over NCCL/gloo, as any larger run
         join_process_group(ranks, backend, args.dist_timeout)
-    return dict(ranks, device=device, backend=backend)
+    ctx = dict(ranks, device=device, backend=backend)
+    ctx["ranks"] = gather_objects(rank_facts(ctx))
+    if backend == "nccl":
+        check_one_gpu_per_rank(ctx["ranks"])
+    return ctx
 
 
 def join_process_group(ranks, backend, seconds):
-    """init_process_group, failing in one line within `seconds` when the rendezvous cannot happen."""
+    """init_process_group, failing in one line within `seconds` when the rendezvous cannot happen.
+
+    NCCL gets gloo beside it for CPU tensors: object collectives (errors, rank facts) then need no GPU,
+    and two ranks on one GPU can be told apart before NCCL aborts on them.
+    """
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = ranks["master_addr"], ranks["master_port"]
     try:  # torch would retry an unknown host until the timeout, printing C++ log lines
         socket.getaddrinfo(ranks["master_addr"], int(ranks["master_port"]))
@@ -351,13 +477,73 @@ def join_process_group(ranks, backend, seconds):
     if ranks["rank"] != 0:
         wait_for_master(ranks, seconds)
     try:
-        dist.init_process_group(backend, init_method="env://", rank=ranks["rank"], world_size=ranks["world_size"],
+        dist.init_process_group("cpu:gloo,cuda:nccl" if backend == "nccl" else backend, init_method="env://",
+                                rank=ranks["rank"], world_size=ranks["world_size"],
                                 timeout=datetime.timedelta(seconds=seconds))
     except (RuntimeError, dist.DistError) as err:
         raise UsageError(f"rank {ranks['rank']}: cannot join the process group at "
                          f"{ranks['master_addr']}:{ranks['master_port']} within {seconds}s "
                          f"({str(err).splitlines()[0][:160]}); check MASTER_ADDR/MASTER_PORT "
                          f"and that all {ranks['world_size']} ranks started") from None
+
+
+def rank_facts(ctx):
+    """Where this rank runs: host, Slurm node, the CPUs it may use, and its GPU."""
+    facts = dict(rank=ctx["rank"], local_rank=ctx["local_rank"], host=socket.gethostname(),
+                 slurm_node=os.environ.get("SLURMD_NODENAME"), cpus=cpu_ranges(os.sched_getaffinity(0)))
+    device = ctx["device"]
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        facts["gpu"] = dict(index=device.index, name=props.name, id=physical_gpu_id(props, device.index),
+                            visible=torch.cuda.device_count())
+    return facts
+
+
+def physical_gpu_id(props, index):
+    """What tells this GPU from the others on its host: its UUID, else its entry in the visible-devices list."""
+    uuid = str(getattr(props, "uuid", "") or "")
+    if uuid.removeprefix("GPU-").replace("-", "").strip("0"):  # some builds report none, or all zeros
+        return uuid
+    for var in ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES"):
+        visible = os.environ.get(var, "").split(",")
+        if index < len(visible) and visible[index]:
+            return f"{var}={visible[index]}"
+    return f"index {index}"
+
+
+def cpu_ranges(cpus):
+    """'0-6,14' for {0, 1, ..., 6, 14}: an affinity mask as taskset and Slurm print it."""
+    runs = []
+    for cpu in sorted(cpus):
+        if runs and cpu == runs[-1][1] + 1:
+            runs[-1][1] = cpu
+        else:
+            runs.append([cpu, cpu])
+    return ",".join(f"{lo}-{hi}" if hi > lo else str(lo) for lo, hi in runs)
+
+
+def gather_objects(obj):
+    """[obj of rank 0, obj of rank 1, ...] on every rank (CPU collectives only)."""
+    if get_world_size() == 1:
+        return [obj]
+    gathered = [None] * get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def check_one_gpu_per_rank(facts):
+    """NCCL needs one GPU per rank; refuse (on every rank alike) ranks of one host that share a GPU."""
+    seen = {}
+    for fact in facts:
+        gpu = fact["gpu"]
+        seen.setdefault((fact["host"], gpu["id"]), []).append(fact)
+    for (host, _), sharing in seen.items():
+        if len(sharing) > 1:
+            on_host = sum(fact["host"] == host for fact in facts)
+            raise UsageError(f"{on_host} ranks on {host} but {sharing[0]['gpu']['visible']} GPU(s) visible to "
+                             f"each: ranks {', '.join(str(f['rank']) for f in sharing)} would share GPU "
+                             f"{sharing[0]['gpu']['index']}, and NCCL needs one GPU per rank; start fewer tasks "
+                             f"per node, give each its own GPU (srun --gpus-per-task=1), or use --backend gloo")
 
 
 def wait_for_master(ranks, seconds):
@@ -531,14 +717,14 @@ def load_datasets(data_dir):
 
 
 def default_workers(device):
-    """Decoding workers per rank. On a GPU: one fewer than this task's CPUs (Slurm's, else the machine's),
-    at most 3. On CPUs none: torch's and Kokkos' OpenMP threads already use every core, and a worker
+    """Decoding workers per rank. On a GPU: one fewer than the CPUs this process may use, at most 3.
+    On CPUs none: torch's and Kokkos' OpenMP threads already use every core, and a worker
     beside them stalls their barriers (an epoch measured 9 s without one, 12 s to 160 s with one).
     """
     if device.type == "cpu":
         return 0
-    cpus = os.environ.get("SLURM_CPUS_PER_TASK", "")
-    return max(0, min(4, int(cpus) if cpus.isdigit() else (os.cpu_count() or 1)) - 1)
+    usable_cpus = len(os.sched_getaffinity(0))  # the task's CPUs under srun, not the node's
+    return min(usable_cpus, 4) - 1
 
 
 def resolve_workers(args, device):
@@ -656,7 +842,44 @@ def to_device(inputs, device):
     return inputs
 
 
-def run_phase(phase, net, step_net, loader, optimizer, ctx, args, epoch):
+class TimeSplit:
+    """Seconds an epoch spends in each part of the work, for --time-split: data (waiting for the loader:
+    decoding, transforms, the copy to the device), backbone (the frozen ResNet18's forward), head (the dressed
+    head's forward and backward, mostly the circuit), allreduce (DDP's gradient all-reduce) and optimizer.
+    Each boundary synchronises the GPU, which costs time: runs without --time-split skip it all."""
+
+    PARTS = ("data", "backbone", "head", "allreduce", "optimizer")
+
+    def __init__(self, device, enabled):
+        self.enabled = enabled
+        self.synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.restart()
+
+    def restart(self):
+        self.seconds = dict.fromkeys(self.PARTS, 0.0)
+        self.mark = time.perf_counter()
+
+    def lap(self, part):
+        """Charge the time since the last lap to `part`."""
+        if self.enabled:
+            self.synchronize()
+            now = time.perf_counter()
+            self.seconds[part] += now - self.mark
+            self.mark = now
+
+
+def timed_allreduce(timer, bucket):
+    """DDP's default all-reduce hook, waited for so that its time is told apart from the backward pass."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    timer.lap("head")
+    future = allreduce_hook(None, bucket)
+    future.wait()
+    timer.lap("allreduce")
+    return future
+
+
+def run_phase(phase, net, step_net, loader, optimizer, ctx, args, epoch, timer):
     """One pass over `loader`; returns (average loss, accuracy, images) summed over all ranks."""
     training = phase == "train"
     # The dressed head has no mode-dependent layers: this only picks BatchNorm's statistics.
@@ -668,13 +891,17 @@ def run_phase(phase, net, step_net, loader, optimizer, ctx, args, epoch):
         since_batch = time.time()
         inputs = to_device(inputs, device)
         labels = labels.to(device, non_blocking=True)
+        timer.lap("data")
         with torch.set_grad_enabled(training):
             outputs = (step_net if training else net)(inputs)  # validation needs no DDP collectives
             loss = criterion(outputs, labels)
+        timer.lap("head")  # the backbone's part was charged as the head began (a hook on model.fc)
         if training:
             optimizer.zero_grad()
             loss.backward()
+            timer.lap("head")
             optimizer.step()
+            timer.lap("optimizer")
         totals[0] += loss.detach().double() * len(labels)
         totals[1] += (outputs.argmax(1) == labels).sum()
         totals[2] += len(labels)
@@ -772,12 +999,15 @@ def train_model(args, ctx):
 
     torch.manual_seed(args.seed)  # the backbone's init, then the head's: the tutorial's order
     np.random.seed(args.seed)
-    model = build_model(args, len(classes)).to(ctx["device"])
+    model = build_model(args, len(classes), ctx["device"].index).to(ctx["device"])
     if ctx["device"].type == "cpu":
         model = model.to(memory_format=torch.channels_last)  # about 25% faster convolutions on CPUs
     optimizer = torch.optim.Adam(model.fc.parameters(), lr=args.lr)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.step_size, gamma=args.gamma)
     state = restore_checkpoint(checkpoint, model, optimizer, scheduler) if checkpoint else fresh_state()
+    ctx["provenance"] = run_provenance(ctx, describe_qdevice(model.fc, args.qdevice))
+    if is_main_process():
+        print(provenance_line(ctx), flush=True)
 
     since = time.time()
     if args.cache_features:
@@ -786,19 +1016,24 @@ def train_model(args, ctx):
         net = model
     loaders, train_sampler = make_loaders(datasets_, args, ctx, cached=args.cache_features)
     step_net = net
-    if ctx["world_size"] > 1:
+    timer = TimeSplit(ctx["device"], args.time_split)
+    model.fc.register_forward_pre_hook(lambda head, head_inputs: timer.lap("backbone"))
+    if dist.is_initialized():
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         step_net = DDP(net, device_ids=[ctx["device"].index] if ctx["device"].type == "cuda" else None)
+        if args.time_split:
+            step_net.register_comm_hook(timer, timed_allreduce)
     if is_main_process():
         print("Training started:", flush=True)
     for epoch in range(state["epoch"], args.epochs):
         train_sampler.set_epoch(epoch)  # a new shuffle each epoch (the tutorial reused the first)
         epoch_start, record = time.time(), {"epoch": epoch + 1}
+        timer.restart()
         for phase in ("train", "validation"):
             if phase == "validation" and args.bn_mode == "train" and not args.cache_features:
                 sync_buffers(model)
-            loss, acc, count = run_phase(phase, net, step_net, loaders[phase], optimizer, ctx, args, epoch)
+            loss, acc, count = run_phase(phase, net, step_net, loaders[phase], optimizer, ctx, args, epoch, timer)
             if is_main_process():
                 print("Phase: {} Epoch: {}/{} Ave. Loss: {:.4f} Ave. Acc: {:.4f}       ".format(
                     "train" if phase == "train" else "validation  ", epoch + 1, args.epochs, loss, acc), flush=True)
@@ -808,6 +1043,8 @@ def train_model(args, ctx):
             if phase == "train":
                 scheduler.step()
         record["seconds"] = time.time() - epoch_start
+        if args.time_split:
+            record["time_split"] = timer.seconds
         state["history"].append(record)
         state["epoch"] = epoch + 1
         if args.checkpoint and is_main_process():
@@ -896,7 +1133,10 @@ def get_args_parser():
     add("--save", default=None, help="write the best dressed-head weights (state_dict) to this file")
     add("--checkpoint", default=None, help="write a resumable checkpoint to this file after every epoch")
     add("--resume", default=None, help="continue from a --checkpoint file")
-    add("--metrics-json", default=None, help="write config, per-epoch metrics and timings to this JSON file")
+    add("--metrics-json", action="append", default=[], help="write config, per-epoch metrics, timings and "
+        "provenance to this JSON file (repeat the option for several files)")
+    add("--time-split", action="store_true", help="record in --metrics-json the seconds of every epoch spent in "
+        "data loading, the backbone, the dressed head, the all-reduce and the optimizer (synchronises GPUs)")
     add("--draw", action="store_true", help="print the circuit and exit")
     return parser
 
@@ -927,10 +1167,46 @@ def package_versions():
     return versions
 
 
+def run_provenance(ctx, qdevice):
+    """What this run really used, beyond its options: hosts, Slurm ids, GPU software, OpenMP settings, simulator."""
+    collectives = None
+    if ctx["backend"] == "nccl":
+        version = torch.cuda.nccl.version()
+        collectives = ("RCCL " if torch.version.hip else "NCCL ") + ".".join(map(str, np.atleast_1d(version)))
+    master = f"{ctx['master_addr']}:{ctx['master_port']}" if dist.is_initialized() else None
+    return dict(hosts=sorted({fact["host"] for fact in ctx["ranks"]}), master=master,
+                slurm_job_id=os.environ.get("SLURM_JOB_ID"), slurm_step_id=os.environ.get("SLURM_STEP_ID"),
+                torch=torch.__version__, cuda=torch.version.cuda, hip=torch.version.hip, collectives=collectives,
+                qdevice=qdevice,
+                omp={var: os.environ.get(var) for var in ("OMP_NUM_THREADS", "OMP_PROC_BIND", "OMP_PLACES")})
+
+
+def provenance_line(ctx):
+    """Rank 0's first line: ranks and hosts, device, backend and where the circuit runs."""
+    run, me = ctx["provenance"], ctx["ranks"][0]
+    device = f"{ctx['device']}, CPUs {me['cpus']}"
+    if "gpu" in me:
+        runtime = f"HIP {run['hip']}" if run["hip"] else f"CUDA {run['cuda']}"
+        device = f"{ctx['device']} ({me['gpu']['name']}, {runtime})"
+    backend = f"{ctx['backend']} ({run['collectives']})" if run["collectives"] else ctx["backend"]
+    slurm = f" | Slurm job {run['slurm_job_id']}.{run['slurm_step_id']}" if run["slurm_job_id"] else ""
+    return (f"Ranks: {ctx['world_size']} ({ctx['source']}) on {','.join(run['hosts'])} | device: {device} | "
+            f"backend: {backend} | qdevice: {run['qdevice']['name']} ({run['qdevice']['summary']}){slurm}")
+
+
+def head_digest(head):
+    """SHA-256 of the dressed head's weights: equal on every rank when DDP kept them in step."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(head.state_dict().items()):
+        digest.update(name.encode() + tensor.detach().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def write_metrics(path, state, config, ctx):
     best = {k: state[k] for k in ("best_acc", "best_loss", "best_acc_train", "best_loss_train")}
     report = dict(config=config, world_size=ctx["world_size"], rank_source=ctx["source"],
                   device=str(ctx["device"]), backend=ctx["backend"], versions=package_versions(),
+                  provenance=ctx["provenance"], ranks=ctx["ranks"],
                   epochs=state["history"], training_seconds=state["seconds"],
                   best_val_acc=best["best_acc"], best_val_loss=best["best_loss"],
                   best_train_acc=best["best_acc_train"], best_train_loss=best["best_loss_train"])
@@ -950,12 +1226,11 @@ def draw_circuit(args):
 
 def setup(args):
     """Join the process group, train, report from rank 0, and always leave the group."""
-    ctx = init_distributed_mode(args)
     try:
-        if is_main_process():
-            print(f"Ranks: {ctx['world_size']} ({ctx['source']}) | device: {ctx['device']} | "
-                  f"backend: {ctx['backend']} | qdevice: {args.qdevice}", flush=True)
+        ctx = init_distributed_mode(args)
         model, state, config = train_model(args, ctx)
+        for fact, digest in zip(ctx["ranks"], gather_objects(head_digest(model.fc)), strict=True):
+            fact["head_sha256"] = digest
         if is_main_process():
             minutes, seconds = divmod(state["seconds"], 60)
             print(f"\nTraining completed in {minutes:.0f}m {seconds:.0f}s")
@@ -963,8 +1238,8 @@ def setup(args):
                   flush=True)
             if args.save:
                 atomic_write(args.save, lambda file: torch.save(model.fc.state_dict(), file))
-            if args.metrics_json:
-                write_metrics(args.metrics_json, state, config, ctx)
+            for path in args.metrics_json:
+                write_metrics(path, state, config, ctx)
         if get_world_size() > 1:
             dist.barrier()
         return 0
@@ -1116,11 +1391,11 @@ def time_circuit(qdevice, per_sample, batch=4, repeats=20):
     return float(np.median(times[2:]))
 
 
-def time_run(extra, args, tmp):
-    """Run qml.py in a fresh process; returns (wall seconds, its metrics JSON)."""
+def time_run(extra, args, tmp, launcher=()):
+    """Run qml.py in a fresh process (under `launcher`, if given); returns (wall seconds, its metrics JSON)."""
     metrics = os.path.join(tmp, "metrics.json")
-    command = [sys.executable, os.path.abspath(__file__), "--data-dir", args.data_dir, "--weights", args.weights,
-               "--print-freq", "0", "--metrics-json", metrics, *extra]
+    command = [sys.executable, *launcher, os.path.abspath(__file__), "--data-dir", args.data_dir,
+               "--weights", args.weights, "--print-freq", "0", "--metrics-json", metrics, *extra]
     start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -1142,7 +1417,19 @@ def epoch_rows(args, tmp):
         _, metrics = time_run(["--epochs", "2", *extra], args, tmp)
         seconds = min(record["seconds"] for record in metrics["epochs"])
         base = base or seconds
-        rows.append((f"one epoch, {label}", f"{seconds:.2f} s", f"{seconds / base:.2f}x"))
+        rows.append((f"one epoch on {metrics['device']}, {label}", f"{seconds:.2f} s", f"{seconds / base:.2f}x"))
+    return rows
+
+
+def split_rows(args, tmp):
+    """Where the second of two epochs spends its time, run as one DDP rank so that the all-reduce is real."""
+    one_rank = ("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1")
+    rows = []
+    for label, extra in (("default", []), ("--cache-features", ["--cache-features", "--bn-mode", "eval"])):
+        _, metrics = time_run(["--epochs", "2", "--time-split", *extra], args, tmp, launcher=one_rank)
+        epoch = metrics["epochs"][-1]
+        shares = [f"{seconds / epoch['seconds']:.0%}" for seconds in epoch["time_split"].values()]
+        rows.append((f"{label} on {metrics['device']} ({metrics['backend']})", f"{epoch['seconds']:.2f} s", *shares))
     return rows
 
 
@@ -1185,8 +1472,11 @@ def bench_main(argv):
     check_layout(args.data_dir)
     with tempfile.TemporaryDirectory() as tmp:
         rows = epoch_rows(args, tmp) + cached_rows(args, tmp) + circuit_rows()
+        splits = split_rows(args, tmp)
     print(f"Machine: {machine_description()}")
     print(markdown_table(("what", "time", "ratio"), rows))
+    print("\nWhere an epoch's time goes (--time-split, one DDP rank, second epoch):")
+    print(markdown_table(("run", "epoch", *TimeSplit.PARTS), splits))
     return 0
 
 

@@ -14,12 +14,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QML = os.path.join(ROOT, "qml.py")
 sys.path.insert(0, ROOT)
 
-# Lightning-kokkos warns without these; tests want quiet, unpinned threads.
-os.environ.setdefault("OMP_PROC_BIND", "false")
-os.environ.setdefault("OMP_PLACES", "threads")
-# No launcher variables may leak into the tests' single-process runs.
+# No launcher variables may leak into the tests' single-process runs, nor an OpenMP binding: qml.py
+# itself must keep lightning.kokkos quiet without one.
 for _var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID",
-             "SLURM_STEP_NUM_TASKS", "SLURM_JOB_ID", "QML_DATA_DIR"):
+             "SLURM_STEP_NUM_TASKS", "SLURM_JOB_ID", "QML_DATA_DIR", "OMP_PROC_BIND", "OMP_PLACES"):
     os.environ.pop(_var, None)
 
 

@@ -33,10 +33,28 @@ LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_
                                      "frontier00020"]),
     ("login1,frontier[01-02]", ["login1", "frontier01", "frontier02"]),
     ("a[1-2],b[05,07]", ["a1", "a2", "b05", "b07"]),
+    ("rack[1-2]-node[01-02]", ["rack1-node01", "rack1-node02", "rack2-node01", "rack2-node02"]),
+    ("x[098-101]", ["x098", "x099", "x100", "x101"]),
 ], ids=["single-host", "comma-list", "zero-padded-range", "unpadded-range", "range-and-single",
-        "plain-and-bracket", "two-bracket-groups"])
+        "plain-and-bracket", "two-bracket-groups", "two-brackets-in-one-name", "padding-overflows"])
 def test_expand_nodelist(nodelist, hosts):
     assert qml.expand_nodelist(nodelist) == hosts
+
+
+def test_expand_nodelist_without_python_hostlist_asks_scontrol(monkeypatch, tmp_path):
+    scontrol = tmp_path / "scontrol"
+    scontrol.write_text('#!/bin/sh\n[ "$1 $2 $3" = "show hostnames rack[1-2]" ] && printf "rack1\\nrack2\\n"\n')
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.setitem(sys.modules, "hostlist", None)  # import hostlist raises ImportError
+    assert qml.expand_nodelist("rack[1-2]") == ["rack1", "rack2"]
+
+
+def test_unreadable_nodelist_without_scontrol_is_a_usage_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no scontrol
+    monkeypatch.setitem(sys.modules, "hostlist", None)
+    with pytest.raises(qml.UsageError, match="python-hostlist"):
+        qml.expand_nodelist("rack[1-2]")
 
 
 # ----------------------------------------------------------------------------
@@ -86,6 +104,18 @@ def test_master_addr_from_the_environment_wins_over_the_nodelist():
     assert ranks(dict(SRUN_STEP, MASTER_ADDR="login5"))["master_addr"] == "login5"
 
 
+@pytest.mark.parametrize("tasks_per_node, node_id, expected", [
+    ("4", "0", 4), ("2(x3)", "2", 2), ("3,1", "1", 1), ("2(x2),1", "2", 1), ("", "0", None)])
+def test_srun_step_local_world_size_is_this_nodes_task_count(tasks_per_node, node_id, expected):
+    env = dict(SRUN_STEP, SLURM_STEP_TASKS_PER_NODE=tasks_per_node, SLURM_NODEID=node_id)
+    assert qml.discover_ranks(env)["local_world_size"] == expected
+
+
+def test_srun_step_master_is_the_first_node_of_the_step_not_of_the_job():
+    env = dict(SRUN_STEP, SLURM_STEP_NODELIST="frontier[00014-00015]")
+    assert ranks(env)["master_addr"] == "frontier00014"
+
+
 def test_plain_environment_is_one_process_on_localhost():
     assert ranks({}) == dict(rank=0, world_size=1, local_rank=0, source="single", master_addr="127.0.0.1",
                              master_port="29500")
@@ -121,9 +151,14 @@ def fake_mpi(rank, size, local_rank, root_host):
     mpi = types.ModuleType("mpi4py.MPI")
     mpi.COMM_TYPE_SHARED = object()
 
+    mpi.Is_initialized = lambda: True
+
     class Node:
         def Get_rank(self):
             return local_rank
+
+        def Get_size(self):
+            return 2
 
     class World:
         def Get_rank(self):
@@ -152,6 +187,28 @@ def test_mpiexec_takes_rank_size_and_master_from_mpi4py(monkeypatch):
     monkeypatch.setitem(sys.modules, "mpi4py.MPI", mpi)
     assert ranks(MPIEXEC_ENV) == dict(rank=2, world_size=3, local_rank=1, source="mpi",
                                       master_addr="node-of-rank0", master_port="29500")
+
+
+def test_mpiexec_local_ranks_come_from_mpi4py_when_the_launcher_does_not_say(monkeypatch):
+    package, mpi = fake_mpi(rank=2, size=3, local_rank=1, root_host="node-of-rank0")
+    monkeypatch.setitem(sys.modules, "mpi4py", package)
+    monkeypatch.setitem(sys.modules, "mpi4py.MPI", mpi)
+    assert qml.discover_ranks(MPIEXEC_ENV)["local_world_size"] == 2
+
+
+@pytest.mark.parametrize("env", [
+    dict(MPIEXEC_ENV, MPI_LOCALNRANKS="3"),  # MPICH's Hydra, all ranks on this host
+    dict(MPIEXEC_ENV, MPI_LOCALNRANKS="2", MASTER_ADDR="node-of-rank0"),  # several hosts, master given
+    {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "3", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+     "OMPI_COMM_WORLD_LOCAL_SIZE": "3"},  # Open MPI
+], ids=["hydra-one-host", "hydra-master-given", "open-mpi"])
+def test_mpiexec_variables_give_the_ranks_without_initialising_mpi(monkeypatch, env):
+    # MPI_Init before the decoding workers fork is what Cray MPICH must avoid: mpi4py must not be asked.
+    monkeypatch.setitem(sys.modules, "mpi4py", _UnloadableMPI("mpi4py"))
+    got = qml.discover_ranks(env)
+    assert (got["rank"], got["world_size"], got["local_rank"], got["source"]) == (1, 3, 1, "mpi")
+    assert got["local_world_size"] == int(env.get("MPI_LOCALNRANKS", env.get("OMPI_COMM_WORLD_LOCAL_SIZE", 0)))
+    assert got["master_addr"] == env.get("MASTER_ADDR", "127.0.0.1")
 
 
 def test_mpi4py_is_not_consulted_without_mpi_launcher_variables(monkeypatch):
@@ -259,7 +316,7 @@ def torchrun_run(tiny_data, tmp_path_factory):
     wrapper = out / "wrapper.py"
     wrapper.write_text(WRAPPER.format(root=ROOT))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               str(wrapper), str(out), *run_args(tiny_data, out / "metrics.json")]
+               str(wrapper), str(out), *run_args(tiny_data, out / "metrics.json", "--time-split")]
     result = subprocess.run(command, capture_output=True, text=True, env=launcher_free_env(), timeout=300)
     check(result, "torchrun")
     return json.loads((out / "metrics.json").read_text()), out
@@ -268,6 +325,21 @@ def torchrun_run(tiny_data, tmp_path_factory):
 def test_torchrun_run_reports_two_ranks(torchrun_run):
     metrics, _ = torchrun_run
     assert (metrics["world_size"], metrics["rank_source"], metrics["backend"]) == (2, "torchrun", "gloo")
+
+
+def test_two_ranks_record_where_each_epochs_time_went(torchrun_run):
+    metrics, _ = torchrun_run
+    for epoch in metrics["epochs"]:
+        split = epoch["time_split"]
+        assert set(split) == {"data", "backbone", "head", "allreduce", "optimizer"}
+        assert min(split.values()) >= 0 and sum(split.values()) <= epoch["seconds"]
+        assert split["backbone"] > 0 and split["allreduce"] > 0  # the gradients of 2 ranks were summed
+
+
+def test_two_ranks_record_where_they_ran(torchrun_run):
+    metrics, _ = torchrun_run
+    assert [(rank["rank"], rank["local_rank"]) for rank in metrics["ranks"]] == [(0, 0), (1, 1)]
+    assert metrics["provenance"]["master"].rsplit(":", 1)[1].isdigit()
 
 
 def test_two_ranks_count_every_validation_image_once(torchrun_run):

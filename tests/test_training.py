@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import socket
 from importlib import metadata
 
 import numpy as np
@@ -31,12 +32,19 @@ def finished(result):
 
 
 @pytest.fixture(scope="module")
-def one_epoch(tiny_data, tmp_path_factory):
-    """The shared run: (stdout lines, metrics JSON, path of the saved head)."""
+def one_epoch_run(tiny_data, tmp_path_factory):
+    """The shared run, with no OpenMP binding in its environment: (CompletedProcess, metrics path, head path)."""
     out = tmp_path_factory.mktemp("one_epoch")
     metrics, head = out / "metrics.json", out / "head.pt"
     result = finished(run_qml("--data-dir", tiny_data, "--weights", "none", "--epochs", "1", "--workers", "0",
                               "--print-freq", "1", "--metrics-json", metrics, "--save", head))
+    return result, metrics, head
+
+
+@pytest.fixture(scope="module")
+def one_epoch(one_epoch_run):
+    """The shared run: (stdout lines, metrics JSON, path of the saved head)."""
+    result, metrics, head = one_epoch_run
     return result.stdout.splitlines(), json.loads(metrics.read_text()), head
 
 
@@ -58,6 +66,29 @@ def summary_values(lines, label):
 
 # ----------------------------------------------------------------------------
 # Console output
+
+
+def cpu_set(ranges):
+    """{0, 1, 2, 5} from '0-2,5'."""
+    cpus = set()
+    for part in ranges.split(","):
+        first, _, last = part.partition("-")
+        cpus.update(range(int(first), int(last or first) + 1))
+    return cpus
+
+
+def test_first_line_says_where_the_ranks_device_and_circuit_run(one_epoch):
+    lines, _, _ = one_epoch
+    first = re.fullmatch(r"Ranks: 1 \(single\) on (\S+) \| device: cpu, CPUs (\S+) \| backend: gloo \| "
+                         r"qdevice: lightning\.kokkos \(Kokkos OpenMP, on the cpu\)", lines[0])
+    assert first, lines[0]
+    assert first.group(1) == socket.gethostname()
+    assert cpu_set(first.group(2)) == os.sched_getaffinity(0)
+
+
+def test_kokkos_prints_no_warning_without_an_openmp_binding(one_epoch_run):
+    result, _, _ = one_epoch_run
+    assert "OMP_PROC_BIND" not in result.stderr, result.stderr
 
 
 def test_prints_a_progress_line_for_every_training_batch(one_epoch):
@@ -127,6 +158,29 @@ def test_metrics_record_a_single_process_on_the_cpu(one_epoch):
     assert (metrics["world_size"], metrics["rank_source"], metrics["device"]) == (1, "single", "cpu")
 
 
+def test_metrics_record_where_each_rank_ran(one_epoch):
+    _, metrics, _ = one_epoch
+    (rank,) = metrics["ranks"]
+    assert (rank["rank"], rank["local_rank"], rank["host"]) == (0, 0, socket.gethostname())
+    assert cpu_set(rank["cpus"]) == os.sched_getaffinity(0) and "gpu" not in rank
+    assert len(rank["head_sha256"]) == 64
+
+
+def test_metrics_record_that_kokkos_simulated_the_circuit_with_openmp(one_epoch):
+    _, metrics, _ = one_epoch
+    qdevice = metrics["provenance"]["qdevice"]
+    assert (qdevice["name"], qdevice["kokkos_device"], qdevice["runs_on"]) == ("lightning.kokkos", "OpenMP", "cpu")
+
+
+def test_metrics_record_the_software_and_environment_of_the_run(one_epoch):
+    _, metrics, _ = one_epoch
+    run = metrics["provenance"]
+    assert (run["torch"], run["cuda"], run["hip"]) == (torch.__version__, torch.version.cuda, torch.version.hip)
+    assert run["collectives"] is None and run["master"] is None  # gloo, one process
+    assert run["omp"] == {var: os.environ.get(var) for var in ("OMP_NUM_THREADS", "OMP_PROC_BIND", "OMP_PLACES")}
+    assert run["slurm_job_id"] is None and run["hosts"] == [socket.gethostname()]
+
+
 def test_metrics_record_package_versions(one_epoch):
     _, metrics, _ = one_epoch
     assert metrics["versions"]["torch"] == metadata.version("torch")
@@ -138,6 +192,7 @@ def test_metrics_record_the_epoch(one_epoch):
     _, metrics, _ = one_epoch
     (record,) = metrics["epochs"]
     assert record["epoch"] == 1
+    assert "time_split" not in record  # only --time-split runs synchronise to measure it
     assert (record["train_count"], record["val_count"]) == (N_TRAIN, N_VAL)
     for phase, count in (("train", N_TRAIN), ("val", N_VAL)):
         assert 0 < record[f"{phase}_loss"] < 10

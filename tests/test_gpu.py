@@ -1,0 +1,201 @@
+"""The GPU path: one GPU per NCCL rank, Kokkos on the rank's GPU, and runs on a real GPU.
+
+The rules are checked everywhere with faked GPUs. The runs at the end need a GPU visible to torch
+(CUDA or ROCm) and skip with the reason elsewhere; on a GPU machine `python -m pytest tests/test_gpu.py`
+runs them all.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+from conftest import QML, free_port, make_image_folder, one_stderr_line, run_qml
+
+import qml
+
+# ----------------------------------------------------------------------------
+# Rules, with faked GPUs
+
+
+def fake_gpus(monkeypatch, count):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+
+
+@pytest.mark.parametrize("visible, local_rank, index", [(1, 0, 0), (1, 5, 0), (8, 5, 5), (2, 3, 1)],
+                         ids=["own-gpu", "own-gpu-bound-by-srun", "all-node-gpus", "more-ranks-than-gpus"])
+def test_a_rank_takes_the_gpu_of_its_local_rank_among_those_it_sees(monkeypatch, visible, local_rank, index):
+    fake_gpus(monkeypatch, visible)
+    assert qml.pick_device("auto", local_rank) == torch.device("cuda", index)
+
+
+@pytest.mark.parametrize("usable_cpus, workers", [({0}, 0), ({0, 1}, 1), (set(range(7)), 3)])
+def test_gpu_rank_decodes_with_the_cpus_it_may_use_less_one_at_most_3(monkeypatch, usable_cpus, workers):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: usable_cpus)
+    monkeypatch.setattr(os, "cpu_count", lambda: 128)  # the node's count must not matter
+    assert qml.default_workers(torch.device("cuda", 0)) == workers
+
+
+def test_cpu_rank_decodes_in_the_main_process():
+    assert qml.default_workers(torch.device("cpu")) == 0
+
+
+def rank(number, host, gpu_id, visible=1, index=0):
+    return dict(rank=number, host=host, gpu=dict(index=index, name="GPU", id=gpu_id, visible=visible))
+
+
+def test_ranks_with_a_gpu_each_pass():
+    qml.check_one_gpu_per_rank([rank(0, "n1", "GPU-a", 2, 0), rank(1, "n1", "GPU-b", 2, 1)])
+
+
+def test_ranks_of_different_hosts_may_see_the_same_gpu_id():
+    # srun --gpus-per-task=1 binds GPU 0 of each node: the same visible-devices entry on two hosts
+    qml.check_one_gpu_per_rank([rank(0, "n1", "CUDA_VISIBLE_DEVICES=0"), rank(1, "n2", "CUDA_VISIBLE_DEVICES=0")])
+
+
+def test_four_ranks_sharing_one_gpu_are_refused_naming_both_counts_and_the_fixes():
+    # torchrun --nproc-per-node 4 on a one-GPU machine
+    with pytest.raises(qml.UsageError) as refused:
+        qml.check_one_gpu_per_rank([rank(r, "box", "GPU-a") for r in range(4)])
+    message = str(refused.value)
+    assert "4 ranks on box but 1 GPU(s)" in message
+    assert "--backend gloo" in message and "--gpus-per-task" in message
+
+
+def test_gpu_id_is_the_uuid_when_the_gpu_reports_one():
+    props = types.SimpleNamespace(uuid="GPU-5b2f4c1e-0d3a-4e55-9a61-2f8d7c0e4b19")
+    assert qml.physical_gpu_id(props, 0) == "GPU-5b2f4c1e-0d3a-4e55-9a61-2f8d7c0e4b19"
+
+
+@pytest.mark.parametrize("var", ["CUDA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES"])
+def test_gpu_id_without_a_uuid_is_the_visible_devices_entry(monkeypatch, var):
+    for name in ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(var, "4,6")
+    props = types.SimpleNamespace(uuid="00000000-0000-0000-0000-000000000000")
+    assert qml.physical_gpu_id(props, 1) == f"{var}=6"
+
+
+def test_kokkos_is_given_the_ranks_gpu_and_no_warnings():
+    settings = qml.qdevice_options("lightning.kokkos", 3)["kokkos_args"]
+    assert settings.get_device_id() == 3 and settings.get_disable_warnings()
+
+
+def test_kokkos_on_a_cpu_rank_is_left_its_own_device_choice():
+    settings = qml.qdevice_options("lightning.kokkos", None)["kokkos_args"]
+    assert not settings.has_device_id() and settings.get_disable_warnings()
+
+
+def test_other_qdevices_get_no_kokkos_settings():
+    assert qml.qdevice_options("default.qubit", 0) == {}
+
+
+# ----------------------------------------------------------------------------
+# On a real GPU
+
+GPU_MISSING = None if torch.cuda.is_available() else (
+    "no GPU visible to torch (torch.cuda.is_available() is False): run on a machine with a CUDA or ROCm GPU")
+needs_gpu = pytest.mark.skipif(GPU_MISSING is not None, reason=GPU_MISSING or "")
+LIGHTNING_KOKKOS = "lightning.kokkos"
+RUN = ["--weights", "none", "--epochs", "1", "--print-freq", "0"]
+
+
+def test_gpu_tests_say_why_they_skip_where_no_gpu_is_visible():
+    assert (GPU_MISSING is None) == torch.cuda.is_available()
+    if GPU_MISSING:
+        assert "torch.cuda.is_available()" in GPU_MISSING
+
+
+@pytest.fixture(scope="module")
+def gpu_data(tmp_path_factory):
+    """A tiny data set with batches of 4 that fill (16 train, 8 val images)."""
+    return make_image_folder(tmp_path_factory.mktemp("gpu_data"),
+                             {"train": {"ants": 8, "bees": 8}, "val": {"ants": 4, "bees": 4}})
+
+
+def metrics_of(data, tmp_path, name, *args, env=None):
+    path = tmp_path / f"{name}.json"
+    result = run_qml("--data-dir", data, *RUN, "--metrics-json", path, *args, env=env)
+    assert result.returncode == 0, f"{name}: {result.stdout}\n{result.stderr}"
+    return result.stdout.splitlines(), json.loads(path.read_text())
+
+
+def assert_same_first_epoch(gpu, cpu):
+    gpu_epoch, cpu_epoch = gpu["epochs"][0], cpu["epochs"][0]
+    for key in ("train_loss", "val_loss"):
+        assert gpu_epoch[key] == pytest.approx(cpu_epoch[key], abs=1e-3), key
+    for key in ("train_acc", "val_acc"):  # one image may fall the other way
+        assert abs(gpu_epoch[key] - cpu_epoch[key]) <= 1 / cpu_epoch[key.replace("acc", "count")] + 1e-9, key
+
+
+@needs_gpu
+def test_one_gpu_epoch_prints_the_tutorials_lines(gpu_data, tmp_path):
+    lines, metrics = metrics_of(gpu_data, tmp_path, "gpu", "--device", "cuda")
+    assert lines[0].startswith("Ranks: 1 (single)") and "device: cuda:0 (" in lines[0], lines[0]
+    assert lines[-1].startswith("Best average loss: "), lines
+    assert metrics["device"] == "cuda:0" and metrics["ranks"][0]["gpu"]["name"]
+
+
+@needs_gpu
+def test_torchrun_runs_one_nccl_rank_on_the_gpu(gpu_data, tmp_path):
+    path = tmp_path / "nccl.json"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1", QML,
+               "--data-dir", gpu_data, *RUN, "--device", "cuda", "--metrics-json", str(path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    metrics = json.loads(path.read_text())
+    assert (metrics["world_size"], metrics["backend"], metrics["rank_source"]) == (1, "nccl", "torchrun")
+    assert metrics["provenance"]["collectives"].split()[0] in ("NCCL", "RCCL")
+
+
+@needs_gpu
+@pytest.mark.parametrize("qdevice", [qml.TORCH_QDEVICE, LIGHTNING_KOKKOS])
+def test_gpu_and_cpu_give_the_same_first_epoch(gpu_data, tmp_path, qdevice):
+    _, gpu = metrics_of(gpu_data, tmp_path, "gpu", "--device", "cuda", "--qdevice", qdevice)
+    _, cpu = metrics_of(gpu_data, tmp_path, "cpu", "--device", "cpu", "--qdevice", qdevice)
+    assert_same_first_epoch(gpu, cpu)
+
+
+@needs_gpu
+def test_cached_features_on_the_gpu_match_the_cpu(gpu_data, tmp_path):
+    cached = ["--cache-features", "--bn-mode", "eval"]
+    _, gpu = metrics_of(gpu_data, tmp_path, "gpu", "--device", "cuda", *cached)
+    _, cpu = metrics_of(gpu_data, tmp_path, "cpu", "--device", "cpu", *cached)
+    assert_same_first_epoch(gpu, cpu)
+
+
+@needs_gpu
+def test_two_nccl_ranks_on_one_gpu_are_refused_in_one_line(gpu_data):
+    # as torchrun --nproc-per-node 2 would start them on a one-GPU machine
+    port = str(free_port())
+    procs = [subprocess.Popen([sys.executable, QML, "--data-dir", gpu_data, *RUN, "--device", "cuda"],
+                              env=dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=port, CUDA_VISIBLE_DEVICES="0",
+                                       HIP_VISIBLE_DEVICES="0"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    for proc in procs:
+        _, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 2, stderr
+        line = one_stderr_line(stderr)
+        assert "2 ranks on" in line and "1 GPU(s)" in line, line
+
+
+@needs_gpu
+@pytest.mark.parametrize("qdevice", [qml.TORCH_QDEVICE, LIGHTNING_KOKKOS])
+def test_cuda_tensors_pass_through_the_circuit_and_back(qdevice):
+    torch.manual_seed(0)
+    features = torch.randn(4, 512)
+    results = {}
+    for device in ("cpu", "cuda"):
+        torch.manual_seed(1)
+        head = qml.DressedQuantumNet(qdevice=qdevice, device_id=0 if device == "cuda" else None).to(device)
+        logits = head(features.to(device))
+        logits.sum().backward()
+        assert logits.device.type == device
+        results[device] = (logits.detach().cpu(), head.q_params.grad.cpu(), head.pre_net.weight.grad.cpu())
+    for cpu, gpu in zip(results["cpu"], results["cuda"], strict=True):
+        torch.testing.assert_close(gpu, cpu, rtol=1e-4, atol=1e-5)
