@@ -211,6 +211,34 @@ def test_mpiexec_variables_give_the_ranks_without_initialising_mpi(monkeypatch, 
     assert got["master_addr"] == env.get("MASTER_ADDR", "127.0.0.1")
 
 
+# Records the order in which mpi4py.MPI and torch are first imported when qml is imported.
+IMPORT_ORDER = textwrap.dedent("""\
+    import sys
+    sys.path.insert(0, {root!r})
+    order = []
+
+    class Recorder:
+        def find_spec(self, name, path=None, target=None):
+            if name in ("torch", "mpi4py.MPI") and name not in order:
+                order.append(name)
+            return None
+
+    sys.meta_path.insert(0, Recorder())
+    import qml
+    print(order, "mpi4py.MPI" in sys.modules and sys.modules["mpi4py.MPI"].Is_initialized())
+""")
+
+
+@pytest.mark.parametrize("launched", [True, False], ids=["under-mpiexec", "alone"])
+def test_mpi4py_loads_before_torch_only_under_mpiexec_and_does_not_initialise_mpi(launched):
+    env = launcher_free_env(**(MPIEXEC_ENV if launched else {}))
+    probe = subprocess.run([sys.executable, "-c", IMPORT_ORDER.format(root=ROOT)], env=env, capture_output=True,
+                           text=True, timeout=120)
+    assert probe.returncode == 0, probe.stderr
+    expected = "['mpi4py.MPI', 'torch'] False" if launched else "['torch'] False"
+    assert probe.stdout.strip() == expected
+
+
 def test_mpi4py_is_not_consulted_without_mpi_launcher_variables(monkeypatch):
     package, mpi = fake_mpi(rank=2, size=3, local_rank=1, root_host="node-of-rank0")
     monkeypatch.setitem(sys.modules, "mpi4py", package)
