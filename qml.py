@@ -352,7 +352,7 @@ MPI_RANK_VARS = (("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
 
 
 def mpi_ranks(env):
-    """(rank, world_size, local_rank, local_world_size, rank 0's host or None) under mpiexec, else None.
+    """(rank, world_size, local_rank, rank 0's host or None) under mpiexec, else None.
 
     The launcher's variables are enough when they give all four numbers and either MASTER_ADDR is set or
     every rank is on this host; only otherwise is MPI initialised (mpi4py) to ask it.
@@ -363,7 +363,7 @@ def mpi_ranks(env):
         if all(env.get(name, "").isdigit() for name in names):
             rank, world, local, local_world = (int(env[name]) for name in names)
             if "MASTER_ADDR" in env or local_world == world:
-                return rank, world, local, local_world, None
+                return rank, world, local, None
     try:
         from mpi4py import MPI
     except (ImportError, RuntimeError, OSError):  # mpi4py absent, or no MPI library to load
@@ -371,43 +371,28 @@ def mpi_ranks(env):
     if not MPI.Is_initialized():
         MPI.Init()
     comm = MPI.COMM_WORLD
-    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
-    return comm.Get_rank(), comm.Get_size(), node.Get_rank(), node.Get_size(), comm.bcast(socket.gethostname())
-
-
-def slurm_local_world_size(env):
-    """Tasks of this srun step on this node, from SLURM_STEP_TASKS_PER_NODE ('2(x3),1') and SLURM_NODEID."""
-    counts = []
-    for part in env.get("SLURM_STEP_TASKS_PER_NODE", "").split(","):
-        match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part)
-        if not match:
-            return None
-        counts += [int(match.group(1))] * int(match.group(2) or 1)
-    node = int(env.get("SLURM_NODEID", 0))
-    return counts[node] if node < len(counts) else None
+    local_rank = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
+    return comm.Get_rank(), comm.Get_size(), local_rank, comm.bcast(socket.gethostname())
 
 
 def discover_ranks(env=None):
-    """Where this process sits: dict(rank, world_size, local_rank, local_world_size, master_addr, master_port,
-    source). local_world_size (ranks on this host) is None where the launcher does not say."""
+    """Where this process sits: dict(rank, world_size, local_rank, master_addr, master_port, source)."""
     env = os.environ if env is None else env
     master_addr = None
     if "RANK" in env and "WORLD_SIZE" in env:
         source = "torchrun"
         rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
         local = int(env.get("LOCAL_RANK", 0))
-        local_world = int(env["LOCAL_WORLD_SIZE"]) if "LOCAL_WORLD_SIZE" in env else None
     elif "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:  # only srun steps set the step count
         source = "slurm"
         rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"])
         local = int(env.get("SLURM_LOCALID", 0))
-        local_world = slurm_local_world_size(env)
     elif (mpi := mpi_ranks(env)) is not None:
         source = "mpi"
-        rank, world, local, local_world, master_addr = mpi
+        rank, world, local, master_addr = mpi
     else:
         source = "single"
-        rank, world, local, local_world = 0, 1, 0, 1
+        rank, world, local = 0, 1, 0
     if "MASTER_ADDR" in env:
         master_addr = env["MASTER_ADDR"]
     elif source == "slurm":
@@ -415,7 +400,7 @@ def discover_ranks(env=None):
         nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
         if nodelist:
             master_addr = expand_nodelist(nodelist)[0]
-    return dict(rank=rank, world_size=world, local_rank=local, local_world_size=local_world, source=source,
+    return dict(rank=rank, world_size=world, local_rank=local, source=source,
                 master_addr=master_addr or "127.0.0.1", master_port=master_port(env))
 
 

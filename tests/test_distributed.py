@@ -104,13 +104,6 @@ def test_master_addr_from_the_environment_wins_over_the_nodelist():
     assert ranks(dict(SRUN_STEP, MASTER_ADDR="login5"))["master_addr"] == "login5"
 
 
-@pytest.mark.parametrize("tasks_per_node, node_id, expected", [
-    ("4", "0", 4), ("2(x3)", "2", 2), ("3,1", "1", 1), ("2(x2),1", "2", 1), ("", "0", None)])
-def test_srun_step_local_world_size_is_this_nodes_task_count(tasks_per_node, node_id, expected):
-    env = dict(SRUN_STEP, SLURM_STEP_TASKS_PER_NODE=tasks_per_node, SLURM_NODEID=node_id)
-    assert qml.discover_ranks(env)["local_world_size"] == expected
-
-
 def test_srun_step_master_is_the_first_node_of_the_step_not_of_the_job():
     env = dict(SRUN_STEP, SLURM_STEP_NODELIST="frontier[00014-00015]")
     assert ranks(env)["master_addr"] == "frontier00014"
@@ -157,9 +150,6 @@ def fake_mpi(rank, size, local_rank, root_host):
         def Get_rank(self):
             return local_rank
 
-        def Get_size(self):
-            return 2
-
     class World:
         def Get_rank(self):
             return rank
@@ -189,13 +179,6 @@ def test_mpiexec_takes_rank_size_and_master_from_mpi4py(monkeypatch):
                                       master_addr="node-of-rank0", master_port="29500")
 
 
-def test_mpiexec_local_ranks_come_from_mpi4py_when_the_launcher_does_not_say(monkeypatch):
-    package, mpi = fake_mpi(rank=2, size=3, local_rank=1, root_host="node-of-rank0")
-    monkeypatch.setitem(sys.modules, "mpi4py", package)
-    monkeypatch.setitem(sys.modules, "mpi4py.MPI", mpi)
-    assert qml.discover_ranks(MPIEXEC_ENV)["local_world_size"] == 2
-
-
 @pytest.mark.parametrize("env", [
     dict(MPIEXEC_ENV, MPI_LOCALNRANKS="3"),  # MPICH's Hydra, all ranks on this host
     dict(MPIEXEC_ENV, MPI_LOCALNRANKS="2", MASTER_ADDR="node-of-rank0"),  # several hosts, master given
@@ -207,7 +190,6 @@ def test_mpiexec_variables_give_the_ranks_without_initialising_mpi(monkeypatch, 
     monkeypatch.setitem(sys.modules, "mpi4py", _UnloadableMPI("mpi4py"))
     got = qml.discover_ranks(env)
     assert (got["rank"], got["world_size"], got["local_rank"], got["source"]) == (1, 3, 1, "mpi")
-    assert got["local_world_size"] == int(env.get("MPI_LOCALNRANKS", env.get("OMPI_COMM_WORLD_LOCAL_SIZE", 0)))
     assert got["master_addr"] == env.get("MASTER_ADDR", "127.0.0.1")
 
 
