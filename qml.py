@@ -51,6 +51,9 @@ IMAGENET_STD = [0.229, 0.224, 0.225]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 TORCH_QDEVICE = "torch"  # our exact batched simulator, see TorchCircuit
 # Options that must match for a checkpoint to be resumed.
+# --lr-scaling linear scales --lr by (global batch / this): the tutorial's 4 images per step at one task.
+REFERENCE_GLOBAL_BATCH = 4
+DEFAULT_BATCH_SIZE = 4  # the tutorial's images per batch per rank
 RESUME_KEYS = ("n_qubits", "q_depth", "q_delta", "weights", "bn_mode", "cache_features", "batch_size",
                "lr", "gamma", "step_size", "seed", "shuffle_seed", "n_classes", "classes")
 
@@ -862,8 +865,13 @@ def get_args_parser():
     add("--download", action="store_true", help="download the ants/bees data set when --data-dir is missing")
     add("--data-url", default=DATA_URL, help="where --download fetches the zip (default: %(default)s)")
     add("--epochs", type=positive(int), default=30, help="training epochs (default: %(default)s)")
-    add("--batch-size", type=positive(int), default=4, help="images per batch per rank (default: %(default)s)")
+    add("--batch-size", type=positive(int), default=None, help=f"images per batch per rank (default: "
+        f"{DEFAULT_BATCH_SIZE})")
+    add("--global-batch-size", type=positive(int), default=None, help="images per optimizer step over all ranks, "
+        "whatever their number: each rank takes G / ranks (instead of --batch-size)")
     add("--lr", type=positive(float), default=0.0004, help="Adam learning rate (default: %(default)s)")
+    add("--lr-scaling", choices=("none", "linear"), default="none", help="linear: multiply --lr by the global "
+        f"batch / {REFERENCE_GLOBAL_BATCH} (the tutorial's images per step at one task) (default: %(default)s)")
     add("--gamma", type=positive(float), default=0.1, help="StepLR decay factor (default: %(default)s)")
     add("--step-size", type=positive(int), default=10, help="StepLR period in epochs (default: %(default)s)")
     add("--n-qubits", type=qubit_count, default=n_qubits, help="qubits, 1..20 (default: %(default)s)")
@@ -908,10 +916,31 @@ def validate_args(args):
     if args.cache_features and args.bn_mode == "train":
         raise UsageError("--cache-features needs --bn-mode eval: with batch statistics the backbone's "
                          "features change every batch and cannot be cached")
+    if args.global_batch_size is not None and args.batch_size is not None:
+        raise UsageError("--global-batch-size and --batch-size both set the batch size: give one of them "
+                         "(--global-batch-size G gives each of N ranks G/N images)")
+    if args.global_batch_size is None and args.batch_size is None:
+        args.batch_size = DEFAULT_BATCH_SIZE
     if args.workers is not None and args.workers < 0:
         raise UsageError(f"--workers must be 0 or more, got {args.workers}")
     if args.qdevice != TORCH_QDEVICE and args.qdevice not in available_qdevices():  # torch needs no PennyLane import
         raise UsageError(f"--qdevice {args.qdevice}: not installed; choose one of {', '.join(available_qdevices())}")
+
+
+def resolve_batch_and_lr(args, world_size):
+    """Set args.batch_size (per rank) and args.lr for this world size, which is known only after rank discovery.
+
+    Kept in args, so that the checkpoint's config and --resume compare the values actually used.
+    """
+    if args.global_batch_size is not None:
+        if args.global_batch_size % world_size:
+            multiple = -(-args.global_batch_size // world_size) * world_size
+            raise UsageError(f"--global-batch-size {args.global_batch_size} cannot be split evenly over "
+                             f"{world_size} ranks; give a multiple of {world_size} (e.g. {multiple}) "
+                             f"or a task count that divides {args.global_batch_size}")
+        args.batch_size = args.global_batch_size // world_size
+    if args.lr_scaling == "linear":
+        args.lr *= args.batch_size * world_size / REFERENCE_GLOBAL_BATCH
 
 
 def package_versions():
@@ -931,6 +960,8 @@ def write_metrics(path, state, config, ctx):
     best = {k: state[k] for k in ("best_acc", "best_loss", "best_acc_train", "best_loss_train")}
     report = dict(config=config, world_size=ctx["world_size"], rank_source=ctx["source"],
                   device=str(ctx["device"]), backend=ctx["backend"], versions=package_versions(),
+                  batch_size=config["batch_size"], global_batch_size=config["batch_size"] * ctx["world_size"],
+                  lr=config["lr"],
                   epochs=state["history"], training_seconds=state["seconds"],
                   best_val_acc=best["best_acc"], best_val_loss=best["best_loss"],
                   best_train_acc=best["best_acc_train"], best_train_loss=best["best_loss_train"])
@@ -952,6 +983,7 @@ def setup(args):
     """Join the process group, train, report from rank 0, and always leave the group."""
     ctx = init_distributed_mode(args)
     try:
+        resolve_batch_and_lr(args, ctx["world_size"])
         if is_main_process():
             print(f"Ranks: {ctx['world_size']} ({ctx['source']}) | device: {ctx['device']} | "
                   f"backend: {ctx['backend']} | qdevice: {args.qdevice}", flush=True)
