@@ -51,10 +51,10 @@ IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 TORCH_QDEVICE = "torch"  # our exact batched simulator, see TorchCircuit
-# Options that must match for a checkpoint to be resumed.
-# --lr-scaling linear scales --lr by (global batch / this): the tutorial's 4 images per step at one task.
-REFERENCE_GLOBAL_BATCH = 4
 DEFAULT_BATCH_SIZE = 4  # the tutorial's images per batch per rank
+# --lr-scaling linear multiplies --lr by global batch / this: the tutorial's images per step, one task.
+REFERENCE_GLOBAL_BATCH = DEFAULT_BATCH_SIZE
+# Options that must match for a checkpoint to be resumed.
 RESUME_KEYS = ("n_qubits", "q_depth", "q_delta", "weights", "bn_mode", "cache_features", "batch_size",
                "lr", "gamma", "step_size", "seed", "shuffle_seed", "n_classes", "classes")
 

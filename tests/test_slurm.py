@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import QML, ROOT
+from conftest import QML, ROOT, free_port
 
 REPO = Path(ROOT)
 CLUSTER = REPO / "tests" / "slurm_cluster.sh"
@@ -219,8 +219,10 @@ def test_sweep_writes_table_csv_png_and_answer(slurm_env, tmp_path, tiny_data):
 
 def test_sweep_with_repeats_writes_a_json_per_run_and_a_report_with_spread(slurm_env, submit_dir, tiny_data):
     """1,2 --repeats 2 in one allocation: four runs with seeds 42 and 43, then the report with std columns."""
+    # A free MASTER_PORT: the job-id-derived one (10000 + id) collides with another throwaway cluster's job
+    # of the same id on this host.
     rc, jobid, log, context = submit(slurm_env, submit_dir, "1,2", "--repeats", "2", "--data-dir", tiny_data,
-                                     *QML_ARGS)
+                                     *QML_ARGS, extra_env={"MASTER_PORT": str(free_port())})
     assert rc == 0, context
     rundir = submit_dir / "runs" / jobid
     names = sorted(path.name for path in rundir.glob("*.json"))
