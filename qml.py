@@ -24,6 +24,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -66,6 +67,9 @@ IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 TORCH_QDEVICE = "torch"  # our exact batched simulator, see TorchCircuit
+DEFAULT_BATCH_SIZE = 4  # the tutorial's images per batch per rank
+# --lr-scaling linear multiplies --lr by global batch / this: the tutorial's images per step, one task.
+REFERENCE_GLOBAL_BATCH = DEFAULT_BATCH_SIZE
 # Options that must match for a checkpoint to be resumed.
 RESUME_KEYS = ("n_qubits", "q_depth", "q_delta", "weights", "bn_mode", "cache_features", "batch_size",
                "lr", "gamma", "step_size", "seed", "shuffle_seed", "n_classes", "classes")
@@ -1084,8 +1088,13 @@ def get_args_parser():
     add("--download", action="store_true", help="download the ants/bees data set when --data-dir is missing")
     add("--data-url", default=DATA_URL, help="where --download fetches the zip (default: %(default)s)")
     add("--epochs", type=positive(int), default=30, help="training epochs (default: %(default)s)")
-    add("--batch-size", type=positive(int), default=4, help="images per batch per rank (default: %(default)s)")
+    add("--batch-size", type=positive(int), default=None, help=f"images per batch per rank (default: "
+        f"{DEFAULT_BATCH_SIZE})")
+    add("--global-batch-size", type=positive(int), default=None, help="images per optimizer step over all ranks, "
+        "whatever their number: each rank takes G / ranks (instead of --batch-size)")
     add("--lr", type=positive(float), default=0.0004, help="Adam learning rate (default: %(default)s)")
+    add("--lr-scaling", choices=("none", "linear"), default="none", help="linear: multiply --lr by the global "
+        f"batch / {REFERENCE_GLOBAL_BATCH} (the tutorial's images per step at one task) (default: %(default)s)")
     add("--gamma", type=positive(float), default=0.1, help="StepLR decay factor (default: %(default)s)")
     add("--step-size", type=positive(int), default=10, help="StepLR period in epochs (default: %(default)s)")
     add("--n-qubits", type=qubit_count, default=n_qubits, help="qubits, 1..20 (default: %(default)s)")
@@ -1133,10 +1142,31 @@ def validate_args(args):
     if args.cache_features and args.bn_mode == "train":
         raise UsageError("--cache-features needs --bn-mode eval: with batch statistics the backbone's "
                          "features change every batch and cannot be cached")
+    if args.global_batch_size is not None and args.batch_size is not None:
+        raise UsageError("--global-batch-size and --batch-size both set the batch size: give one of them "
+                         "(--global-batch-size G gives each of N ranks G/N images)")
+    if args.global_batch_size is None and args.batch_size is None:
+        args.batch_size = DEFAULT_BATCH_SIZE
     if args.workers is not None and args.workers < 0:
         raise UsageError(f"--workers must be 0 or more, got {args.workers}")
     if args.qdevice != TORCH_QDEVICE and args.qdevice not in available_qdevices():  # torch needs no PennyLane import
         raise UsageError(f"--qdevice {args.qdevice}: not installed; choose one of {', '.join(available_qdevices())}")
+
+
+def resolve_batch_and_lr(args, world_size):
+    """Set args.batch_size (per rank) and args.lr for this world size, which is known only after rank discovery.
+
+    Kept in args, so that the checkpoint's config and --resume compare the values actually used.
+    """
+    if args.global_batch_size is not None:
+        if args.global_batch_size % world_size:
+            multiple = -(-args.global_batch_size // world_size) * world_size
+            raise UsageError(f"--global-batch-size {args.global_batch_size} cannot be split evenly over "
+                             f"{world_size} ranks; give a multiple of {world_size} (e.g. {multiple}) "
+                             f"or a task count that divides {args.global_batch_size}")
+        args.batch_size = args.global_batch_size // world_size
+    if args.lr_scaling == "linear":
+        args.lr *= args.batch_size * world_size / REFERENCE_GLOBAL_BATCH
 
 
 def package_versions():
@@ -1191,7 +1221,8 @@ def write_metrics(path, state, config, ctx):
     best = {k: state[k] for k in ("best_acc", "best_loss", "best_acc_train", "best_loss_train")}
     report = dict(config=config, world_size=ctx["world_size"], rank_source=ctx["source"],
                   device=str(ctx["device"]), backend=ctx["backend"], versions=package_versions(),
-                  provenance=ctx["provenance"], ranks=ctx["ranks"],
+                  batch_size=config["batch_size"], global_batch_size=config["batch_size"] * ctx["world_size"],
+                  lr=config["lr"], provenance=ctx["provenance"], ranks=ctx["ranks"],
                   epochs=state["history"], training_seconds=state["seconds"],
                   best_val_acc=best["best_acc"], best_val_loss=best["best_loss"],
                   best_train_acc=best["best_acc_train"], best_train_loss=best["best_loss_train"])
@@ -1213,6 +1244,7 @@ def setup(args):
     """Join the process group, train, report from rank 0, and always leave the group."""
     try:
         ctx = init_distributed_mode(args)
+        resolve_batch_and_lr(args, ctx["world_size"])
         model, state, config = train_model(args, ctx)
         for fact, digest in zip(ctx["ranks"], gather_objects(head_digest(model.fc)), strict=True):
             fact["head_sha256"] = digest
@@ -1273,41 +1305,104 @@ def main(argv=None):
 # ----------------------------------------------------------------------------
 # report: the scaling table of a submit_qml.sbatch sweep
 
+SIGNIFICANCE = 0.05  # Welch's t-test: a p-value below this tells a count's mean best accuracy from the top one's
+
 
 def load_runs(rundir):
-    """(tasks, training seconds, best val accuracy, best val loss) of every metrics JSON in rundir."""
+    """One dict per metrics JSON in rundir (tasks, global batch, training seconds, best val accuracy and loss,
+    final-epoch val accuracy), sorted by task count."""
     runs = []
     for path in sorted(glob.glob(os.path.join(rundir, "*.json"))):
         try:
             with open(path) as file:
                 metrics = json.load(file)
-            runs.append((metrics["world_size"], metrics["training_seconds"], metrics["best_val_acc"],
-                         metrics["best_val_loss"]))
-        except (OSError, ValueError, KeyError, TypeError):
+            tasks = metrics["world_size"]
+            runs.append(dict(tasks=tasks, global_batch=metrics["config"]["batch_size"] * tasks,
+                             seconds=metrics["training_seconds"], best_val_acc=metrics["best_val_acc"],
+                             best_val_loss=metrics["best_val_loss"], final_val_acc=metrics["epochs"][-1]["val_acc"]))
+        except (OSError, ValueError, KeyError, TypeError, IndexError):
             raise UsageError(f"{path} is not a metrics JSON written by qml.py --metrics-json; move it away") from None
     if not runs:
         raise UsageError(f"no metrics JSON files in {rundir}; run the sweep with submit_qml.sbatch 1,2,4,8")
-    return sorted(runs)
+    return sorted(runs, key=lambda run: run["tasks"])
+
+
+def mean_and_std(runs, key, digits):
+    """{key: mean, key_std: sample standard deviation} of runs[...][key]; the std is None for a single run."""
+    values = [run[key] for run in runs]
+    std = round(statistics.stdev(values), digits) if len(values) > 1 else None
+    return {key: round(statistics.mean(values), digits), f"{key}_std": std}
 
 
 def scaling_rows(runs):
-    """Speedup and parallel efficiency relative to the smallest task count."""
-    base_tasks, base_seconds = runs[0][0], runs[0][1]
+    """One row per task count: its runs' means and spreads, and the speedup and parallel efficiency of its
+    mean training time relative to the smallest task count's."""
+    groups = {}
+    for run in runs:
+        groups.setdefault(run["tasks"], []).append(run)
+    base_tasks = min(groups)
+    base_seconds = statistics.mean(run["seconds"] for run in groups[base_tasks])
     rows = []
-    for tasks, seconds, acc, loss in runs:
-        speedup = base_seconds / seconds
-        rows.append(dict(tasks=tasks, seconds=round(seconds, 2), speedup=round(speedup, 2),
-                         efficiency=round(speedup * base_tasks / tasks, 2), best_val_acc=round(acc, 4),
-                         best_val_loss=round(loss, 4)))
+    for tasks, group in sorted(groups.items()):
+        batches = sorted({run["global_batch"] for run in group})
+        if len(batches) > 1:
+            raise UsageError(f"the {tasks}-task runs have different global batches {batches}: they are different "
+                             f"experiments; report each from its own folder")
+        speedup = base_seconds / statistics.mean(run["seconds"] for run in group)
+        rows.append(dict(tasks=tasks, runs=len(group), global_batch=batches[0], **mean_and_std(group, "seconds", 2),
+                         speedup=round(speedup, 2), efficiency=round(speedup * base_tasks / tasks, 2),
+                         **mean_and_std(group, "best_val_acc", 4), **mean_and_std(group, "final_val_acc", 4),
+                         **mean_and_std(group, "best_val_loss", 4)))
     return rows
 
 
+def t_two_sided_p(t, df, steps=2000):
+    """P(|T| >= |t|) for Student's t with df >= 1 degrees of freedom (no scipy needed).
+
+    With x = sqrt(df) tan(theta) the density becomes c cos(theta)^(df - 1), bounded on [0, pi/2): a midpoint
+    sum of its tail is accurate to about 1e-4 for the df of a few dozen repeats.
+    """
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(math.pi)
+    start = math.atan(abs(t) / math.sqrt(df))
+    width = (math.pi / 2 - start) / steps
+    return 2 * c * width * sum(math.cos(start + (i + 0.5) * width) ** (df - 1) for i in range(steps))
+
+
+def welch_p_value(a, b, key):
+    """Two-sided p-value of Welch's t-test that rows a and b (each of two runs or more) share the mean of key."""
+    var_a, var_b = a[f"{key}_std"] ** 2 / a["runs"], b[f"{key}_std"] ** 2 / b["runs"]
+    if var_a + var_b == 0:  # no spread at all: the means are equal or surely different
+        return 1.0 if a[key] == b[key] else 0.0
+    df = (var_a + var_b) ** 2 / (var_a ** 2 / (a["runs"] - 1) + var_b ** 2 / (b["runs"] - 1))
+    return t_two_sided_p((a[key] - b[key]) / math.sqrt(var_a + var_b), df)
+
+
+def task_list(rows):
+    return ", ".join(str(row["tasks"]) for row in rows)
+
+
 def answer_line(rows):
-    """The challenge's question: the fastest run among those with the greatest best accuracy."""
-    top = max(row["best_val_acc"] for row in rows)
-    best = min((row for row in rows if row["best_val_acc"] == top), key=lambda row: row["seconds"])
-    return (f"Answer: {best['tasks']} task(s) train fastest ({best['seconds']:.1f} s) at the greatest "
-            f"best average accuracy ({top:.4f})")
+    """The challenge's question: the fastest count at the greatest best accuracy. With repeats, "greatest" means
+    not distinguishable from the top mean best accuracy by Welch's t-test at SIGNIFICANCE."""
+    if all(row["runs"] == 1 for row in rows):  # the tutorial's single runs: today's reading, unchanged
+        top = max(row["best_val_acc"] for row in rows)
+        best = min((row for row in rows if row["best_val_acc"] == top), key=lambda row: row["seconds"])
+        return (f"Answer: {best['tasks']} task(s) train fastest ({best['seconds']:.1f} s) at the greatest "
+                f"best average accuracy ({top:.4f})")
+    single = [row for row in rows if row["runs"] == 1]
+    if single:
+        return (f"Answer: none: {task_list(single)} task(s) have a single run, whose spread is unknown, beside "
+                f"repeated counts; run every count at least twice (--repeats 2)")
+    top = max(rows, key=lambda row: row["best_val_acc"])
+    tied = [row for row in rows if welch_p_value(row, top, "best_val_acc") >= SIGNIFICANCE]
+    worse = [row for row in rows if row not in tied]
+    fastest = min(tied, key=lambda row: row["seconds"])
+    verdict = (f"{task_list(worse)} task(s) are less accurate" if worse
+               else "all accuracy differences between the task counts are within the noise")
+    return (f"Answer: {fastest['tasks']} task(s) train fastest ({fastest['seconds']:.1f} s, mean of "
+            f"{fastest['runs']} runs) among the counts whose mean best accuracy is within the noise of the top one "
+            f"({top['tasks']} task(s): {top['best_val_acc']:.4f} ± {top['best_val_acc_std']:.4f} std) by Welch's "
+            f"t-test at {SIGNIFICANCE:.0%}: {task_list(tied)} task(s); {verdict}")
 
 
 def plot_scaling(rows, path):
@@ -1317,29 +1412,40 @@ def plot_scaling(rows, path):
     import matplotlib.pyplot as plt
 
     tasks = [row["tasks"] for row in rows]
+
+    def errorbar(axes, key, style, color):
+        axes.errorbar(tasks, [row[key] for row in rows], yerr=[row[f"{key}_std"] or 0 for row in rows],
+                      fmt=style, color=color, capsize=4)
+
     fig, ax_time = plt.subplots(figsize=(6, 4))
-    ax_time.plot(tasks, [row["seconds"] for row in rows], "o-", color="tab:blue")
+    errorbar(ax_time, "seconds", "o-", "tab:blue")
     ax_time.set_xlabel("tasks")
-    ax_time.set_ylabel("training time (s)", color="tab:blue")
+    ax_time.set_ylabel("mean training time (s)", color="tab:blue")
     ax_acc = ax_time.twinx()
-    ax_acc.plot(tasks, [row["best_val_acc"] for row in rows], "s--", color="tab:red")
-    ax_acc.set_ylabel("best validation accuracy", color="tab:red")
+    errorbar(ax_acc, "best_val_acc", "s--", "tab:red")
+    ax_acc.set_ylabel("mean best validation accuracy", color="tab:red")
     ax_time.set_xticks(tasks)
-    ax_time.set_title("Python_QML_Basics scaling")
+    ax_time.set_title("Python_QML_Basics scaling (error bars: one std over the runs)")
     fig.tight_layout()
     atomic_write(path, lambda file: fig.savefig(file, format="png", dpi=100))
     plt.close(fig)
 
 
+def cell_text(value):
+    """A table or CSV cell: None (the spread of a single run) stays blank."""
+    return "" if value is None else str(value)
+
+
 def markdown_table(header, rows):
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    lines += ["| " + " | ".join(cell_text(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
 def report_main(argv):
     parser = ArgumentParser(prog="qml.py report", description="Scaling table, CSV and plot of a sweep's "
-                            "metrics JSON files (runs/<jobid>/tasks-N.json).")
+                            "metrics JSON files (runs/<jobid>/tasks-N.json, or tasks-N-seed-S.json with repeats): "
+                            "per task count the runs' means and sample standard deviations.")
     parser.add_argument("rundir", help="folder with the sweep's metrics JSON files")
     rundir = parser.parse_args(argv).rundir
     rows = scaling_rows(load_runs(rundir))
@@ -1348,7 +1454,7 @@ def report_main(argv):
     csv_path, png_path = os.path.join(rundir, "scaling.csv"), os.path.join(rundir, "scaling.png")
 
     def write_csv(file):
-        text = [",".join(header)] + [",".join(str(v) for v in row.values()) for row in rows]
+        text = [",".join(header)] + [",".join(cell_text(v) for v in row.values()) for row in rows]
         file.write(("\n".join(text) + "\n").encode())
 
     atomic_write(csv_path, write_csv)

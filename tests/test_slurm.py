@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import QML, ROOT
+from conftest import QML, ROOT, free_port
 
 REPO = Path(ROOT)
 CLUSTER = REPO / "tests" / "slurm_cluster.sh"
@@ -236,6 +236,29 @@ def test_sweep_writes_table_csv_png_and_answer(slurm_env, tmp_path, tiny_data):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 8, png
     shown = Path(plot_lines[-1].split(":", 1)[1].strip())
     assert (shown if shown.is_absolute() else tmp_path / shown).resolve() == png.resolve(), plot_lines
+
+
+def test_sweep_with_repeats_writes_a_json_per_run_and_a_report_with_spread(slurm_env, submit_dir, tiny_data):
+    """1,2 --repeats 2 in one allocation: four runs with seeds 42 and 43, then the report with std columns."""
+    # A free MASTER_PORT: the job-id-derived one (10000 + id) collides with another throwaway cluster's job
+    # of the same id on this host.
+    rc, jobid, log, context = submit(slurm_env, submit_dir, "1,2", "--repeats", "2", "--data-dir", tiny_data,
+                                     *QML_ARGS, extra_env={"MASTER_PORT": str(free_port())})
+    assert rc == 0, context
+    rundir = submit_dir / "runs" / jobid
+    names = sorted(path.name for path in rundir.glob("*.json"))
+    assert names == [f"tasks-{n}-seed-{s}.json" for n in (1, 2) for s in (42, 43)], context
+    for n in (1, 2):
+        for seed, shuffle_seed in ((42, 0), (43, 1)):
+            metrics = json.loads((rundir / f"tasks-{n}-seed-{seed}.json").read_text())
+            assert (metrics["world_size"], metrics["config"]["seed"], metrics["config"]["shuffle_seed"]) == (
+                n, seed, shuffle_seed), context
+    with open(rundir / "scaling.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(row["tasks"], row["runs"]) for row in rows] == [("1", "2"), ("2", "2")], rows
+    assert all(row["seconds_std"] and row["best_val_acc_std"] for row in rows), rows
+    answers = [line for line in log.splitlines() if line.startswith("Answer:")]
+    assert len(answers) == 1 and "Welch's t-test at 5%" in answers[0], context
 
 
 def test_sweep_stops_at_first_failed_step(slurm_env, submit_dir, tiny_data):
@@ -582,6 +605,65 @@ def test_sweep_stops_with_the_failed_step_status(fake_job):
     assert proc.returncode == 7
     assert len(srun_lines(proc.stdout)) == 1 and "PY " not in proc.stdout
     assert "the 1-task step failed with exit status 7" in proc.stderr
+
+
+def option_values(step, option):
+    return [step[i + 1] for i, arg in enumerate(step) if arg == option]
+
+
+def test_repeats_run_every_count_k_times_with_consecutive_seeds(fake_job):
+    proc = fake_job("1,2", "--epochs", "2", "--repeats", "2", QML_SITE="generic")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    steps = srun_lines(proc.stdout)
+    assert [(s[0], option_values(s, "--seed")[-1], option_values(s, "--shuffle-seed")[-1]) for s in steps] == [
+        ("-n1", "42", "0"), ("-n2", "42", "0"), ("-n1", "43", "1"), ("-n2", "43", "1")], steps
+    assert [s[-1] for s in steps] == [f"runs/4242/tasks-{n}-seed-{seed}.json" for seed in (42, 43) for n in (1, 2)]
+
+
+def test_repeats_is_not_passed_to_qml(fake_job):
+    proc = fake_job("1,2", "--repeats", "2", "--epochs", "2", QML_SITE="generic")
+    steps = srun_lines(proc.stdout)
+    assert steps and all("--repeats" not in s and s.count("--epochs") == 1 for s in steps), steps
+
+
+def test_repeats_count_from_the_users_seeds(fake_job):
+    proc = fake_job("2", "--seed", "7", "--repeats=3", "--shuffle-seed=5", QML_SITE="generic")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    steps = srun_lines(proc.stdout)
+    assert [(option_values(s, "--seed")[-1], option_values(s, "--shuffle-seed")[-1]) for s in steps] == [
+        ("7", "5"), ("8", "6"), ("9", "7")], steps
+
+
+def test_repeats_of_a_single_count_end_with_the_report(fake_job, tmp_path):
+    proc = fake_job("2", "--repeats", "2", QML_SITE="generic")
+    report = [line for line in proc.stdout.splitlines() if line.startswith("PY ")]
+    assert report == [f"PY -W ignore -u {tmp_path}/submit/qml.py report runs/4242"], proc.stdout
+
+
+def test_repeats_1_keeps_todays_file_names_and_arguments(fake_job):
+    proc = fake_job("1,2", "--repeats", "1", "--epochs", "2", QML_SITE="generic")
+    steps = srun_lines(proc.stdout)
+    assert [s[-4:] for s in steps] == [["--epochs", "2", "--metrics-json", f"runs/4242/tasks-{n}.json"]
+                                       for n in (1, 2)], steps
+
+
+def test_failed_repeat_stops_the_sweep(fake_job):
+    proc = fake_job("1,2", "--repeats", "2", QML_SITE="generic", FAKE_SRUN_EXIT="7")
+    assert proc.returncode == 7
+    assert len(srun_lines(proc.stdout)) == 1 and "PY " not in proc.stdout
+
+
+@pytest.mark.parametrize("args", [["--repeats", "0"], ["--repeats", "-1"], ["--repeats", "two"],
+                                  ["--repeats", "1.5"], ["--repeats="], ["--epochs", "1", "--repeats"],
+                                  ["--repeats", "2", "--seed", "abc"], ["--repeats", "2", "--shuffle-seed=-3"]],
+                         ids=["zero", "negative", "word", "fraction", "empty", "no-value", "bad-seed",
+                              "negative-shuffle-seed"])
+def test_bad_repeats_exit_2_with_one_line(fake_job, args):
+    proc = fake_job("1,2", *args, QML_SITE="generic")
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "error" in proc.stderr, proc.stderr
+    assert "--repeats" in proc.stderr or "seed" in proc.stderr, proc.stderr
+    assert not srun_lines(proc.stdout)
 
 
 @pytest.mark.parametrize("first", ["0", "-2", "two", "1,,2", "1,0", "", "2.5", "--epochs"])

@@ -1,0 +1,156 @@
+"""--global-batch-size and --lr-scaling: the per-rank batch and learning rate follow the world size, which
+is known only after rank discovery; bad combinations end in one line before training; resume still works."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from conftest import QML, free_port, one_stderr_line
+
+import qml
+
+# Fast, CPU-only options (as tests/test_bad_input.py's).
+BASE = ["--weights", "none", "--qdevice", "torch", "--workers", "0", "--print-freq", "0", "--epochs", "1",
+        "--device", "cpu"]
+HANG_GUARD = 120  # seconds: two ranks that take longer are stuck, not slow
+
+
+def options(*argv):
+    """Parsed and validated options, as main() has them before rank discovery."""
+    args = qml.get_args_parser().parse_args(["--qdevice", "torch", *argv])
+    qml.validate_args(args)
+    return args
+
+
+def resolved(world_size, *argv):
+    args = options(*argv)
+    qml.resolve_batch_and_lr(args, world_size)
+    return args
+
+
+def run_metrics(tmp_path, data, *extra):
+    """Train one epoch in this process; returns the metrics JSON."""
+    path = tmp_path / "metrics.json"
+    assert qml.main(["--data-dir", data, *BASE, "--metrics-json", str(path), *extra]) == 0
+    return json.loads(path.read_text())
+
+
+# ----------------------------------------------------------------------------
+# Resolution for a world size
+
+
+def test_default_is_the_tutorials_batch_of_4_per_rank_and_its_lr():
+    args = resolved(3)
+    assert (args.batch_size, args.lr) == (4, 0.0004)
+
+
+def test_global_batch_size_gives_each_rank_its_share():
+    assert resolved(4, "--global-batch-size", "16").batch_size == 4
+
+
+def test_linear_scaling_multiplies_lr_by_the_global_batch_over_4():
+    # 2 ranks x 4 images = 8 images per step: twice the tutorial's 4, so twice its lr
+    assert resolved(2, "--lr-scaling", "linear").lr == pytest.approx(0.0008)
+
+
+def test_linear_scaling_with_a_fixed_global_batch_keeps_lr_whatever_the_ranks():
+    # 16 images per step is 4 times the tutorial's 4, on 1 rank as on 8
+    lrs = [resolved(world, "--global-batch-size", "16", "--lr-scaling", "linear").lr for world in (1, 8)]
+    assert lrs == pytest.approx([0.0016, 0.0016])
+
+
+def test_no_lr_scaling_keeps_the_given_lr():
+    assert resolved(8, "--lr", "0.001").lr == 0.001
+
+
+def test_global_batch_size_that_does_not_divide_the_ranks_is_refused():
+    args = options("--global-batch-size", "4")
+    with pytest.raises(qml.UsageError, match=r"--global-batch-size 4 cannot be split evenly over 3 ranks; give a "
+                                             r"multiple of 3 \(e.g. 6\)"):
+        qml.resolve_batch_and_lr(args, 3)
+
+
+def test_global_batch_size_with_batch_size_is_refused():
+    with pytest.raises(qml.UsageError, match="--global-batch-size and --batch-size both set the batch size"):
+        options("--global-batch-size", "8", "--batch-size", "2")
+
+
+def test_lr_scaling_accepts_only_linear_or_none():
+    with pytest.raises(qml.UsageError, match="--lr-scaling"):
+        options("--lr-scaling", "sqrt")
+
+
+# ----------------------------------------------------------------------------
+# Real runs
+
+
+def test_metrics_record_the_batch_global_batch_and_lr_used(tiny_data, tmp_path):
+    metrics = run_metrics(tmp_path, tiny_data, "--global-batch-size", "2", "--lr-scaling", "linear")
+    # 2 images per step on one rank: half the tutorial's 4, so half its lr
+    assert (metrics["batch_size"], metrics["global_batch_size"], metrics["lr"]) == (2, 2, pytest.approx(0.0002))
+
+
+def test_metrics_of_a_default_run_record_the_tutorials_batch_and_lr(tiny_data, tmp_path):
+    metrics = run_metrics(tmp_path, tiny_data)
+    assert (metrics["batch_size"], metrics["global_batch_size"], metrics["lr"]) == (4, 4, 0.0004)
+
+
+def test_global_batch_size_trains_with_its_per_rank_batch(tiny_data, tmp_path, capsys):
+    # 12 training images in batches of 2 on one rank: 6 steps per epoch
+    run_metrics(tmp_path, tiny_data, "--global-batch-size", "2", "--print-freq", "1")
+    steps = re.findall(r"^Phase: train Epoch: 1/1 Iter: \d+/(\d+) ", capsys.readouterr().out, flags=re.M)
+    assert set(steps) == {"6"}, steps
+
+
+@pytest.fixture
+def checkpoint(tiny_data, tmp_path):
+    path = tmp_path / "run.pt"
+    run_metrics(tmp_path, tiny_data, "--global-batch-size", "2", "--lr-scaling", "linear", "--checkpoint", str(path))
+    return path
+
+
+def test_resume_with_the_same_global_batch_continues(tiny_data, tmp_path, checkpoint):
+    metrics = run_metrics(tmp_path, tiny_data, "--global-batch-size", "2", "--lr-scaling", "linear",
+                          "--resume", str(checkpoint), "--epochs", "2")
+    assert [record["epoch"] for record in metrics["epochs"]] == [1, 2]
+
+
+def test_resume_with_another_global_batch_is_refused(capfd, tiny_data, checkpoint):
+    status = qml.main(["--data-dir", tiny_data, *BASE, "--global-batch-size", "4", "--lr-scaling", "linear",
+                       "--epochs", "2", "--resume", str(checkpoint)])
+    line = one_stderr_line(capfd.readouterr().err)
+    assert status == 2 and "checkpoint has batch_size=2 but this run batch_size=4" in line, line
+
+
+def start_ranks(world, argv):
+    """world processes of qml.py joined through RANK/WORLD_SIZE; returns [(stdout, stderr, status)]."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PMI_", "OMPI_"))}
+    env.update(WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, QML, *argv], env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
+                              text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for rank in range(world)]
+    try:
+        return [proc.communicate(timeout=HANG_GUARD) + (proc.returncode,) for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+
+
+def test_two_ranks_refuse_a_global_batch_they_cannot_split_before_training(tiny_data):
+    results = start_ranks(2, ["--data-dir", tiny_data, *BASE, "--global-batch-size", "3"])
+    for stdout, stderr, status in results:
+        assert status == 2, stderr
+        assert "--global-batch-size 3 cannot be split evenly over 2 ranks" in one_stderr_line(stderr)
+        assert "Training started" not in stdout, stdout
+
+
+def test_two_ranks_split_the_global_batch_and_scale_the_lr(tiny_data, tmp_path):
+    metrics_path = tmp_path / "metrics.json"
+    results = start_ranks(2, ["--data-dir", tiny_data, *BASE, "--global-batch-size", "8", "--lr-scaling", "linear",
+                              "--metrics-json", str(metrics_path)])
+    assert [status for _, _, status in results] == [0, 0], results
+    metrics = json.loads(metrics_path.read_text())
+    # 8 images per step over 2 ranks: 4 each; twice the tutorial's 4 images, so twice its lr
+    assert (metrics["batch_size"], metrics["global_batch_size"], metrics["lr"]) == (4, 8, pytest.approx(0.0008))
