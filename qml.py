@@ -832,18 +832,35 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see: python qml.py --help)")
 
 
-def positive(kind):
+def number(kind, low, high=math.inf, above_low=False):
+    """argparse type: a finite `kind` in low..high (above low if above_low), else one line at once."""
+    if high < math.inf:
+        wanted = f"{low}..{high}"
+    else:
+        wanted = "positive" if above_low and low == 0 else f"{low} or more"
+    if kind is float:
+        wanted += " and finite"
+
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        finite = kind is not float or math.isfinite(value)  # inf passes the comparisons below
+        if not (finite and (value > low if above_low else value >= low) and value <= high):
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text}")
         return value
 
-    parse.__name__ = f"positive {kind.__name__}"
+    parse.__name__ = kind.__name__
     return parse
+
+
+def positive(kind):
+    return number(kind, 0, above_low=True)
+
+
+SEEDS = dict(low=0, high=2**32 - 1)  # what np.random.seed accepts
+DIST_TIMEOUT_MAX = 2**31 // 1000  # 24.8 days, whose milliseconds fit 32 bits; far more overflows torch's timers
 
 
 def qubit_count(text):
@@ -870,9 +887,10 @@ def get_args_parser():
     add("--q-depth", type=positive(int), default=q_depth, help="variational layers (default: %(default)s)")
     add("--q-delta", type=positive(float), default=q_delta, help="spread of initial circuit weights "
         "(default: %(default)s)")
-    add("--seed", type=int, default=42, help="seed of the model's random init (default: %(default)s)")
-    add("--shuffle-seed", type=int, default=0, help="seed of the training shuffle; 0 is the tutorial's "
-        "DistributedSampler default (default: %(default)s)")
+    add("--seed", type=number(int, **SEEDS), default=42, help="seed of the model's random init, 0..2**32-1 "
+        "(default: %(default)s)")
+    add("--shuffle-seed", type=number(int, **SEEDS), default=0, help="seed of the training shuffle, 0..2**32-1; "
+        "0 is the tutorial's DistributedSampler default (default: %(default)s)")
     add("--qdevice", default="lightning.kokkos", help="PennyLane device simulating the circuit, or 'torch' for "
         "the built-in exact torch simulator (default: %(default)s)")
     add("--per-sample", action="store_true", help="one circuit call per image, as the tutorial "
@@ -887,12 +905,12 @@ def get_args_parser():
         "(default: %(default)s)")
     add("--backend", choices=("auto", "nccl", "gloo"), default="auto", help="auto: nccl on GPUs, gloo on CPUs "
         "(default: %(default)s)")
-    add("--dist-timeout", type=positive(int), default=300, help="seconds before a stuck rendezvous or "
-        "collective fails (default: %(default)s)")
-    add("--workers", type=int, default=None, help="image-decoding processes per rank (default on GPUs: "
-        "SLURM_CPUS_PER_TASK or CPU count, minus 1, at most 3; on CPUs: 0)")
-    add("--print-freq", type=int, default=None, help="progress line every N batches; 0: never (default: each "
-        "batch on a terminal, every 10 in a log)")
+    add("--dist-timeout", type=number(int, 1, DIST_TIMEOUT_MAX), default=300, help="seconds before a stuck "
+        "rendezvous or collective fails (default: %(default)s)")
+    add("--workers", type=number(int, 0), default=None, help="image-decoding processes per rank (default on "
+        "GPUs: SLURM_CPUS_PER_TASK or CPU count, minus 1, at most 3; on CPUs: 0)")
+    add("--print-freq", type=number(int, 0), default=None, help="progress line every N batches; 0: never "
+        "(default: each batch on a terminal, every 10 in a log)")
     add("--save", default=None, help="write the best dressed-head weights (state_dict) to this file")
     add("--checkpoint", default=None, help="write a resumable checkpoint to this file after every epoch")
     add("--resume", default=None, help="continue from a --checkpoint file")
@@ -908,8 +926,6 @@ def validate_args(args):
     if args.cache_features and args.bn_mode == "train":
         raise UsageError("--cache-features needs --bn-mode eval: with batch statistics the backbone's "
                          "features change every batch and cannot be cached")
-    if args.workers is not None and args.workers < 0:
-        raise UsageError(f"--workers must be 0 or more, got {args.workers}")
     if args.qdevice != TORCH_QDEVICE and args.qdevice not in available_qdevices():  # torch needs no PennyLane import
         raise UsageError(f"--qdevice {args.qdevice}: not installed; choose one of {', '.join(available_qdevices())}")
 

@@ -71,7 +71,16 @@ OPTION_CASES = [
     ("q-delta-0", ["--q-delta", "0"], ["--q-delta", "positive"]),
     ("gamma-0", ["--gamma", "0"], ["--gamma", "positive"]),
     ("gamma-negative", ["--gamma", "-0.1"], ["--gamma", "positive"]),
-    ("dist-timeout-0", ["--dist-timeout", "0"], ["--dist-timeout", "positive"]),
+    ("lr-inf", ["--lr", "inf"], ["--lr", "positive and finite"]),
+    ("q-delta-inf", ["--q-delta", "inf"], ["--q-delta", "positive and finite"]),
+    ("dist-timeout-0", ["--dist-timeout", "0"], ["--dist-timeout", "1..2147483"]),
+    ("dist-timeout-25-days", ["--dist-timeout", "2160000"], ["--dist-timeout", "1..2147483"]),
+    ("seed-negative", ["--seed", "-1"], ["--seed", "0..4294967295"]),
+    ("seed-2**32", ["--seed", "4294967296"], ["--seed", "0..4294967295"]),
+    ("shuffle-seed-negative", ["--shuffle-seed", "-1"], ["--shuffle-seed", "0..4294967295"]),
+    ("shuffle-seed-2**32", ["--shuffle-seed", "4294967296"], ["--shuffle-seed", "0..4294967295"]),
+    ("print-freq-negative", ["--print-freq", "-1"], ["--print-freq", "0 or more"]),
+    ("workers-negative", ["--workers", "-1"], ["--workers", "0 or more"]),
     ("unknown-option", ["--n-qbits", "4"], ["--n-qbits", "--help"]),
     ("unknown-qdevice", ["--qdevice", "lightning.nosuch"],
      ["--qdevice lightning.nosuch", "not installed", "default.qubit", "lightning.qubit", "torch"]),
@@ -86,6 +95,18 @@ OPTION_CASES = [
 def test_bad_option_exits_2_with_one_line(capfd, data, extra, expected):
     line = main_error(capfd, ["--data-dir", str(data), *BASE, *extra])
     assert_mentions(line, *expected)
+
+
+def test_bad_number_is_refused_before_the_data_is_looked_at(capfd, tmp_path):
+    line = main_error(capfd, ["--data-dir", str(tmp_path / "nowhere"), *BASE, "--seed", "4294967296"])
+    assert_mentions(line, "--seed", "0..4294967295")
+
+
+def test_largest_accepted_seeds_seed_numpy_torch_and_the_sampler():
+    args = qml.get_args_parser().parse_args(["--seed", "4294967295", "--shuffle-seed", "4294967295"])
+    np.random.RandomState(args.seed)  # checks its seed as np.random.seed does, without touching the global state
+    torch.Generator().manual_seed(args.seed)
+    torch.Generator().manual_seed(args.shuffle_seed + 10**6)  # DistributedSampler seeds shuffle_seed + epoch
 
 
 def test_device_cuda_without_gpu_exits_2_with_one_line(capfd, data, monkeypatch):
