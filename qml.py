@@ -12,10 +12,12 @@ dressed head trains, with DistributedDataParallel across Slurm/torchrun/MPI rank
 """
 
 import argparse
+import contextlib
 import datetime
 import functools
 import gc
 import glob
+import io
 import json
 import math
 import os
@@ -57,6 +59,10 @@ RESUME_KEYS = ("n_qubits", "q_depth", "q_delta", "weights", "bn_mode", "cache_fe
 
 class UsageError(Exception):
     """Bad input or environment: main() prints the one-line message and exits with status 2."""
+
+
+class RunFailed(Exception):
+    """A started run cannot go on (a full disk, a rank gone, an image gone): one line, exit status 1."""
 
 
 # ----------------------------------------------------------------------------
@@ -569,19 +575,35 @@ def make_loaders(datasets_, args, ctx, cached=False):
 
 
 def atomic_write(path, write):
-    """Call write(file) on a temporary file beside `path`, fsync it, then rename it over `path`."""
+    """Call write(file) on a temporary file beside `path`, fsync it, then rename it over `path`.
+
+    Whatever fails, `path` keeps its previous content and no temporary file stays; an OSError (a full
+    disk, a read-only or vanished folder) becomes RunFailed, one line that names it.
+    """
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")  # open() keeps the umask
     try:
+        os.makedirs(folder, exist_ok=True)
         with open(tmp, "wb") as file:
             write(file)
             file.flush()
             os.fsync(file.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
+    except BaseException as err:
+        with contextlib.suppress(OSError):  # nothing to remove when open() failed
+            os.unlink(tmp)
+        if isinstance(err, OSError):
+            raise RunFailed(f"cannot write {path} ({err.strerror or err}); its previous version, if any, "
+                            f"is unchanged; make room or choose another path") from err
         raise
+
+
+def torch_bytes(obj):
+    """torch.save into memory: written to a file, a failed write then keeps its OSError (torch.save
+    writing to the file itself turns a full disk into 'RuntimeError: unexpected pos')."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getbuffer()
 
 
 def run_config(args, classes):
@@ -598,7 +620,7 @@ def save_checkpoint(path, model, optimizer, scheduler, state, config):
         optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
         rng=dict(torch=torch.get_rng_state(), numpy=[numpy_rng[0], numpy_rng[1].tolist(), *numpy_rng[2:]]),
     )
-    atomic_write(path, lambda file: torch.save(payload, file))
+    atomic_write(path, lambda file: file.write(torch_bytes(payload)))
 
 
 def load_checkpoint(path, config):
@@ -978,7 +1000,7 @@ def setup(args):
             print(f"Best average loss: {state['best_loss']:.4f} | Best average accuracy: {state['best_acc']:.4f}",
                   flush=True)
             if args.save:
-                atomic_write(args.save, lambda file: torch.save(model.fc.state_dict(), file))
+                atomic_write(args.save, lambda file: file.write(torch_bytes(model.fc.state_dict())))
             if args.metrics_json:
                 write_metrics(args.metrics_json, state, config, ctx)
         if get_world_size() > 1:
@@ -1017,9 +1039,9 @@ def main(argv=None):
             return 0
         signal.signal(signal.SIGTERM, raise_interrupt)  # Slurm's time limit sends SIGTERM first
         return setup(args)
-    except UsageError as err:
+    except (UsageError, RunFailed) as err:
         print("qml.py: error:", " ".join(str(err).split()), file=sys.stderr)  # one line, whatever err holds
-        return 2
+        return 2 if isinstance(err, UsageError) else 1
     except KeyboardInterrupt as err:
         print(f"qml.py: stopped by {err or 'Ctrl-C'}; the last --checkpoint file (if any) is complete: "
               f"continue with --resume", file=sys.stderr)

@@ -7,6 +7,7 @@ wrapper also prints "WROTE <path>" after each qml.atomic_write, to show which ra
 """
 
 import contextlib
+import errno
 import functools
 import http.server
 import io
@@ -240,18 +241,99 @@ def test_resume_after_kill_ends_with_the_uninterrupted_metrics(request, killed, 
     assert best == pytest.approx(expected_best, rel=0, abs=1e-9)
 
 
-def test_interrupted_checkpoint_write_keeps_the_previous_file(tmp_path):
+def test_sigterm_during_a_checkpoint_write_keeps_the_previous_checkpoint(tmp_path):
     path = tmp_path / "run.pt"
-    path.write_bytes(b"epoch 1")
+    previous = {"state": {"epoch": 1}, "head": torch.arange(4.0)}
+    torch.save(previous, path)
+    signal.signal(signal.SIGTERM, qml.raise_interrupt)  # as main() installs it
 
     def interrupted(file):
         file.write(b"half of epoch 2")
-        raise KeyboardInterrupt("SIGTERM")
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(HANG_GUARD)  # the handler raises in here
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
         qml.atomic_write(str(path), interrupted)
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    assert saved["state"] == previous["state"] and torch.equal(saved["head"], previous["head"])
+    assert os.listdir(tmp_path) == ["run.pt"]  # no temporary file left
+
+
+def refuse_to_open(*args, **kwargs):
+    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
+
+def test_write_whose_open_fails_reports_that_error_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    path = tmp_path / "run.pt"
+    path.write_bytes(b"epoch 1")
+    monkeypatch.setattr(qml, "open", refuse_to_open, raising=False)  # shadows the builtin inside qml
+    with pytest.raises(qml.RunFailed, match=rf"cannot write {path} \(Permission denied\)") as failure:
+        qml.atomic_write(str(path), lambda file: file.write(b"epoch 2"))
+    assert isinstance(failure.value.__cause__, PermissionError)
     assert path.read_bytes() == b"epoch 1"
     assert os.listdir(tmp_path) == ["run.pt"]
+
+
+def test_write_that_fails_midway_reports_that_error_and_leaves_no_temporary_file(tmp_path):
+    path = tmp_path / "run.pt"
+    path.write_bytes(b"epoch 1")
+
+    def disk_full(file):
+        file.write(b"half of epoch 2")
+        file.flush()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(qml.RunFailed, match=rf"cannot write {path} \(No space left on device\)") as failure:
+        qml.atomic_write(str(path), disk_full)
+    assert failure.value.__cause__.errno == errno.ENOSPC
+    assert path.read_bytes() == b"epoch 1"
+    assert os.listdir(tmp_path) == ["run.pt"]
+
+
+class FullDiskFile(io.FileIO):
+    """A file on a disk that fills up: each write stores half of its bytes, then fails with ENOSPC."""
+
+    def write(self, data):
+        super().write(bytes(data)[: len(data) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def fill_the_disk(monkeypatch):
+    """From now on every file qml opens for writing is on a full disk."""
+    monkeypatch.setattr(qml, "open", lambda path, mode="r": FullDiskFile(path, mode.replace("b", "")), raising=False)
+
+
+def full_disk_run(capfd, argv):
+    """qml.main(argv) in this process; asserts status 1 and returns its one stderr line."""
+    status = qml.main(argv)
+    stderr = capfd.readouterr().err
+    assert status == 1, stderr
+    return one_stderr_line(stderr)
+
+
+def test_checkpoint_write_on_a_full_disk_keeps_the_previous_checkpoint_and_exits_1_with_one_line(
+        capfd, tiny_data, tmp_path, monkeypatch):
+    checkpoint = tmp_path / "run.pt"
+    assert qml.main(["--data-dir", tiny_data, *BASE, "--epochs", "1", "--checkpoint", str(checkpoint)]) == 0
+    epoch_1 = checkpoint.read_bytes()
+    fill_the_disk(monkeypatch)
+    line = full_disk_run(capfd, ["--data-dir", tiny_data, *BASE, "--epochs", "2", "--resume", str(checkpoint),
+                                 "--checkpoint", str(checkpoint)])
+    assert f"cannot write {checkpoint} (No space left on device)" in line and "unchanged" in line
+    assert checkpoint.read_bytes() == epoch_1
+    assert torch.load(checkpoint, map_location="cpu", weights_only=True)["state"]["epoch"] == 1
+    assert os.listdir(tmp_path) == ["run.pt"]
+
+
+def test_metrics_write_on_a_full_disk_keeps_the_previous_file_and_exits_1_with_one_line(
+        capfd, tiny_data, tmp_path, monkeypatch):
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text('{"previous": "run"}\n')
+    fill_the_disk(monkeypatch)
+    line = full_disk_run(capfd, ["--data-dir", tiny_data, *BASE, "--epochs", "1", "--metrics-json", str(metrics)])
+    assert f"cannot write {metrics} (No space left on device)" in line and "unchanged" in line
+    assert metrics.read_text() == '{"previous": "run"}\n'
+    assert os.listdir(tmp_path) == ["metrics.json"]
 
 
 # ----------------------------------------------------------------------------
