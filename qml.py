@@ -519,6 +519,37 @@ def prepare_data(args):
     broadcast_error(message)
 
 
+def output_paths(args):
+    """(option, path) of every file rank 0 will write."""
+    named = [("--save", args.save), ("--metrics-json", args.metrics_json), ("--checkpoint", args.checkpoint)]
+    return [(option, path) for option, path in named if path]
+
+
+def unwritable(option, path):
+    """Why rank 0 could not write `path` (its folder cannot be made or takes no file), else None."""
+    if os.path.isdir(path):
+        return f"{option} {path} is a folder; give a file path"
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{os.path.basename(path)}.") as probe:
+            probe.write(b"\0")  # a full disk may still take an empty file
+            probe.flush()
+    except OSError as err:
+        reason = "a file is in the way" if isinstance(err, (FileExistsError, NotADirectoryError)) else err.strerror
+        return f"{option} {path}: cannot write in {folder} ({reason}); choose a writable folder"
+    return None
+
+
+def check_outputs(named_paths):
+    """Rank 0 tries each (option, path)'s folder before training, so a bad path fails now, not after the
+    last epoch; every rank gets its verdict."""
+    message = None
+    if is_main_process():
+        message = next(filter(None, (unwritable(option, path) for option, path in named_paths)), None)
+    broadcast_error(message)
+
+
 def load_rgb(path):
     """Open an image of any mode (grayscale, RGBA, palette, CMYK, 16-bit) as 8-bit RGB."""
     from PIL import Image
@@ -782,6 +813,7 @@ def record_best(state, phase, loss, acc, model):
 
 def train_model(args, ctx):
     """Train the dressed head; returns the model holding the best-validation-accuracy head, and the state."""
+    check_outputs(output_paths(args))
     prepare_data(args)
     datasets_ = load_datasets(args.data_dir)
     classes = datasets_["train"].classes

@@ -279,6 +279,77 @@ def test_more_ranks_than_training_images_exit_2_with_one_line_each(tmp_path):
 
 
 # ----------------------------------------------------------------------------
+# Output paths: checked at start-up, not after the last epoch
+
+OUTPUT_OPTIONS = ("--save", "--metrics-json", "--checkpoint")
+
+
+def output_error(capfd, argv):
+    """Run qml.main(argv); assert status 2 before training started; return its one stderr line."""
+    status = qml.main(argv)
+    out, err = capfd.readouterr()
+    assert status == 2, err
+    assert "Training started" not in out
+    return error_line(err)
+
+
+@pytest.mark.parametrize("option", OUTPUT_OPTIONS)
+def test_output_path_under_a_regular_file_exits_2_with_one_line_before_training(capfd, tiny_data, tmp_path, option):
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    path = tmp_path / "notes.txt" / "run" / "out"
+    line = output_error(capfd, ["--data-dir", tiny_data, *BASE, option, str(path)])
+    assert_mentions(line, f"{option} {path}", "a file is in the way", "writable folder")
+
+
+def test_output_path_that_is_a_folder_exits_2_with_one_line_before_training(capfd, tiny_data, tmp_path):
+    line = output_error(capfd, ["--data-dir", tiny_data, *BASE, "--save", str(tmp_path)])
+    assert_mentions(line, f"--save {tmp_path} is a folder", "file path")
+
+
+# mount -t tmpfs -o OPTIONS tmpfs FOLDER, fill it with FILL bytes, then run the command that follows.
+ON_TMPFS = 'mount -t tmpfs -o "$1" tmpfs "$2" && { [ "$3" -eq 0 ] || head -c "$3" /dev/zero > "$2/filler"; } ' \
+           '&& shift 3 && exec "$@"'
+
+
+@pytest.fixture(scope="module")
+def private_mounts(tmp_path_factory):
+    """Skip (fail under CI=true) unless this process may mount a tmpfs in a private mount namespace (root)."""
+    if shutil.which("unshare") is None:
+        reason = "unshare is not installed"
+    else:
+        result = subprocess.run(["unshare", "-m", "sh", "-c", 'mount -t tmpfs -o ro tmpfs "$1"', "sh",
+                                 tmp_path_factory.mktemp("mount-check")], capture_output=True, text=True)
+        reason = result.returncode != 0 and f"unshare -m, then mount: {result.stderr.strip()}"
+    if reason and os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"cannot test read-only and full disks: {reason} (CI=true: these tests must run)")
+    if reason:
+        pytest.skip(f"cannot test read-only and full disks: {reason} (needs root)")
+
+
+def run_on_tmpfs(folder, mount_options, fill, *qml_args):
+    """qml.py in a private mount namespace where `folder` is a new tmpfs, `fill` bytes of it taken."""
+    command = ["unshare", "-m", "sh", "-c", ON_TMPFS, "sh", mount_options, folder, str(fill), sys.executable, QML,
+               *qml_args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=HANG_GUARD)
+
+
+def test_output_path_on_a_read_only_mount_exits_2_with_one_line_before_training(private_mounts, tiny_data, tmp_path):
+    path = tmp_path / "run.pt"
+    result = run_on_tmpfs(tmp_path, "ro", 0, "--data-dir", tiny_data, *BASE, "--checkpoint", path)
+    assert result.returncode == 2, result.stderr
+    assert "Training started" not in result.stdout
+    assert_mentions(error_line(result.stderr), f"--checkpoint {path}", "Read-only file system", "writable folder")
+
+
+def test_output_path_on_a_full_disk_exits_2_with_one_line_before_training(private_mounts, tiny_data, tmp_path):
+    path = tmp_path / "metrics.json"
+    result = run_on_tmpfs(tmp_path, "size=4k", 4096, "--data-dir", tiny_data, *BASE, "--metrics-json", path)
+    assert result.returncode == 2, result.stderr
+    assert "Training started" not in result.stdout
+    assert_mentions(error_line(result.stderr), f"--metrics-json {path}", "No space left on device")
+
+
+# ----------------------------------------------------------------------------
 # --resume with a checkpoint of another configuration
 
 
