@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 import urllib.request
 import zipfile
 import zlib
@@ -63,6 +64,15 @@ class UsageError(Exception):
 
 class RunFailed(Exception):
     """A started run cannot go on (a full disk, a rank gone, an image gone): one line, exit status 1."""
+
+
+class ImageUnreadable(Exception):
+    """An image that became unreadable after the start-up check. Raised in a DataLoader worker, it comes
+    back with the worker's traceback as its message, whose last line holds the original message."""
+
+    def __init__(self, message):
+        last = message.rstrip().splitlines()[-1]
+        super().__init__(last.split(f"{type(self).__name__}: ", 1)[-1])
 
 
 # ----------------------------------------------------------------------------
@@ -560,10 +570,18 @@ def load_rgb(path):
         return image.convert("RGB")
 
 
+def read_training_image(path):
+    """load_rgb for training: an image deleted or damaged since the start-up check is named in one line."""
+    try:
+        return load_rgb(path)
+    except Exception as err:  # PIL raises many types for broken files
+        raise ImageUnreadable(f"{path} can no longer be read ({getattr(err, 'strerror', None) or err})") from None
+
+
 def load_datasets(data_dir):
     from torchvision import datasets
 
-    return {split: datasets.ImageFolder(os.path.join(data_dir, split), data_transforms(), loader=load_rgb)
+    return {split: datasets.ImageFolder(os.path.join(data_dir, split), data_transforms(), loader=read_training_image)
             for split in ("train", "val")}
 
 
@@ -1038,8 +1056,37 @@ def setup(args):
         if get_world_size() > 1:
             dist.barrier()
         return 0
+    except BaseException as err:
+        drop_frames(err)  # they hold DDP (see train_model): let leave_process_group free it before the group
+        line = failure_line(err, args, ctx)
+        if line is None:
+            raise
+        raise RunFailed(line) from None
     finally:
         leave_process_group()
+
+
+def drop_frames(err):
+    """Clear the variables of the finished frames in the tracebacks of err and of the errors behind it."""
+    while err is not None:
+        traceback.clear_frames(err.__traceback__)
+        err = err.__cause__ or err.__context__
+
+
+PEER_GONE = re.compile(r"Connection (closed|reset) by peer|Broken pipe")  # gloo, when a peer process is gone
+
+
+def failure_line(err, args, ctx):
+    """The one line for an error that ends a run without being a bug here (an image or a rank gone), else None."""
+    resume = (f"continue from the last --checkpoint, if one was written, with --resume {args.checkpoint}"
+              if args.checkpoint else "run again (with --checkpoint PATH a run can be resumed)")
+    if isinstance(err, ImageUnreadable):
+        return f"{err}, though it was readable at start-up; replace it, then {resume}"
+    gone = PEER_GONE.search(str(err)) if ctx["world_size"] > 1 and isinstance(err, RuntimeError) else None
+    if gone:
+        peer = f"rank {1 - ctx['rank']}" if ctx["world_size"] == 2 else "a peer rank"  # gloo names no rank
+        return f"rank {ctx['rank']}: {peer} is gone ({gone[0]}); its own output says why; fix that, then {resume}"
+    return None
 
 
 def leave_process_group():

@@ -1,9 +1,10 @@
 """Faults: a dying rank, an unreachable rendezvous, SIGTERM/SIGKILL and resume, and safe downloads.
 
 Faults are injected by a wrapper script (WRAPPER) that imports qml, wraps DressedQuantumNet.forward to
-count its calls, and at a chosen call either raises or waits for the test to send a signal; so the
-signal always lands at the same point of training (mid-epoch 2, after epoch 1's checkpoint). The
-wrapper also prints "WROTE <path>" after each qml.atomic_write, to show which rank writes files.
+count its calls, and at a chosen call raises, deletes or truncates an image, or waits for the test to send
+a signal; so the fault always lands at the same point of training (e.g. mid-epoch 2, after epoch 1's
+checkpoint). The wrapper also prints "WROTE <path>" after each qml.atomic_write, to show which rank writes
+files, and after main how many DDP wrappers are still alive.
 """
 
 import contextlib
@@ -13,6 +14,7 @@ import http.server
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -34,9 +36,10 @@ HANG_GUARD = 60  # seconds: a run that takes longer is stuck, not slow
 FIRST_CALL_OF_EPOCH_2 = 7
 
 WRAPPER = f"""
-import os, sys, time
+import gc, os, sys, time
 sys.path.insert(0, {ROOT!r})
 import qml
+from torch.nn.parallel import DistributedDataParallel
 
 forward, calls = qml.DressedQuantumNet.forward, [0]
 
@@ -45,10 +48,16 @@ def fault_injecting_forward(self, inputs):
     calls[0] += 1
     here = os.environ.get("RANK", "0") == os.environ.get("FAULT_RANK", "0")
     if here and calls[0] == int(os.environ.get("FAULT_AT_CALL", "0")):
-        if os.environ["FAULT"] == "raise":
+        fault = os.environ["FAULT"]
+        if fault == "raise":
             raise RuntimeError("injected fault")
-        print("FAULT: waiting for a signal", flush=True)
-        time.sleep(120)
+        if fault == "delete":
+            os.remove(os.environ["FAULT_FILE"])
+        elif fault == "truncate":
+            os.truncate(os.environ["FAULT_FILE"], os.path.getsize(os.environ["FAULT_FILE"]) // 2)
+        else:
+            print("FAULT: waiting for a signal", flush=True)
+            time.sleep(120)
     return forward(self, inputs)
 
 
@@ -62,7 +71,11 @@ def logging_atomic_write(path, write):
 
 qml.DressedQuantumNet.forward = fault_injecting_forward
 qml.atomic_write = logging_atomic_write
-sys.exit(qml.main(sys.argv[1:]))
+try:
+    sys.exit(qml.main(sys.argv[1:]))
+finally:
+    alive = sum(type(obj) is DistributedDataParallel for obj in gc.get_objects())
+    print(f"DDP wrappers alive after main: {{alive}}", flush=True)
 """
 
 
@@ -93,15 +106,54 @@ def finish(proc, out_dir, name, timeout=HANG_GUARD):
 # Ranks
 
 
-def test_rank_that_fails_after_its_first_batch_ends_every_rank(tiny_data, wrapper, tmp_path):
-    env = dict(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), FAULT="raise",
-               FAULT_RANK="1", FAULT_AT_CALL="2")
-    argv = [sys.executable, wrapper, "--data-dir", tiny_data, *BASE, "--epochs", "2", "--dist-timeout", "30"]
-    procs = [start(argv, dict(env, RANK=str(rank), LOCAL_RANK=str(rank)), tmp_path, f"rank{rank}")
-             for rank in range(2)]
-    results = [finish(proc, tmp_path, f"rank{rank}") for rank, proc in enumerate(procs)]
-    assert "injected fault" in results[1][2]  # rank 1 failed as planned, not some other way
-    assert [status != 0 for status, _, _ in results] == [True, True], results
+def start_two_ranks(wrapper, data, out_dir, *extra, **fault):
+    """Both ranks of a 1-epoch gloo run of the wrapper with --checkpoint, each with one thread; returns the Popens."""
+    env = dict(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1", **fault)
+    argv = [sys.executable, wrapper, "--data-dir", data, *BASE, "--epochs", "1", "--dist-timeout", "30",
+            "--checkpoint", str(out_dir / "run.pt"), *extra]
+    return [start(argv, dict(env, RANK=str(rank), LOCAL_RANK=str(rank)), out_dir, f"rank{rank}") for rank in range(2)]
+
+
+@pytest.fixture(scope="module")
+def rank_1_raises(tiny_data, wrapper, tmp_path_factory):
+    """Rank 1 raises in its second forward; returns [(status, stdout, stderr)] of ranks 0 and 1, and the folder."""
+    tmp = tmp_path_factory.mktemp("raises")
+    procs = start_two_ranks(wrapper, tiny_data, tmp, FAULT="raise", FAULT_RANK="1", FAULT_AT_CALL="2")
+    return [finish(proc, tmp, f"rank{rank}") for rank, proc in enumerate(procs)], tmp
+
+
+def test_rank_that_raises_exits_1_with_its_own_error(rank_1_raises):
+    (_, (status, _, stderr)), _ = rank_1_raises
+    assert status == 1, stderr  # not SIGABRT from a DDP wrapper outliving the process group
+    assert "RuntimeError: injected fault" in stderr and "is gone" not in stderr
+
+
+def test_rank_whose_peer_raised_exits_1_with_one_line_naming_it(rank_1_raises):
+    ((status, _, stderr), _), tmp = rank_1_raises
+    assert status == 1, stderr
+    line = one_stderr_line(stderr)
+    assert "rank 0: rank 1 is gone" in line and "its own output" in line
+    assert f"--resume {tmp / 'run.pt'}" in line
+
+
+def test_ranks_stopped_by_an_error_free_ddp_before_python_exits(rank_1_raises):
+    results, _ = rank_1_raises
+    for rank, (_, stdout, _) in enumerate(results):
+        assert "DDP wrappers alive after main: 0" in stdout, rank
+
+
+def test_rank_whose_peer_was_killed_exits_1_with_one_line_naming_it(tiny_data, wrapper, tmp_path):
+    rank0, rank1 = start_two_ranks(wrapper, tiny_data, tmp_path, FAULT="wait", FAULT_RANK="0", FAULT_AT_CALL="2")
+    deadline = time.monotonic() + HANG_GUARD
+    while "FAULT: waiting" not in (tmp_path / "rank0.out").read_text():
+        assert rank0.poll() is None and time.monotonic() < deadline, (tmp_path / "rank0.err").read_text()
+        time.sleep(0.1)
+    rank0.kill()
+    status, _, stderr = finish(rank1, tmp_path, "rank1", timeout=30)
+    finish(rank0, tmp_path, "rank0")
+    assert status == 1, stderr
+    line = one_stderr_line(stderr)
+    assert "rank 1: rank 0 is gone" in line and f"--resume {tmp_path / 'run.pt'}" in line
 
 
 def test_only_rank_0_writes_the_checkpoint_after_every_epoch(tiny_data, wrapper, tmp_path):
@@ -239,6 +291,22 @@ def test_resume_after_kill_ends_with_the_uninterrupted_metrics(request, killed, 
     for got, want in zip(epochs, expected_epochs, strict=True):
         assert got == pytest.approx(want, rel=0, abs=1e-9)
     assert best == pytest.approx(expected_best, rel=0, abs=1e-9)
+
+
+@pytest.mark.parametrize("damage, workers", [("delete", "0"), ("truncate", "1")],
+                         ids=["deleted-no-workers", "truncated-in-a-worker"])
+def test_image_damaged_mid_run_exits_1_with_one_line_naming_it_and_the_checkpoint(tiny_data, wrapper, tmp_path,
+                                                                                  damage, workers):
+    data = shutil.copytree(tiny_data, tmp_path / "data")
+    image, checkpoint = data / "val" / "ants" / "0.jpg", tmp_path / "run.pt"  # read by epoch 2's validation
+    argv = [sys.executable, wrapper, "--data-dir", data, *BASE, "--workers", workers, "--epochs", "2",
+            "--checkpoint", checkpoint]
+    env = dict(FAULT=damage, FAULT_FILE=str(image), FAULT_AT_CALL=str(FIRST_CALL_OF_EPOCH_2))
+    status, _, stderr = finish(start(list(map(str, argv)), env, tmp_path, "run"), tmp_path, "run")
+    assert status == 1, stderr
+    line = one_stderr_line(stderr)
+    assert f"{image} can no longer be read" in line and f"--resume {checkpoint}" in line
+    assert torch.load(checkpoint, map_location="cpu", weights_only=True)["state"]["epoch"] == 1
 
 
 def test_sigterm_during_a_checkpoint_write_keeps_the_previous_checkpoint(tmp_path):
