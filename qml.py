@@ -689,6 +689,24 @@ def load_checkpoint(path, config):
     return checkpoint
 
 
+def finished(args, checkpoint):
+    """Whether the --resume checkpoint already holds --epochs epochs; rank 0 then says so."""
+    done = checkpoint["state"]["epoch"]
+    if done >= args.epochs and is_main_process():
+        print(f"--resume {args.resume}: this run is finished ({done} epochs trained, --epochs {args.epochs}); "
+              f"nothing to train (give a larger --epochs to train on)", flush=True)
+    return done >= args.epochs
+
+
+def check_world_size(args, checkpoint, world_size):
+    """Refuse to continue on another number of ranks (another global batch and shuffle) unless asked to."""
+    saved = checkpoint["state"]["history"][-1].get("world_size")
+    if saved != world_size and not args.resume_any_world_size:
+        raise UsageError(f"--resume {args.resume}: the checkpoint's run had {saved} rank(s), this one has "
+                         f"{world_size}, so the global batch and the shuffle would differ; start {saved} ranks, or "
+                         f"add --resume-any-world-size to go on anyway (the metrics JSON records each epoch's ranks)")
+
+
 def restore_checkpoint(checkpoint, model, optimizer, scheduler):
     model.fc.load_state_dict(checkpoint["head"])
     buffers = dict(model.named_buffers())
@@ -830,7 +848,8 @@ def record_best(state, phase, loss, acc, model):
 
 
 def train_model(args, ctx):
-    """Train the dressed head; returns the model holding the best-validation-accuracy head, and the state."""
+    """Train the dressed head; returns the model holding the best-validation-accuracy head, the state and the
+    config (None when --resume finds the run finished)."""
     check_outputs(output_paths(args))
     prepare_data(args)
     datasets_ = load_datasets(args.data_dir)
@@ -841,6 +860,10 @@ def train_model(args, ctx):
     fetch_weights_once(args)
     config = run_config(args, classes)
     checkpoint = load_checkpoint(args.resume, config) if args.resume else None
+    if checkpoint and finished(args, checkpoint):
+        return None
+    if checkpoint:
+        check_world_size(args, checkpoint, ctx["world_size"])
 
     torch.manual_seed(args.seed)  # the backbone's init, then the head's: the tutorial's order
     np.random.seed(args.seed)
@@ -866,7 +889,7 @@ def train_model(args, ctx):
         print("Training started:", flush=True)
     for epoch in range(state["epoch"], args.epochs):
         train_sampler.set_epoch(epoch)  # a new shuffle each epoch (the tutorial reused the first)
-        epoch_start, record = time.time(), {"epoch": epoch + 1}
+        epoch_start, record = time.time(), {"epoch": epoch + 1, "world_size": ctx["world_size"]}
         for phase in ("train", "validation"):
             if phase == "validation" and args.bn_mode == "train" and not args.cache_features:
                 sync_buffers(model)
@@ -986,6 +1009,8 @@ def get_args_parser():
     add("--save", default=None, help="write the best dressed-head weights (state_dict) to this file")
     add("--checkpoint", default=None, help="write a resumable checkpoint to this file after every epoch")
     add("--resume", default=None, help="continue from a --checkpoint file")
+    add("--resume-any-world-size", action="store_true", help="with --resume: continue on another number of "
+        "ranks than the checkpoint's (another global batch and shuffle; each epoch's ranks are recorded)")
     add("--metrics-json", default=None, help="write config, per-epoch metrics and timings to this JSON file")
     add("--draw", action="store_true", help="print the circuit and exit")
     return parser
@@ -1043,7 +1068,10 @@ def setup(args):
         if is_main_process():
             print(f"Ranks: {ctx['world_size']} ({ctx['source']}) | device: {ctx['device']} | "
                   f"backend: {ctx['backend']} | qdevice: {args.qdevice}", flush=True)
-        model, state, config = train_model(args, ctx)
+        trained = train_model(args, ctx)
+        if trained is None:  # --resume of a finished run
+            return 0
+        model, state, config = trained
         if is_main_process():
             minutes, seconds = divmod(state["seconds"], 60)
             print(f"\nTraining completed in {minutes:.0f}m {seconds:.0f}s")

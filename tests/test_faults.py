@@ -107,7 +107,7 @@ def finish(proc, out_dir, name, timeout=HANG_GUARD):
 
 
 def start_two_ranks(wrapper, data, out_dir, *extra, **fault):
-    """Both ranks of a 1-epoch gloo run of the wrapper with --checkpoint, each with one thread; returns the Popens."""
+    """Both ranks of a gloo run of the wrapper (1 epoch unless extra says), --checkpoint run.pt, one thread each."""
     env = dict(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1", **fault)
     argv = [sys.executable, wrapper, "--data-dir", data, *BASE, "--epochs", "1", "--dist-timeout", "30",
             "--checkpoint", str(out_dir / "run.pt"), *extra]
@@ -156,17 +156,59 @@ def test_rank_whose_peer_was_killed_exits_1_with_one_line_naming_it(tiny_data, w
     assert "rank 1: rank 0 is gone" in line and f"--resume {tmp_path / 'run.pt'}" in line
 
 
-def test_only_rank_0_writes_the_checkpoint_after_every_epoch(tiny_data, wrapper, tmp_path):
-    checkpoint = tmp_path / "run.pt"
-    env = dict(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    argv = [sys.executable, wrapper, "--data-dir", tiny_data, *BASE, "--epochs", "2", "--checkpoint", str(checkpoint)]
-    procs = [start(argv, dict(env, RANK=str(rank), LOCAL_RANK=str(rank)), tmp_path, f"rank{rank}")
-             for rank in range(2)]
-    results = [finish(proc, tmp_path, f"rank{rank}") for rank, proc in enumerate(procs)]
+@pytest.fixture(scope="module")
+def two_rank_run(tiny_data, wrapper, tmp_path_factory):
+    """A 2-epoch run of 2 ranks with --checkpoint: ([(status, stdout, stderr)] of ranks 0 and 1, checkpoint)."""
+    tmp = tmp_path_factory.mktemp("two_ranks")
+    procs = start_two_ranks(wrapper, tiny_data, tmp, "--epochs", "2")
+    return [finish(proc, tmp, f"rank{rank}") for rank, proc in enumerate(procs)], tmp / "run.pt"
+
+
+def test_only_rank_0_writes_the_checkpoint_after_every_epoch(two_rank_run):
+    results, checkpoint = two_rank_run
     assert [status for status, _, _ in results] == [0, 0], results
     writes = [[line for line in stdout.splitlines() if line.startswith("WROTE")] for _, stdout, _ in results]
     assert writes == [[f"WROTE {checkpoint}"] * 2, []]
     assert torch.load(checkpoint, map_location="cpu", weights_only=True)["state"]["epoch"] == 2
+
+
+def test_checkpoint_records_the_number_of_ranks_of_every_epoch(two_rank_run):
+    _, checkpoint = two_rank_run
+    history = torch.load(checkpoint, map_location="cpu", weights_only=True)["state"]["history"]
+    assert [record["world_size"] for record in history] == [2, 2]
+
+
+def test_resume_on_another_number_of_ranks_exits_2_with_one_line(capfd, tiny_data, two_rank_run):
+    _, checkpoint = two_rank_run
+    status = qml.main(["--data-dir", tiny_data, *BASE, "--epochs", "3", "--resume", str(checkpoint)])
+    out, err = capfd.readouterr()
+    assert status == 2, err
+    assert "Training started" not in out
+    line = one_stderr_line(err)
+    assert f"--resume {checkpoint}" in line and "had 2 rank(s), this one has 1" in line
+    assert "--resume-any-world-size" in line
+
+
+def test_resume_any_world_size_goes_on_and_the_metrics_record_each_epochs_ranks(tiny_data, two_rank_run, tmp_path):
+    _, checkpoint = two_rank_run
+    metrics = tmp_path / "metrics.json"
+    assert qml.main(["--data-dir", tiny_data, *BASE, "--epochs", "3", "--resume", str(checkpoint),
+                     "--resume-any-world-size", "--metrics-json", str(metrics)]) == 0
+    report = json.loads(metrics.read_text())
+    assert [(record["epoch"], record["world_size"]) for record in report["epochs"]] == [(1, 2), (2, 2), (3, 1)]
+    assert report["config"]["resume_any_world_size"] is True
+
+
+def test_resume_of_a_finished_run_says_so_and_exits_0_without_training(capfd, tiny_data, two_rank_run, tmp_path):
+    _, checkpoint = two_rank_run
+    before = checkpoint.read_bytes()
+    status = qml.main(["--data-dir", tiny_data, *BASE, "--epochs", "2", "--resume", str(checkpoint),
+                       "--checkpoint", str(checkpoint), "--metrics-json", str(tmp_path / "metrics.json")])
+    out, err = capfd.readouterr()
+    assert status == 0, err
+    assert f"--resume {checkpoint}: this run is finished (2 epochs trained, --epochs 2)" in out
+    assert "Training started" not in out and "Training completed" not in out
+    assert checkpoint.read_bytes() == before and not (tmp_path / "metrics.json").exists()
 
 
 @pytest.fixture(scope="module")
