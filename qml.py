@@ -546,7 +546,8 @@ def unwritable(option, path):
             probe.write(b"\0")  # a full disk may still take an empty file
             probe.flush()
     except OSError as err:
-        reason = "a file is in the way" if isinstance(err, (FileExistsError, NotADirectoryError)) else err.strerror
+        in_the_way = isinstance(err, (FileExistsError, NotADirectoryError))
+        reason = "a file is in the way" if in_the_way else err.strerror or err
         return f"{option} {path}: cannot write in {folder} ({reason}); choose a writable folder"
     return None
 

@@ -262,18 +262,22 @@ def test_missing_data_directory_exits_2_with_one_line(capfd, tmp_path):
     assert_mentions(line, str(tmp_path / "nowhere"), "not found", "--data-dir DIR", "--download")
 
 
-def test_more_ranks_than_training_images_exit_2_with_one_line_each(tmp_path):
-    data = make_image_folder(tmp_path / "two", {"train": {"ants": 1, "bees": 1}, "val": {"ants": 1, "bees": 1}})
-    env = dict(os.environ, WORLD_SIZE="3", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    procs = [subprocess.Popen([sys.executable, QML, "--data-dir", data, *BASE, "--dist-timeout", "30"],
+def run_ranks(world, *argv):
+    """qml.py as `world` ranks of one gloo run on this host; returns [(stdout, stderr, status)] by rank."""
+    env = dict(os.environ, WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    procs = [subprocess.Popen([sys.executable, QML, *map(str, argv), "--dist-timeout", "30"],
                               env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)), text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for rank in range(3)]
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for rank in range(world)]
     try:
-        results = [proc.communicate(timeout=HANG_GUARD) + (proc.returncode,) for proc in procs]
+        return [proc.communicate(timeout=HANG_GUARD) + (proc.returncode,) for proc in procs]
     finally:
         for proc in procs:
             proc.kill()
-    for _, stderr, status in results:
+
+
+def test_more_ranks_than_training_images_exit_2_with_one_line_each(tmp_path):
+    data = make_image_folder(tmp_path / "two", {"train": {"ants": 1, "bees": 1}, "val": {"ants": 1, "bees": 1}})
+    for _, stderr, status in run_ranks(3, "--data-dir", data, *BASE):
         assert status == 2, stderr
         assert_mentions(error_line(stderr), "3 ranks", "only 2 training images", "at most 2 tasks")
 
@@ -299,6 +303,15 @@ def test_output_path_under_a_regular_file_exits_2_with_one_line_before_training(
     path = tmp_path / "notes.txt" / "run" / "out"
     line = output_error(capfd, ["--data-dir", tiny_data, *BASE, option, str(path)])
     assert_mentions(line, f"{option} {path}", "a file is in the way", "writable folder")
+
+
+def test_unwritable_output_path_stops_every_rank_with_one_line(tiny_data, tmp_path):
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    path = tmp_path / "notes.txt" / "metrics.json"
+    for stdout, stderr, status in run_ranks(2, "--data-dir", tiny_data, *BASE, "--metrics-json", path):
+        assert status == 2, stderr
+        assert "Training started" not in stdout
+        assert_mentions(error_line(stderr), f"--metrics-json {path}", "a file is in the way")
 
 
 def test_output_path_that_is_a_folder_exits_2_with_one_line_before_training(capfd, tiny_data, tmp_path):
