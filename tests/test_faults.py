@@ -1,4 +1,5 @@
-"""Faults: a dying rank, an unreachable rendezvous, SIGTERM/SIGKILL and resume, and safe downloads.
+"""Faults: a dying or killed rank, an unreachable rendezvous, SIGTERM/SIGKILL and resume, full disks, images that
+go bad mid-run, and safe downloads.
 
 Faults are injected by a wrapper script (WRAPPER) that imports qml, wraps DressedQuantumNet.forward to
 count its calls, and at a chosen call raises, deletes or truncates an image, or waits for the test to send
