@@ -12,11 +12,13 @@ dressed head trains, with DistributedDataParallel across Slurm/torchrun/MPI rank
 """
 
 import argparse
+import contextlib
 import datetime
 import functools
 import gc
 import glob
 import hashlib
+import io
 import json
 import math
 import os
@@ -29,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 import urllib.request
 import zipfile
 import zlib
@@ -77,6 +80,19 @@ RESUME_KEYS = ("n_qubits", "q_depth", "q_delta", "weights", "bn_mode", "cache_fe
 
 class UsageError(Exception):
     """Bad input or environment: main() prints the one-line message and exits with status 2."""
+
+
+class RunFailed(Exception):
+    """A started run cannot go on (a full disk, a rank gone, an image gone): one line, exit status 1."""
+
+
+class ImageUnreadable(Exception):
+    """An image that became unreadable after the start-up check. Raised in a DataLoader worker, it comes
+    back with the worker's traceback as its message, whose last line holds the original message."""
+
+    def __init__(self, message):
+        last = message.rstrip().splitlines()[-1]
+        super().__init__(last.split(f"{type(self).__name__}: ", 1)[-1])
 
 
 # ----------------------------------------------------------------------------
@@ -688,6 +704,39 @@ def prepare_data(args):
     broadcast_error(message)
 
 
+def output_paths(args):
+    """(option, path) of every file rank 0 will write."""
+    named = [("--save", args.save), *(("--metrics-json", path) for path in args.metrics_json),
+             ("--checkpoint", args.checkpoint)]
+    return [(option, path) for option, path in named if path]
+
+
+def unwritable(option, path):
+    """Why rank 0 could not write `path` (its folder cannot be made or takes no file), else None."""
+    if os.path.isdir(path):
+        return f"{option} {path} is a folder; give a file path"
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{os.path.basename(path)}.") as probe:
+            probe.write(b"\0")  # a full disk may still take an empty file
+            probe.flush()
+    except OSError as err:
+        in_the_way = isinstance(err, (FileExistsError, NotADirectoryError))
+        reason = "a file is in the way" if in_the_way else err.strerror or err
+        return f"{option} {path}: cannot write in {folder} ({reason}); choose a writable folder"
+    return None
+
+
+def check_outputs(named_paths):
+    """Rank 0 tries each (option, path)'s folder before training, so a bad path fails now, not after the
+    last epoch; every rank gets its verdict."""
+    message = None
+    if is_main_process():
+        message = next(filter(None, (unwritable(option, path) for option, path in named_paths)), None)
+    broadcast_error(message)
+
+
 def load_rgb(path):
     """Open an image of any mode (grayscale, RGBA, palette, CMYK, 16-bit) as 8-bit RGB."""
     from PIL import Image
@@ -698,10 +747,18 @@ def load_rgb(path):
         return image.convert("RGB")
 
 
+def read_training_image(path):
+    """load_rgb for training: an image deleted or damaged since the start-up check is named in one line."""
+    try:
+        return load_rgb(path)
+    except Exception as err:  # PIL raises many types for broken files
+        raise ImageUnreadable(f"{path} can no longer be read ({getattr(err, 'strerror', None) or err})") from None
+
+
 def load_datasets(data_dir):
     from torchvision import datasets
 
-    return {split: datasets.ImageFolder(os.path.join(data_dir, split), data_transforms(), loader=load_rgb)
+    return {split: datasets.ImageFolder(os.path.join(data_dir, split), data_transforms(), loader=read_training_image)
             for split in ("train", "val")}
 
 
@@ -744,19 +801,35 @@ def make_loaders(datasets_, args, ctx, cached=False):
 
 
 def atomic_write(path, write):
-    """Call write(file) on a temporary file beside `path`, fsync it, then rename it over `path`."""
+    """Call write(file) on a temporary file beside `path`, fsync it, then rename it over `path`.
+
+    Whatever fails, `path` keeps its previous content and no temporary file stays; an OSError (a full
+    disk, a read-only or vanished folder) becomes RunFailed, one line that names it.
+    """
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")  # open() keeps the umask
     try:
+        os.makedirs(folder, exist_ok=True)
         with open(tmp, "wb") as file:
             write(file)
             file.flush()
             os.fsync(file.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
+    except BaseException as err:
+        with contextlib.suppress(OSError):  # nothing to remove when open() failed
+            os.unlink(tmp)
+        if isinstance(err, OSError):
+            raise RunFailed(f"cannot write {path} ({err.strerror or err}); its previous version, if any, "
+                            f"is unchanged; make room or choose another path") from err
         raise
+
+
+def torch_bytes(obj):
+    """torch.save into memory: written to a file, a failed write then keeps its OSError (torch.save
+    writing to the file itself turns a full disk into 'RuntimeError: unexpected pos')."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getbuffer()
 
 
 def run_config(args, classes):
@@ -773,7 +846,7 @@ def save_checkpoint(path, model, optimizer, scheduler, state, config):
         optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
         rng=dict(torch=torch.get_rng_state(), numpy=[numpy_rng[0], numpy_rng[1].tolist(), *numpy_rng[2:]]),
     )
-    atomic_write(path, lambda file: torch.save(payload, file))
+    atomic_write(path, lambda file: file.write(torch_bytes(payload)))
 
 
 def load_checkpoint(path, config):
@@ -791,6 +864,24 @@ def load_checkpoint(path, config):
             raise UsageError(f"--resume {path}: the checkpoint has {key}={saved.get(key)!r} but this run "
                              f"{key}={config.get(key)!r}; use the checkpoint's options or drop --resume")
     return checkpoint
+
+
+def finished(args, checkpoint):
+    """Whether the --resume checkpoint already holds --epochs epochs; rank 0 then says so."""
+    done = checkpoint["state"]["epoch"]
+    if done >= args.epochs and is_main_process():
+        print(f"--resume {args.resume}: this run is finished ({done} epochs trained, --epochs {args.epochs}); "
+              f"nothing to train (give a larger --epochs to train on)", flush=True)
+    return done >= args.epochs
+
+
+def check_world_size(args, checkpoint, world_size):
+    """Refuse to continue on another number of ranks (another global batch and shuffle) unless asked to."""
+    saved = checkpoint["state"]["history"][-1].get("world_size")
+    if saved != world_size and not args.resume_any_world_size:
+        raise UsageError(f"--resume {args.resume}: the checkpoint's run had {saved} rank(s), this one has "
+                         f"{world_size}, so the global batch and the shuffle would differ; start {saved} ranks, or "
+                         f"add --resume-any-world-size to go on anyway (the metrics JSON records each epoch's ranks)")
 
 
 def restore_checkpoint(checkpoint, model, optimizer, scheduler):
@@ -975,7 +1066,9 @@ def record_best(state, phase, loss, acc, model):
 
 
 def train_model(args, ctx):
-    """Train the dressed head; returns the model holding the best-validation-accuracy head, and the state."""
+    """Train the dressed head; returns the model holding the best-validation-accuracy head, the state and the
+    config (None when --resume finds the run finished)."""
+    check_outputs(output_paths(args))
     prepare_data(args)
     datasets_ = load_datasets(args.data_dir)
     classes = datasets_["train"].classes
@@ -985,6 +1078,10 @@ def train_model(args, ctx):
     fetch_weights_once(args)
     config = run_config(args, classes)
     checkpoint = load_checkpoint(args.resume, config) if args.resume else None
+    if checkpoint and finished(args, checkpoint):
+        return None
+    if checkpoint:
+        check_world_size(args, checkpoint, ctx["world_size"])
 
     torch.manual_seed(args.seed)  # the backbone's init, then the head's: the tutorial's order
     np.random.seed(args.seed)
@@ -1017,7 +1114,7 @@ def train_model(args, ctx):
         print("Training started:", flush=True)
     for epoch in range(state["epoch"], args.epochs):
         train_sampler.set_epoch(epoch)  # a new shuffle each epoch (the tutorial reused the first)
-        epoch_start, record = time.time(), {"epoch": epoch + 1}
+        epoch_start, record = time.time(), {"epoch": epoch + 1, "world_size": ctx["world_size"]}
         timer.restart()
         for phase in ("train", "validation"):
             if phase == "validation" and args.bn_mode == "train" and not args.cache_features:
@@ -1058,18 +1155,35 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see: python qml.py --help)")
 
 
-def positive(kind):
+def number(kind, low, high=math.inf, above_low=False):
+    """argparse type: a finite `kind` in low..high (above low if above_low), else one line at once."""
+    if high < math.inf:
+        wanted = f"{low}..{high}"
+    else:
+        wanted = "positive" if above_low and low == 0 else f"{low} or more"
+    if kind is float:
+        wanted += " and finite"
+
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        finite = kind is not float or math.isfinite(value)  # inf passes the comparisons below
+        if not (finite and (value > low if above_low else value >= low) and value <= high):
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text}")
         return value
 
-    parse.__name__ = f"positive {kind.__name__}"
+    parse.__name__ = kind.__name__
     return parse
+
+
+def positive(kind):
+    return number(kind, 0, above_low=True)
+
+
+SEEDS = dict(low=0, high=2**32 - 1)  # what np.random.seed accepts
+DIST_TIMEOUT_MAX = 2**31 // 1000  # 24.8 days, whose milliseconds fit 32 bits; far more overflows torch's timers
 
 
 def qubit_count(text):
@@ -1101,9 +1215,10 @@ def get_args_parser():
     add("--q-depth", type=positive(int), default=q_depth, help="variational layers (default: %(default)s)")
     add("--q-delta", type=positive(float), default=q_delta, help="spread of initial circuit weights "
         "(default: %(default)s)")
-    add("--seed", type=int, default=42, help="seed of the model's random init (default: %(default)s)")
-    add("--shuffle-seed", type=int, default=0, help="seed of the training shuffle; 0 is the tutorial's "
-        "DistributedSampler default (default: %(default)s)")
+    add("--seed", type=number(int, **SEEDS), default=42, help="seed of the model's random init, 0..2**32-1 "
+        "(default: %(default)s)")
+    add("--shuffle-seed", type=number(int, **SEEDS), default=0, help="seed of the training shuffle, 0..2**32-1; "
+        "0 is the tutorial's DistributedSampler default (default: %(default)s)")
     add("--qdevice", default="lightning.kokkos", help="PennyLane device simulating the circuit, or 'torch' for "
         "the built-in exact torch simulator (default: %(default)s)")
     add("--per-sample", action="store_true", help="one circuit call per image, as the tutorial "
@@ -1118,15 +1233,17 @@ def get_args_parser():
         "(default: %(default)s)")
     add("--backend", choices=("auto", "nccl", "gloo"), default="auto", help="auto: nccl on GPUs, gloo on CPUs "
         "(default: %(default)s)")
-    add("--dist-timeout", type=positive(int), default=300, help="seconds before a stuck rendezvous or "
-        "collective fails (default: %(default)s)")
-    add("--workers", type=int, default=None, help="image-decoding processes per rank (default on GPUs: "
-        "SLURM_CPUS_PER_TASK or CPU count, minus 1, at most 3; on CPUs: 0)")
-    add("--print-freq", type=int, default=None, help="progress line every N batches; 0: never (default: each "
-        "batch on a terminal, every 10 in a log)")
+    add("--dist-timeout", type=number(int, 1, DIST_TIMEOUT_MAX), default=300, help="seconds before a stuck "
+        "rendezvous or collective fails (default: %(default)s)")
+    add("--workers", type=number(int, 0), default=None, help="image-decoding processes per rank (default on "
+        "GPUs: SLURM_CPUS_PER_TASK or CPU count, minus 1, at most 3; on CPUs: 0)")
+    add("--print-freq", type=number(int, 0), default=None, help="progress line every N batches; 0: never "
+        "(default: each batch on a terminal, every 10 in a log)")
     add("--save", default=None, help="write the best dressed-head weights (state_dict) to this file")
     add("--checkpoint", default=None, help="write a resumable checkpoint to this file after every epoch")
     add("--resume", default=None, help="continue from a --checkpoint file")
+    add("--resume-any-world-size", action="store_true", help="with --resume: continue on another number of "
+        "ranks than the checkpoint's (another global batch and shuffle; each epoch's ranks are recorded)")
     add("--metrics-json", action="append", default=[], help="write config, per-epoch metrics, timings and "
         "provenance to this JSON file (repeat the option for several files)")
     add("--time-split", action="store_true", help="record in --metrics-json the seconds of every epoch spent in "
@@ -1147,8 +1264,6 @@ def validate_args(args):
                          "(--global-batch-size G gives each of N ranks G/N images)")
     if args.global_batch_size is None and args.batch_size is None:
         args.batch_size = DEFAULT_BATCH_SIZE
-    if args.workers is not None and args.workers < 0:
-        raise UsageError(f"--workers must be 0 or more, got {args.workers}")
     if args.qdevice != TORCH_QDEVICE and args.qdevice not in available_qdevices():  # torch needs no PennyLane import
         raise UsageError(f"--qdevice {args.qdevice}: not installed; choose one of {', '.join(available_qdevices())}")
 
@@ -1242,10 +1357,14 @@ def draw_circuit(args):
 
 def setup(args):
     """Join the process group, train, report from rank 0, and always leave the group."""
+    ctx = None
     try:
         ctx = init_distributed_mode(args)
         resolve_batch_and_lr(args, ctx["world_size"])
-        model, state, config = train_model(args, ctx)
+        trained = train_model(args, ctx)
+        if trained is None:  # --resume of a finished run
+            return 0
+        model, state, config = trained
         for fact, digest in zip(ctx["ranks"], gather_objects(head_digest(model.fc)), strict=True):
             fact["head_sha256"] = digest
         if is_main_process():
@@ -1254,14 +1373,44 @@ def setup(args):
             print(f"Best average loss: {state['best_loss']:.4f} | Best average accuracy: {state['best_acc']:.4f}",
                   flush=True)
             if args.save:
-                atomic_write(args.save, lambda file: torch.save(model.fc.state_dict(), file))
+                atomic_write(args.save, lambda file: file.write(torch_bytes(model.fc.state_dict())))
             for path in args.metrics_json:
                 write_metrics(path, state, config, ctx)
         if get_world_size() > 1:
             dist.barrier()
         return 0
+    except BaseException as err:
+        drop_frames(err)  # they hold DDP (see train_model): let leave_process_group free it before the group
+        line = failure_line(err, args, ctx)
+        if line is None:
+            raise
+        raise RunFailed(line) from None
     finally:
         leave_process_group()
+
+
+def drop_frames(err):
+    """Clear the variables of the finished frames in the tracebacks of err and of the errors behind it."""
+    while err is not None:
+        traceback.clear_frames(err.__traceback__)
+        err = err.__cause__ or err.__context__
+
+
+PEER_GONE = re.compile(r"Connection (closed|reset) by peer|Broken pipe")  # gloo, when a peer process is gone
+
+
+def failure_line(err, args, ctx):
+    """The one line for an error that ends a run without being a bug here (an image or a rank gone), else None."""
+    resume = (f"continue from the last --checkpoint, if one was written, with --resume {args.checkpoint}"
+              if args.checkpoint else "run again (with --checkpoint PATH a run can be resumed)")
+    if isinstance(err, ImageUnreadable):
+        return f"{err}, though it was readable at start-up; replace it, then {resume}"
+    several_ranks = ctx is not None and ctx["world_size"] > 1
+    gone = PEER_GONE.search(str(err)) if several_ranks and isinstance(err, RuntimeError) else None
+    if gone:
+        peer = f"rank {1 - ctx['rank']}" if ctx["world_size"] == 2 else "a peer rank"  # gloo names no rank
+        return f"rank {ctx['rank']}: {peer} is gone ({gone[0]}); its own output says why; fix that, then {resume}"
+    return None
 
 
 def leave_process_group():
@@ -1293,9 +1442,9 @@ def main(argv=None):
             return 0
         signal.signal(signal.SIGTERM, raise_interrupt)  # Slurm's time limit sends SIGTERM first
         return setup(args)
-    except UsageError as err:
+    except (UsageError, RunFailed) as err:
         print("qml.py: error:", " ".join(str(err).split()), file=sys.stderr)  # one line, whatever err holds
-        return 2
+        return 2 if isinstance(err, UsageError) else 1
     except KeyboardInterrupt as err:
         print(f"qml.py: stopped by {err or 'Ctrl-C'}; the last --checkpoint file (if any) is complete: "
               f"continue with --resume", file=sys.stderr)

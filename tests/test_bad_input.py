@@ -71,7 +71,16 @@ OPTION_CASES = [
     ("q-delta-0", ["--q-delta", "0"], ["--q-delta", "positive"]),
     ("gamma-0", ["--gamma", "0"], ["--gamma", "positive"]),
     ("gamma-negative", ["--gamma", "-0.1"], ["--gamma", "positive"]),
-    ("dist-timeout-0", ["--dist-timeout", "0"], ["--dist-timeout", "positive"]),
+    ("lr-inf", ["--lr", "inf"], ["--lr", "positive and finite"]),
+    ("q-delta-inf", ["--q-delta", "inf"], ["--q-delta", "positive and finite"]),
+    ("dist-timeout-0", ["--dist-timeout", "0"], ["--dist-timeout", "1..2147483"]),
+    ("dist-timeout-25-days", ["--dist-timeout", "2160000"], ["--dist-timeout", "1..2147483"]),
+    ("seed-negative", ["--seed", "-1"], ["--seed", "0..4294967295"]),
+    ("seed-2**32", ["--seed", "4294967296"], ["--seed", "0..4294967295"]),
+    ("shuffle-seed-negative", ["--shuffle-seed", "-1"], ["--shuffle-seed", "0..4294967295"]),
+    ("shuffle-seed-2**32", ["--shuffle-seed", "4294967296"], ["--shuffle-seed", "0..4294967295"]),
+    ("print-freq-negative", ["--print-freq", "-1"], ["--print-freq", "0 or more"]),
+    ("workers-negative", ["--workers", "-1"], ["--workers", "0 or more"]),
     ("unknown-option", ["--n-qbits", "4"], ["--n-qbits", "--help"]),
     ("unknown-qdevice", ["--qdevice", "lightning.nosuch"],
      ["--qdevice lightning.nosuch", "not installed", "default.qubit", "lightning.qubit", "torch"]),
@@ -86,6 +95,18 @@ OPTION_CASES = [
 def test_bad_option_exits_2_with_one_line(capfd, data, extra, expected):
     line = main_error(capfd, ["--data-dir", str(data), *BASE, *extra])
     assert_mentions(line, *expected)
+
+
+def test_bad_number_is_refused_before_the_data_is_looked_at(capfd, tmp_path):
+    line = main_error(capfd, ["--data-dir", str(tmp_path / "nowhere"), *BASE, "--seed", "4294967296"])
+    assert_mentions(line, "--seed", "0..4294967295")
+
+
+def test_largest_accepted_seeds_seed_numpy_torch_and_the_sampler():
+    args = qml.get_args_parser().parse_args(["--seed", "4294967295", "--shuffle-seed", "4294967295"])
+    np.random.RandomState(args.seed)  # checks its seed as np.random.seed does, without touching the global state
+    torch.Generator().manual_seed(args.seed)
+    torch.Generator().manual_seed(args.shuffle_seed + 10**6)  # DistributedSampler seeds shuffle_seed + epoch
 
 
 def test_device_cuda_without_gpu_exits_2_with_one_line(capfd, data, monkeypatch):
@@ -241,20 +262,104 @@ def test_missing_data_directory_exits_2_with_one_line(capfd, tmp_path):
     assert_mentions(line, str(tmp_path / "nowhere"), "not found", "--data-dir DIR", "--download")
 
 
-def test_more_ranks_than_training_images_exit_2_with_one_line_each(tmp_path):
-    data = make_image_folder(tmp_path / "two", {"train": {"ants": 1, "bees": 1}, "val": {"ants": 1, "bees": 1}})
-    env = dict(os.environ, WORLD_SIZE="3", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    procs = [subprocess.Popen([sys.executable, QML, "--data-dir", data, *BASE, "--dist-timeout", "30"],
+def run_ranks(world, *argv):
+    """qml.py as `world` ranks of one gloo run on this host; returns [(stdout, stderr, status)] by rank."""
+    env = dict(os.environ, WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    procs = [subprocess.Popen([sys.executable, QML, *map(str, argv), "--dist-timeout", "30"],
                               env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)), text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for rank in range(3)]
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for rank in range(world)]
     try:
-        results = [proc.communicate(timeout=HANG_GUARD) + (proc.returncode,) for proc in procs]
+        return [proc.communicate(timeout=HANG_GUARD) + (proc.returncode,) for proc in procs]
     finally:
         for proc in procs:
             proc.kill()
-    for _, stderr, status in results:
+
+
+def test_more_ranks_than_training_images_exit_2_with_one_line_each(tmp_path):
+    data = make_image_folder(tmp_path / "two", {"train": {"ants": 1, "bees": 1}, "val": {"ants": 1, "bees": 1}})
+    for _, stderr, status in run_ranks(3, "--data-dir", data, *BASE):
         assert status == 2, stderr
         assert_mentions(error_line(stderr), "3 ranks", "only 2 training images", "at most 2 tasks")
+
+
+# ----------------------------------------------------------------------------
+# Output paths: checked at start-up, not after the last epoch
+
+OUTPUT_OPTIONS = ("--save", "--metrics-json", "--checkpoint")
+
+
+def output_error(capfd, argv):
+    """Run qml.main(argv); assert status 2 before training started; return its one stderr line."""
+    status = qml.main(argv)
+    out, err = capfd.readouterr()
+    assert status == 2, err
+    assert "Training started" not in out
+    return error_line(err)
+
+
+@pytest.mark.parametrize("option", OUTPUT_OPTIONS)
+def test_output_path_under_a_regular_file_exits_2_with_one_line_before_training(capfd, tiny_data, tmp_path, option):
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    path = tmp_path / "notes.txt" / "run" / "out"
+    line = output_error(capfd, ["--data-dir", tiny_data, *BASE, option, str(path)])
+    assert_mentions(line, f"{option} {path}", "a file is in the way", "writable folder")
+
+
+def test_unwritable_output_path_stops_every_rank_with_one_line(tiny_data, tmp_path):
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    path = tmp_path / "notes.txt" / "metrics.json"
+    for stdout, stderr, status in run_ranks(2, "--data-dir", tiny_data, *BASE, "--metrics-json", path):
+        assert status == 2, stderr
+        assert "Training started" not in stdout
+        assert_mentions(error_line(stderr), f"--metrics-json {path}", "a file is in the way")
+
+
+def test_output_path_that_is_a_folder_exits_2_with_one_line_before_training(capfd, tiny_data, tmp_path):
+    line = output_error(capfd, ["--data-dir", tiny_data, *BASE, "--save", str(tmp_path)])
+    assert_mentions(line, f"--save {tmp_path} is a folder", "file path")
+
+
+# mount -t tmpfs -o OPTIONS tmpfs FOLDER, fill it with FILL bytes, then run the command that follows.
+ON_TMPFS = 'mount -t tmpfs -o "$1" tmpfs "$2" && { [ "$3" -eq 0 ] || head -c "$3" /dev/zero > "$2/filler"; } ' \
+           '&& shift 3 && exec "$@"'
+
+
+@pytest.fixture(scope="module")
+def private_mounts(tmp_path_factory):
+    """Skip (fail under CI=true) unless this process may mount a tmpfs in a private mount namespace (root)."""
+    if shutil.which("unshare") is None:
+        reason = "unshare is not installed"
+    else:
+        result = subprocess.run(["unshare", "-m", "sh", "-c", 'mount -t tmpfs -o ro tmpfs "$1"', "sh",
+                                 tmp_path_factory.mktemp("mount-check")], capture_output=True, text=True)
+        reason = result.returncode != 0 and f"unshare -m, then mount: {result.stderr.strip()}"
+    if reason and os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"cannot test read-only and full disks: {reason} (CI=true: these tests must run)")
+    if reason:
+        pytest.skip(f"cannot test read-only and full disks: {reason} (needs root)")
+
+
+def run_on_tmpfs(folder, mount_options, fill, *qml_args):
+    """qml.py in a private mount namespace where `folder` is a new tmpfs, `fill` bytes of it taken."""
+    command = ["unshare", "-m", "sh", "-c", ON_TMPFS, "sh", mount_options, folder, str(fill), sys.executable, QML,
+               *qml_args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=HANG_GUARD)
+
+
+def test_output_path_on_a_read_only_mount_exits_2_with_one_line_before_training(private_mounts, tiny_data, tmp_path):
+    path = tmp_path / "run.pt"
+    result = run_on_tmpfs(tmp_path, "ro", 0, "--data-dir", tiny_data, *BASE, "--checkpoint", path)
+    assert result.returncode == 2, result.stderr
+    assert "Training started" not in result.stdout
+    assert_mentions(error_line(result.stderr), f"--checkpoint {path}", "Read-only file system", "writable folder")
+
+
+def test_output_path_on_a_full_disk_exits_2_with_one_line_before_training(private_mounts, tiny_data, tmp_path):
+    path = tmp_path / "metrics.json"
+    result = run_on_tmpfs(tmp_path, "size=4k", 4096, "--data-dir", tiny_data, *BASE, "--metrics-json", path)
+    assert result.returncode == 2, result.stderr
+    assert "Training started" not in result.stdout
+    assert_mentions(error_line(result.stderr), f"--metrics-json {path}", "No space left on device")
 
 
 # ----------------------------------------------------------------------------

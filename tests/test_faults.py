@@ -1,17 +1,21 @@
-"""Faults: a dying rank, an unreachable rendezvous, SIGTERM/SIGKILL and resume, and safe downloads.
+"""Faults: a dying or killed rank, an unreachable rendezvous, SIGTERM/SIGKILL and resume, full disks, images that
+go bad mid-run, and safe downloads.
 
 Faults are injected by a wrapper script (WRAPPER) that imports qml, wraps DressedQuantumNet.forward to
-count its calls, and at a chosen call either raises or waits for the test to send a signal; so the
-signal always lands at the same point of training (mid-epoch 2, after epoch 1's checkpoint). The
-wrapper also prints "WROTE <path>" after each qml.atomic_write, to show which rank writes files.
+count its calls, and at a chosen call raises, deletes or truncates an image, or waits for the test to send
+a signal; so the fault always lands at the same point of training (e.g. mid-epoch 2, after epoch 1's
+checkpoint). The wrapper also prints "WROTE <path>" after each qml.atomic_write, to show which rank writes
+files, and after main how many DDP wrappers are still alive.
 """
 
 import contextlib
+import errno
 import functools
 import http.server
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -33,9 +37,10 @@ HANG_GUARD = 60  # seconds: a run that takes longer is stuck, not slow
 FIRST_CALL_OF_EPOCH_2 = 7
 
 WRAPPER = f"""
-import os, sys, time
+import gc, os, sys, time
 sys.path.insert(0, {ROOT!r})
 import qml
+from torch.nn.parallel import DistributedDataParallel
 
 forward, calls = qml.DressedQuantumNet.forward, [0]
 
@@ -44,10 +49,16 @@ def fault_injecting_forward(self, inputs):
     calls[0] += 1
     here = os.environ.get("RANK", "0") == os.environ.get("FAULT_RANK", "0")
     if here and calls[0] == int(os.environ.get("FAULT_AT_CALL", "0")):
-        if os.environ["FAULT"] == "raise":
+        fault = os.environ["FAULT"]
+        if fault == "raise":
             raise RuntimeError("injected fault")
-        print("FAULT: waiting for a signal", flush=True)
-        time.sleep(120)
+        if fault == "delete":
+            os.remove(os.environ["FAULT_FILE"])
+        elif fault == "truncate":
+            os.truncate(os.environ["FAULT_FILE"], os.path.getsize(os.environ["FAULT_FILE"]) // 2)
+        else:
+            print("FAULT: waiting for a signal", flush=True)
+            time.sleep(120)
     return forward(self, inputs)
 
 
@@ -61,7 +72,11 @@ def logging_atomic_write(path, write):
 
 qml.DressedQuantumNet.forward = fault_injecting_forward
 qml.atomic_write = logging_atomic_write
-sys.exit(qml.main(sys.argv[1:]))
+try:
+    sys.exit(qml.main(sys.argv[1:]))
+finally:
+    alive = sum(type(obj) is DistributedDataParallel for obj in gc.get_objects())
+    print(f"DDP wrappers alive after main: {{alive}}", flush=True)
 """
 
 
@@ -92,28 +107,109 @@ def finish(proc, out_dir, name, timeout=HANG_GUARD):
 # Ranks
 
 
-def test_rank_that_fails_after_its_first_batch_ends_every_rank(tiny_data, wrapper, tmp_path):
-    env = dict(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), FAULT="raise",
-               FAULT_RANK="1", FAULT_AT_CALL="2")
-    argv = [sys.executable, wrapper, "--data-dir", tiny_data, *BASE, "--epochs", "2", "--dist-timeout", "30"]
-    procs = [start(argv, dict(env, RANK=str(rank), LOCAL_RANK=str(rank)), tmp_path, f"rank{rank}")
-             for rank in range(2)]
-    results = [finish(proc, tmp_path, f"rank{rank}") for rank, proc in enumerate(procs)]
-    assert "injected fault" in results[1][2]  # rank 1 failed as planned, not some other way
-    assert [status != 0 for status, _, _ in results] == [True, True], results
+def start_two_ranks(wrapper, data, out_dir, *extra, **fault):
+    """Both ranks of a gloo run of the wrapper (1 epoch unless extra says), --checkpoint run.pt, one thread each."""
+    env = dict(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1", **fault)
+    argv = [sys.executable, wrapper, "--data-dir", data, *BASE, "--epochs", "1", "--dist-timeout", "30",
+            "--checkpoint", str(out_dir / "run.pt"), *extra]
+    return [start(argv, dict(env, RANK=str(rank), LOCAL_RANK=str(rank)), out_dir, f"rank{rank}") for rank in range(2)]
 
 
-def test_only_rank_0_writes_the_checkpoint_after_every_epoch(tiny_data, wrapper, tmp_path):
-    checkpoint = tmp_path / "run.pt"
-    env = dict(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    argv = [sys.executable, wrapper, "--data-dir", tiny_data, *BASE, "--epochs", "2", "--checkpoint", str(checkpoint)]
-    procs = [start(argv, dict(env, RANK=str(rank), LOCAL_RANK=str(rank)), tmp_path, f"rank{rank}")
-             for rank in range(2)]
-    results = [finish(proc, tmp_path, f"rank{rank}") for rank, proc in enumerate(procs)]
+@pytest.fixture(scope="module")
+def rank_1_raises(tiny_data, wrapper, tmp_path_factory):
+    """Rank 1 raises in its second forward; returns [(status, stdout, stderr)] of ranks 0 and 1, and the folder."""
+    tmp = tmp_path_factory.mktemp("raises")
+    procs = start_two_ranks(wrapper, tiny_data, tmp, FAULT="raise", FAULT_RANK="1", FAULT_AT_CALL="2")
+    return [finish(proc, tmp, f"rank{rank}") for rank, proc in enumerate(procs)], tmp
+
+
+def test_rank_that_raises_exits_1_with_its_own_error(rank_1_raises):
+    (_, (status, _, stderr)), _ = rank_1_raises
+    assert status == 1, stderr  # not SIGABRT from a DDP wrapper outliving the process group
+    assert "RuntimeError: injected fault" in stderr and "is gone" not in stderr
+
+
+def test_rank_whose_peer_raised_exits_1_with_one_line_naming_it(rank_1_raises):
+    ((status, _, stderr), _), tmp = rank_1_raises
+    assert status == 1, stderr
+    line = one_stderr_line(stderr)
+    assert "rank 0: rank 1 is gone" in line and "its own output" in line
+    assert f"--resume {tmp / 'run.pt'}" in line
+
+
+def test_ranks_stopped_by_an_error_free_ddp_before_python_exits(rank_1_raises):
+    results, _ = rank_1_raises
+    for rank, (_, stdout, _) in enumerate(results):
+        assert "DDP wrappers alive after main: 0" in stdout, rank
+
+
+def test_rank_whose_peer_was_killed_exits_1_with_one_line_naming_it(tiny_data, wrapper, tmp_path):
+    rank0, rank1 = start_two_ranks(wrapper, tiny_data, tmp_path, FAULT="wait", FAULT_RANK="0", FAULT_AT_CALL="2")
+    deadline = time.monotonic() + HANG_GUARD
+    while "FAULT: waiting" not in (tmp_path / "rank0.out").read_text():
+        assert rank0.poll() is None and time.monotonic() < deadline, (tmp_path / "rank0.err").read_text()
+        time.sleep(0.1)
+    rank0.kill()
+    status, _, stderr = finish(rank1, tmp_path, "rank1", timeout=30)
+    finish(rank0, tmp_path, "rank0")
+    assert status == 1, stderr
+    line = one_stderr_line(stderr)
+    assert "rank 1: rank 0 is gone" in line and f"--resume {tmp_path / 'run.pt'}" in line
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tiny_data, wrapper, tmp_path_factory):
+    """A 2-epoch run of 2 ranks with --checkpoint: ([(status, stdout, stderr)] of ranks 0 and 1, checkpoint)."""
+    tmp = tmp_path_factory.mktemp("two_ranks")
+    procs = start_two_ranks(wrapper, tiny_data, tmp, "--epochs", "2")
+    return [finish(proc, tmp, f"rank{rank}") for rank, proc in enumerate(procs)], tmp / "run.pt"
+
+
+def test_only_rank_0_writes_the_checkpoint_after_every_epoch(two_rank_run):
+    results, checkpoint = two_rank_run
     assert [status for status, _, _ in results] == [0, 0], results
     writes = [[line for line in stdout.splitlines() if line.startswith("WROTE")] for _, stdout, _ in results]
     assert writes == [[f"WROTE {checkpoint}"] * 2, []]
     assert torch.load(checkpoint, map_location="cpu", weights_only=True)["state"]["epoch"] == 2
+
+
+def test_checkpoint_records_the_number_of_ranks_of_every_epoch(two_rank_run):
+    _, checkpoint = two_rank_run
+    history = torch.load(checkpoint, map_location="cpu", weights_only=True)["state"]["history"]
+    assert [record["world_size"] for record in history] == [2, 2]
+
+
+def test_resume_on_another_number_of_ranks_exits_2_with_one_line(capfd, tiny_data, two_rank_run):
+    _, checkpoint = two_rank_run
+    status = qml.main(["--data-dir", tiny_data, *BASE, "--epochs", "3", "--resume", str(checkpoint)])
+    out, err = capfd.readouterr()
+    assert status == 2, err
+    assert "Training started" not in out
+    line = one_stderr_line(err)
+    assert f"--resume {checkpoint}" in line and "had 2 rank(s), this one has 1" in line
+    assert "--resume-any-world-size" in line
+
+
+def test_resume_any_world_size_goes_on_and_the_metrics_record_each_epochs_ranks(tiny_data, two_rank_run, tmp_path):
+    _, checkpoint = two_rank_run
+    metrics = tmp_path / "metrics.json"
+    assert qml.main(["--data-dir", tiny_data, *BASE, "--epochs", "3", "--resume", str(checkpoint),
+                     "--resume-any-world-size", "--metrics-json", str(metrics)]) == 0
+    report = json.loads(metrics.read_text())
+    assert [(record["epoch"], record["world_size"]) for record in report["epochs"]] == [(1, 2), (2, 2), (3, 1)]
+    assert report["config"]["resume_any_world_size"] is True
+
+
+def test_resume_of_a_finished_run_says_so_and_exits_0_without_training(capfd, tiny_data, two_rank_run, tmp_path):
+    _, checkpoint = two_rank_run
+    before = checkpoint.read_bytes()
+    status = qml.main(["--data-dir", tiny_data, *BASE, "--epochs", "2", "--resume", str(checkpoint),
+                       "--checkpoint", str(checkpoint), "--metrics-json", str(tmp_path / "metrics.json")])
+    out, err = capfd.readouterr()
+    assert status == 0, err
+    assert f"--resume {checkpoint}: this run is finished (2 epochs trained, --epochs 2)" in out
+    assert "Training started" not in out and "Training completed" not in out
+    assert checkpoint.read_bytes() == before and not (tmp_path / "metrics.json").exists()
 
 
 @pytest.fixture(scope="module")
@@ -240,18 +336,115 @@ def test_resume_after_kill_ends_with_the_uninterrupted_metrics(request, killed, 
     assert best == pytest.approx(expected_best, rel=0, abs=1e-9)
 
 
-def test_interrupted_checkpoint_write_keeps_the_previous_file(tmp_path):
+@pytest.mark.parametrize("damage, workers", [("delete", "0"), ("truncate", "1")],
+                         ids=["deleted-no-workers", "truncated-in-a-worker"])
+def test_image_damaged_mid_run_exits_1_with_one_line_naming_it_and_the_checkpoint(tiny_data, wrapper, tmp_path,
+                                                                                  damage, workers):
+    data = shutil.copytree(tiny_data, tmp_path / "data")
+    image, checkpoint = data / "val" / "ants" / "0.jpg", tmp_path / "run.pt"  # read by epoch 2's validation
+    argv = [sys.executable, wrapper, "--data-dir", data, *BASE, "--workers", workers, "--epochs", "2",
+            "--checkpoint", checkpoint]
+    env = dict(FAULT=damage, FAULT_FILE=str(image), FAULT_AT_CALL=str(FIRST_CALL_OF_EPOCH_2))
+    status, _, stderr = finish(start(list(map(str, argv)), env, tmp_path, "run"), tmp_path, "run")
+    assert status == 1, stderr
+    line = one_stderr_line(stderr)
+    assert f"{image} can no longer be read" in line and f"--resume {checkpoint}" in line
+    assert torch.load(checkpoint, map_location="cpu", weights_only=True)["state"]["epoch"] == 1
+
+
+def test_sigterm_during_a_checkpoint_write_keeps_the_previous_checkpoint(tmp_path):
     path = tmp_path / "run.pt"
-    path.write_bytes(b"epoch 1")
+    previous = {"state": {"epoch": 1}, "head": torch.arange(4.0)}
+    torch.save(previous, path)
+    signal.signal(signal.SIGTERM, qml.raise_interrupt)  # as main() installs it
 
     def interrupted(file):
         file.write(b"half of epoch 2")
-        raise KeyboardInterrupt("SIGTERM")
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(HANG_GUARD)  # the handler raises in here
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
         qml.atomic_write(str(path), interrupted)
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    assert saved["state"] == previous["state"] and torch.equal(saved["head"], previous["head"])
+    assert os.listdir(tmp_path) == ["run.pt"]  # no temporary file left
+
+
+def refuse_to_open(*args, **kwargs):
+    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
+
+def test_write_whose_open_fails_reports_that_error_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    path = tmp_path / "run.pt"
+    path.write_bytes(b"epoch 1")
+    monkeypatch.setattr(qml, "open", refuse_to_open, raising=False)  # shadows the builtin inside qml
+    with pytest.raises(qml.RunFailed, match=rf"cannot write {path} \(Permission denied\)") as failure:
+        qml.atomic_write(str(path), lambda file: file.write(b"epoch 2"))
+    assert isinstance(failure.value.__cause__, PermissionError)
     assert path.read_bytes() == b"epoch 1"
     assert os.listdir(tmp_path) == ["run.pt"]
+
+
+def test_write_that_fails_midway_reports_that_error_and_leaves_no_temporary_file(tmp_path):
+    path = tmp_path / "run.pt"
+    path.write_bytes(b"epoch 1")
+
+    def disk_full(file):
+        file.write(b"half of epoch 2")
+        file.flush()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(qml.RunFailed, match=rf"cannot write {path} \(No space left on device\)") as failure:
+        qml.atomic_write(str(path), disk_full)
+    assert failure.value.__cause__.errno == errno.ENOSPC
+    assert path.read_bytes() == b"epoch 1"
+    assert os.listdir(tmp_path) == ["run.pt"]
+
+
+class FullDiskFile(io.FileIO):
+    """A file on a disk that fills up: each write stores half of its bytes, then fails with ENOSPC."""
+
+    def write(self, data):
+        super().write(bytes(data)[: len(data) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def fill_the_disk(monkeypatch):
+    """From now on every file qml opens for writing is on a full disk."""
+    monkeypatch.setattr(qml, "open", lambda path, mode="r": FullDiskFile(path, mode.replace("b", "")), raising=False)
+
+
+def full_disk_run(capfd, argv):
+    """qml.main(argv) in this process; asserts status 1 and returns its one stderr line."""
+    status = qml.main(argv)
+    stderr = capfd.readouterr().err
+    assert status == 1, stderr
+    return one_stderr_line(stderr)
+
+
+def test_checkpoint_write_on_a_full_disk_keeps_the_previous_checkpoint_and_exits_1_with_one_line(
+        capfd, tiny_data, tmp_path, monkeypatch):
+    checkpoint = tmp_path / "run.pt"
+    assert qml.main(["--data-dir", tiny_data, *BASE, "--epochs", "1", "--checkpoint", str(checkpoint)]) == 0
+    epoch_1 = checkpoint.read_bytes()
+    fill_the_disk(monkeypatch)
+    line = full_disk_run(capfd, ["--data-dir", tiny_data, *BASE, "--epochs", "2", "--resume", str(checkpoint),
+                                 "--checkpoint", str(checkpoint)])
+    assert f"cannot write {checkpoint} (No space left on device)" in line and "unchanged" in line
+    assert checkpoint.read_bytes() == epoch_1
+    assert torch.load(checkpoint, map_location="cpu", weights_only=True)["state"]["epoch"] == 1
+    assert os.listdir(tmp_path) == ["run.pt"]
+
+
+def test_metrics_write_on_a_full_disk_keeps_the_previous_file_and_exits_1_with_one_line(
+        capfd, tiny_data, tmp_path, monkeypatch):
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text('{"previous": "run"}\n')
+    fill_the_disk(monkeypatch)
+    line = full_disk_run(capfd, ["--data-dir", tiny_data, *BASE, "--epochs", "1", "--metrics-json", str(metrics)])
+    assert f"cannot write {metrics} (No space left on device)" in line and "unchanged" in line
+    assert metrics.read_text() == '{"previous": "run"}\n'
+    assert os.listdir(tmp_path) == ["metrics.json"]
 
 
 # ----------------------------------------------------------------------------
