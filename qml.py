@@ -8,11 +8,32 @@ dressed head trains, with DistributedDataParallel across Slurm/torchrun/MPI rank
     python qml.py                        # the tutorial's experiment
     python qml.py --help                 # every option
     python qml.py report runs/<jobid>    # scaling table of a submit_qml.sbatch sweep
-    python qml.py bench                  # speed benchmark table
+    python bench.py                      # speed benchmark table (bench.py, beside this file)
+
+Reading this file beside the tutorial; its sections come in this order:
+
+    tutorial                                 here
+    n_qubits, q_depth, q_delta               the same globals, below the imports
+    H_layer, RY_layer, entangling_layer      "The quantum circuit": the same functions
+    dev = qml.device(...), @qml.qnode        make_quantum_net(qdevice=...) wraps quantum_net in a QNode
+      quantum_net                            quantum_net: the circuit the QNode runs
+    DressedQuantumNet, resnet18 + fc         "The model": DressedQuantumNet, build_model
+    setup: init_process_group; __main__:     "Distributed setup": init_distributed_mode (torchrun, srun,
+      mpi4py ranks, MASTER_ADDR                mpiexec or one process; the device; the process group)
+    data_transforms, ImageFolder, samplers   "Data": data_transforms, load_datasets, make_loaders
+    train_model                              "Training": train_model (the epoch loop), prepare_training
+                                             (model, optimizer, data, DDP), run_phase (one train or
+                                             validation pass), record_best (the tutorial's bests)
+    step, num_epochs, batch_size,            "Command line": --lr, --epochs, --batch-size, --gamma,
+      gamma_lr_scheduler, manual_seed(42)      --seed (get_args_parser); setup: join, train, report, leave
+
+Beyond the tutorial: qdevice "torch" (TorchCircuit, an exact simulator in torch, not a PennyLane device),
+checkpoints (--checkpoint/--resume), run provenance (--metrics-json), and `report` for submit_qml.sbatch sweeps.
 """
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import functools
 import gc
@@ -22,6 +43,7 @@ import io
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -35,6 +57,7 @@ import traceback
 import urllib.request
 import zipfile
 import zlib
+from importlib import metadata
 
 # Launchers of MPI programs set these; mpiexec started us when one is present.
 MPI_LAUNCHER_VARS = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALRANKID")
@@ -52,9 +75,17 @@ if any(var in os.environ for var in MPI_LAUNCHER_VARS):
         pass
 
 import numpy as np
+import pennylane as qml
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torchvision
+from PIL import Image
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torchvision import datasets, transforms
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 # The tutorial's hyperparameters of the quantum layer.
 n_qubits = 4  # Number of qubits
@@ -68,7 +99,8 @@ DEFAULT_DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dat
 HYMENOPTERA_COUNTS = {"train": {"ants": 124, "bees": 121}, "val": {"ants": 70, "bees": 83}}
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+KOKKOS_QDEVICE = "lightning.kokkos"  # PennyLane's Kokkos simulator: OpenMP on CPUs, HIP or CUDA on GPUs
+DEFAULT_QDEVICE = KOKKOS_QDEVICE  # the tutorial's
 TORCH_QDEVICE = "torch"  # our exact batched simulator, see TorchCircuit
 DEFAULT_BATCH_SIZE = 4  # the tutorial's images per batch per rank
 # --lr-scaling linear multiplies --lr by global batch / this: the tutorial's images per step, one task.
@@ -96,39 +128,34 @@ class ImageUnreadable(Exception):
 
 
 # ----------------------------------------------------------------------------
-# The quantum circuit
+# The quantum circuit (the tutorial's H_layer, RY_layer, entangling_layer, dev and quantum_net)
 
 
 def H_layer(nqubits):
     """Layer of single-qubit Hadamard gates: start from |+>, unbiased w.r.t. |0> and |1>."""
-    import pennylane as qml
-
     for idx in range(nqubits):
         qml.Hadamard(wires=idx)
 
 
 def RY_layer(w):
     """Layer of RY rotations; w[..., i] rotates wire i (a leading batch dimension broadcasts)."""
-    import pennylane as qml
-
     for idx in range(w.shape[-1]):
         qml.RY(w[..., idx], wires=idx)
 
 
 def entangling_layer(nqubits):
     """CNOTs on the even pairs (0,1), (2,3), ... then on the odd pairs (1,2), (3,4), ..."""
-    import pennylane as qml
-
     for i in range(0, nqubits - 1, 2):
         qml.CNOT(wires=[i, i + 1])
     for i in range(1, nqubits - 1, 2):
         qml.CNOT(wires=[i, i + 1])
 
 
-def circuit(q_input_features, q_weights_flat, nqubits, depth):
-    """The variational circuit: H layer, RY embedding, depth x [entangle, RY], <Z> on every wire."""
-    import pennylane as qml
+def quantum_net(q_input_features, q_weights_flat, nqubits=n_qubits, depth=q_depth):
+    """The variational circuit: H layer, RY embedding, depth x [entangle, RY], <Z> on every wire.
 
+    The tutorial decorates it with @qml.qnode(dev) for one device; make_quantum_net wraps it for any.
+    """
     q_weights = q_weights_flat.reshape(depth, nqubits)
     H_layer(nqubits)
     RY_layer(q_input_features)
@@ -138,8 +165,145 @@ def circuit(q_input_features, q_weights_flat, nqubits, depth):
     return [qml.expval(qml.PauliZ(position)) for position in range(nqubits)]
 
 
+def make_quantum_net(nqubits=n_qubits, depth=q_depth, qdevice=DEFAULT_QDEVICE, device_id=None):
+    """quantum_net on `qdevice` as a callable (q_input_features, q_weights_flat) -> list of <Z>: the
+    tutorial's `dev = qml.device(...)` and `@qml.qnode(dev, interface="torch")`, for these sizes.
+
+    device_id: the rank's GPU, for a GPU build of lightning.kokkos (None: Kokkos' own choice).
+    qdevice "torch" is not PennyLane's: see TorchCircuit.
+    """
+    if qdevice == TORCH_QDEVICE:
+        return TorchCircuit(nqubits, depth)
+    dev = qml.device(qdevice, wires=nqubits, **qdevice_options(qdevice, device_id))
+    return qml.QNode(functools.partial(quantum_net, nqubits=nqubits, depth=depth), dev, interface="torch")
+
+
+def qdevice_options(qdevice, device_id):
+    """lightning.kokkos' settings: no OMP_PROC_BIND warning (binding threads would shrink the rank's CPU mask),
+    and on a GPU build this rank's GPU, since Kokkos does not read LOCAL_RANK. Only a process's first
+    lightning.kokkos device initialises Kokkos, so these hold for the whole run."""
+    if qdevice != KOKKOS_QDEVICE:
+        return {}
+    from pennylane_lightning.lightning_kokkos_ops import InitializationSettings
+
+    settings = InitializationSettings().set_disable_warnings(True)
+    if device_id is not None:
+        settings = settings.set_device_id(device_id)
+    return {"kokkos_args": settings}
+
+
+def available_qdevices():
+    """Names accepted by --qdevice: every installed PennyLane device, plus our torch simulator."""
+    return sorted(set(qml.plugin_devices) | {TORCH_QDEVICE})
+
+
+# ----------------------------------------------------------------------------
+# The model (the tutorial's DressedQuantumNet in place of a frozen ResNet18's fc)
+
+
+class DressedQuantumNet(nn.Module):
+    """Linear(512 -> n_qubits), the circuit, Linear(n_qubits -> n_classes): the *dressed* quantum net."""
+
+    def __init__(self, n_qubits=n_qubits, q_depth=q_depth, q_delta=q_delta, n_classes=2,
+                 qdevice=DEFAULT_QDEVICE, per_sample=False, in_features=512, device_id=None):
+        super().__init__()
+        # Parameter creation order (pre_net, q_params, post_net) is the tutorial's: same seed, same numbers.
+        self.pre_net = nn.Linear(in_features, n_qubits)
+        self.q_params = nn.Parameter(q_delta * torch.randn(q_depth * n_qubits))
+        self.post_net = nn.Linear(n_qubits, n_classes)
+        self.per_sample = per_sample
+        self.quantum_net = make_quantum_net(n_qubits, q_depth, qdevice, device_id)
+
+    def forward(self, input_features):
+        q_in = torch.tanh(self.pre_net(input_features)) * math.pi / 2.0
+        if self.per_sample:  # the tutorial's loop: one circuit call per image
+            q_out = torch.stack([torch.hstack(self.quantum_net(elem, self.q_params)) for elem in q_in])
+        else:  # one broadcast circuit call for the whole batch
+            q_out = torch.stack(self.quantum_net(q_in, self.q_params), dim=-1)
+        return self.post_net(q_out.float().to(input_features.device))
+
+
+def resnet18_weights_error():
+    return (f"cannot load ImageNet ResNet18 weights (offline?): put resnet18-f37072fd.pth into "
+            f"{os.path.join(torch.hub.get_dir(), 'checkpoints')} (or set TORCH_HOME), "
+            f"pass --weights PATH to a ResNet18 state_dict, or use --weights none")
+
+
+def load_backbone(weights):
+    """ResNet18 with `weights` (imagenet | none | PATH). Every choice draws the same random init first."""
+    if weights == "imagenet":
+        try:
+            return torchvision.models.resnet18(weights=torchvision.models.ResNet18_Weights.IMAGENET1K_V1)
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:  # offline, or a bad cached file
+            raise UsageError(f"{resnet18_weights_error()} [{err}]") from None
+    model = torchvision.models.resnet18(weights=None)
+    if weights != "none":
+        model.load_state_dict(read_resnet18_state_dict(weights, model.state_dict()))
+    return model
+
+
+def read_resnet18_state_dict(path, expected):
+    """The state_dict in `path`, checked to have the keys and shapes of `expected` (a fresh ResNet18's)."""
+    if not os.path.isfile(path):
+        raise UsageError(f"--weights {path}: no such file; give a ResNet18 state_dict file, 'imagenet' or 'none'")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for unreadable files
+        raise UsageError(f"--weights {path}: cannot read it ({type(err).__name__}); "
+                         f"save one with torch.save(model.state_dict(), PATH)") from None
+    if not isinstance(state, dict) or tensor_shapes(state) != tensor_shapes(expected):
+        raise UsageError(f"--weights {path}: not a ResNet18 state_dict (keys or shapes differ); "
+                         f"save one with torch.save(torchvision.models.resnet18().state_dict(), PATH)")
+    return state
+
+
+def tensor_shapes(state):
+    """{name: shape} of a state_dict; a value that is no tensor has the shape ()."""
+    return {name: tuple(getattr(value, "shape", ())) for name, value in state.items()}
+
+
+def build_model(args, n_classes, device_id=None):
+    """Frozen ResNet18 whose fc is the dressed quantum head; random draws in the tutorial's order."""
+    model = load_backbone(args.weights)
+    for param in model.parameters():
+        param.requires_grad = False
+    model.fc = DressedQuantumNet(args.n_qubits, args.q_depth, args.q_delta, n_classes, args.qdevice,
+                                 args.per_sample, model.fc.in_features, device_id)
+    return model
+
+
+def describe_qdevice(head, qdevice):
+    """Where the circuit really runs; `summary` says it in a few words.
+
+    lightning.kokkos tells its Kokkos execution space (OpenMP on CPUs; HIP or Cuda on GPUs) once Kokkos has
+    started, that is after one circuit call.
+    """
+    if qdevice == TORCH_QDEVICE:
+        runs_on = str(head.q_params.device)
+        return dict(name=qdevice, runs_on=runs_on,
+                    summary=f"qml.py's exact torch simulator, not a PennyLane device, on {runs_on}")
+    if qdevice != KOKKOS_QDEVICE:
+        runs_on = "gpu" if "gpu" in qdevice else "cpu"
+        return dict(name=qdevice, runs_on=runs_on, summary=f"PennyLane device on the {runs_on}")
+    from pennylane_lightning.lightning_kokkos_ops import print_configuration
+
+    with torch.no_grad():
+        head.quantum_net(torch.zeros(head.pre_net.out_features), head.q_params.detach().cpu())
+    config = print_configuration()
+    version = re.search(r"Kokkos Version: (\S+)", config)
+    space = re.search(r"Default Device: (\S+)", config)
+    space = space.group(1) if space else "unknown"
+    runs_on = "gpu" if space in ("Cuda", "HIP", "SYCL") else "cpu"
+    return dict(name=qdevice, runs_on=runs_on, kokkos_version=version and version.group(1), kokkos_device=space,
+                summary=f"Kokkos {space}, on the {runs_on}")
+
+
+# ----------------------------------------------------------------------------
+# qdevice "torch": qml.py's own exact simulator of quantum_net, not a PennyLane device
+
+
 class TorchCircuit:
-    """Exact statevector simulation of `circuit` in plain torch, batched and autograd-differentiable.
+    """Exact statevector simulation of `quantum_net` in plain torch, batched and autograd-differentiable.
 
     H, RY and CNOT are real, so the state is a real vector of 2^n amplitudes (wire 0 most significant).
     PennyLane's per-call overhead (tens of ms) dominates this tiny circuit; this avoids it.
@@ -178,165 +342,33 @@ class TorchCircuit:
         return list(expvals.to(q_input_features.dtype).unbind(-1))
 
 
-def available_qdevices():
-    """Names accepted by --qdevice: every installed PennyLane device, plus our torch simulator."""
-    import pennylane as qml
-
-    return sorted(set(qml.plugin_devices) | {TORCH_QDEVICE})
-
-
-def make_quantum_net(nqubits=n_qubits, depth=q_depth, qdevice="lightning.kokkos", device_id=None):
-    """Build the circuit for these sizes as a callable (q_input_features, q_weights_flat) -> list of <Z>.
-
-    device_id: the rank's GPU, for a GPU build of lightning.kokkos (None: Kokkos' own choice).
-    """
-    if qdevice == TORCH_QDEVICE:
-        return TorchCircuit(nqubits, depth)
-    import pennylane as qml
-
-    dev = qml.device(qdevice, wires=nqubits, **qdevice_options(qdevice, device_id))
-    return qml.QNode(functools.partial(circuit, nqubits=nqubits, depth=depth), dev, interface="torch")
-
-
-def qdevice_options(qdevice, device_id):
-    """lightning.kokkos' settings: no OMP_PROC_BIND warning (binding threads would shrink the rank's CPU mask),
-    and on a GPU build this rank's GPU, since Kokkos does not read LOCAL_RANK. Only a process's first
-    lightning.kokkos device initialises Kokkos, so these hold for the whole run."""
-    if qdevice != "lightning.kokkos":
-        return {}
-    from pennylane_lightning.lightning_kokkos_ops import InitializationSettings
-
-    settings = InitializationSettings().set_disable_warnings(True)
-    if device_id is not None:
-        settings = settings.set_device_id(device_id)
-    return {"kokkos_args": settings}
-
-
-@functools.lru_cache(maxsize=None)
-def _default_quantum_net():
-    return make_quantum_net()
-
-
-def quantum_net(q_input_features, q_weights_flat):
-    """The tutorial's circuit: n_qubits wires, q_depth layers, on lightning.kokkos (built on first use)."""
-    return _default_quantum_net()(q_input_features, q_weights_flat)
-
-
 # ----------------------------------------------------------------------------
-# The model
+# Distributed setup (the tutorial's `setup` and `__main__`): torchrun, then Slurm, then mpiexec, then one process
 
 
-class DressedQuantumNet(nn.Module):
-    """Linear(512 -> n_qubits), the circuit, Linear(n_qubits -> n_classes): the *dressed* quantum net."""
+@dataclasses.dataclass
+class DistContext:
+    """Where this process runs among the run's ranks: found once by init_distributed_mode, then passed on."""
 
-    def __init__(self, n_qubits=n_qubits, q_depth=q_depth, q_delta=q_delta, n_classes=2,
-                 qdevice="lightning.kokkos", per_sample=False, in_features=512, device_id=None):
-        super().__init__()
-        # Parameter creation order (pre_net, q_params, post_net) is the tutorial's: same seed, same numbers.
-        self.pre_net = nn.Linear(in_features, n_qubits)
-        self.q_params = nn.Parameter(q_delta * torch.randn(q_depth * n_qubits))
-        self.post_net = nn.Linear(n_qubits, n_classes)
-        self.per_sample = per_sample
-        self.quantum_net = make_quantum_net(n_qubits, q_depth, qdevice, device_id)
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    source: str = "single"  # who started the ranks: torchrun, slurm, mpi or single
+    master_addr: str = "127.0.0.1"
+    master_port: str = "29500"
+    device: torch.device = torch.device("cpu")
+    backend: str = "gloo"
+    rank_facts: list = dataclasses.field(default_factory=list)  # every rank's rank_facts(), in rank order
+    provenance: dict = dataclasses.field(default_factory=dict)  # what the run used: run_provenance()
 
-    def forward(self, input_features):
-        q_in = torch.tanh(self.pre_net(input_features)) * math.pi / 2.0
-        if self.per_sample:  # the tutorial's loop: one circuit call per image
-            q_out = torch.stack([torch.hstack(self.quantum_net(elem, self.q_params)) for elem in q_in])
-        else:  # one broadcast circuit call for the whole batch
-            q_out = torch.stack(self.quantum_net(q_in, self.q_params), dim=-1)
-        return self.post_net(q_out.float().to(input_features.device))
+    @property
+    def is_main(self):
+        return self.rank == 0
 
-
-def resnet18_weights_error():
-    return (f"cannot load ImageNet ResNet18 weights (offline?): put resnet18-f37072fd.pth into "
-            f"{os.path.join(torch.hub.get_dir(), 'checkpoints')} (or set TORCH_HOME), "
-            f"pass --weights PATH to a ResNet18 state_dict, or use --weights none")
-
-
-def load_backbone(weights):
-    """ResNet18 with `weights` (imagenet | none | PATH). Every choice draws the same random init first."""
-    import pickle
-
-    import torchvision
-
-    if weights == "imagenet":
-        try:
-            return torchvision.models.resnet18(weights=torchvision.models.ResNet18_Weights.IMAGENET1K_V1)
-        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:  # offline, or a bad cached file
-            raise UsageError(f"{resnet18_weights_error()} [{err}]") from None
-    model = torchvision.models.resnet18(weights=None)
-    if weights != "none":
-        model.load_state_dict(read_resnet18_state_dict(weights, model.state_dict()))
-    return model
-
-
-def read_resnet18_state_dict(path, expected):
-    """The state_dict in `path`, checked to have the keys and shapes of `expected` (a fresh ResNet18's)."""
-    if not os.path.isfile(path):
-        raise UsageError(f"--weights {path}: no such file; give a ResNet18 state_dict file, 'imagenet' or 'none'")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for unreadable files
-        raise UsageError(f"--weights {path}: cannot read it ({type(err).__name__}); "
-                         f"save one with torch.save(model.state_dict(), PATH)") from None
-    if not isinstance(state, dict) or {k: tuple(v.shape) for k, v in expected.items()} != {
-            k: tuple(getattr(v, "shape", ())) for k, v in state.items()}:
-        raise UsageError(f"--weights {path}: not a ResNet18 state_dict (keys or shapes differ); "
-                         f"save one with torch.save(torchvision.models.resnet18().state_dict(), PATH)")
-    return state
-
-
-def build_model(args, n_classes, device_id=None):
-    """Frozen ResNet18 whose fc is the dressed quantum head; random draws in the tutorial's order."""
-    model = load_backbone(args.weights)
-    for param in model.parameters():
-        param.requires_grad = False
-    model.fc = DressedQuantumNet(args.n_qubits, args.q_depth, args.q_delta, n_classes, args.qdevice,
-                                 args.per_sample, model.fc.in_features, device_id)
-    return model
-
-
-def describe_qdevice(head, qdevice):
-    """Where the circuit really runs; `summary` says it in a few words.
-
-    lightning.kokkos tells its Kokkos execution space (OpenMP on CPUs; HIP or Cuda on GPUs) once Kokkos has
-    started, that is after one circuit call.
-    """
-    if qdevice == TORCH_QDEVICE:
-        runs_on = str(head.q_params.device)
-        return dict(name=qdevice, runs_on=runs_on,
-                    summary=f"qml.py's exact torch simulator, not a PennyLane device, on {runs_on}")
-    if qdevice != "lightning.kokkos":
-        runs_on = "gpu" if "gpu" in qdevice else "cpu"
-        return dict(name=qdevice, runs_on=runs_on, summary=f"PennyLane device on the {runs_on}")
-    from pennylane_lightning.lightning_kokkos_ops import print_configuration
-
-    with torch.no_grad():
-        head.quantum_net(torch.zeros(head.pre_net.out_features), head.q_params.detach().cpu())
-    config = print_configuration()
-    version = re.search(r"Kokkos Version: (\S+)", config)
-    space = re.search(r"Default Device: (\S+)", config)
-    space = space.group(1) if space else "unknown"
-    runs_on = "gpu" if space in ("Cuda", "HIP", "SYCL") else "cpu"
-    return dict(name=qdevice, runs_on=runs_on, kokkos_version=version and version.group(1), kokkos_device=space,
-                summary=f"Kokkos {space}, on the {runs_on}")
-
-
-# ----------------------------------------------------------------------------
-# Distributed setup: torchrun, then Slurm, then mpiexec, then a single process
-
-
-def get_rank():
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def get_world_size():
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def is_main_process():
-    return get_rank() == 0
+    @property
+    def distributed(self):
+        """A launcher started us: even one task joins a process group and trains through DDP."""
+        return self.source != "single"
 
 
 def expand_nodelist(nodelist):
@@ -396,32 +428,27 @@ def mpi_ranks(env):
 
 
 def discover_ranks(env=None):
-    """Where this process sits: dict(rank, world_size, local_rank, master_addr, master_port, source)."""
+    """Where this process sits (a DistContext still on the CPU): from the launcher's variables."""
     env = os.environ if env is None else env
-    master_addr = None
     if "RANK" in env and "WORLD_SIZE" in env:
-        source = "torchrun"
-        rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
-        local = int(env.get("LOCAL_RANK", 0))
+        ctx = DistContext(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), "torchrun")
     elif "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:  # only srun steps set the step count
-        source = "slurm"
-        rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"])
-        local = int(env.get("SLURM_LOCALID", 0))
+        ctx = DistContext(int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"]),
+                          int(env.get("SLURM_LOCALID", 0)), "slurm")
     elif (mpi := mpi_ranks(env)) is not None:
-        source = "mpi"
-        rank, world, local, master_addr = mpi
+        rank, world, local, rank0_host = mpi
+        ctx = DistContext(rank, world, local, "mpi", master_addr=rank0_host or "127.0.0.1")
     else:
-        source = "single"
-        rank, world, local = 0, 1, 0
+        ctx = DistContext()
     if "MASTER_ADDR" in env:
-        master_addr = env["MASTER_ADDR"]
-    elif source == "slurm":
+        ctx.master_addr = env["MASTER_ADDR"]
+    elif ctx.source == "slurm":
         # The step's own nodes: in a sweep a small step may not run on the allocation's first node.
         nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
         if nodelist:
-            master_addr = expand_nodelist(nodelist)[0]
-    return dict(rank=rank, world_size=world, local_rank=local, source=source,
-                master_addr=master_addr or "127.0.0.1", master_port=master_port(env))
+            ctx.master_addr = expand_nodelist(nodelist)[0]
+    ctx.master_port = master_port(env)
+    return ctx
 
 
 def master_port(env):
@@ -449,57 +476,71 @@ def pick_device(requested, local_rank):
 
 
 def init_distributed_mode(args):
-    """Find rank and world size, set the device, join the process group when there are several ranks,
-    and learn where every rank runs (ctx["ranks"])."""
-    ranks = discover_ranks()
-    device = pick_device(args.device, ranks["local_rank"])
-    backend = args.backend if args.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
-    if backend == "nccl" and device.type != "cuda":
+    """The DistContext of this process: rank and world size, device and backend, the process group joined
+    when a launcher started us, and where every rank runs (rank_facts)."""
+    ctx = discover_ranks()
+    ctx.device = pick_device(args.device, ctx.local_rank)
+    ctx.backend = args.backend if args.backend != "auto" else ("nccl" if ctx.device.type == "cuda" else "gloo")
+    if ctx.backend == "nccl" and ctx.device.type != "cuda":
         raise UsageError("--backend nccl needs a GPU; use --backend gloo (or auto) on CPUs")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)  # before init_process_group, so NCCL binds the right GPU
-    if ranks["source"] != "single":  # even one launched task runs DDP over NCCL/gloo, as any larger run
-        join_process_group(ranks, backend, args.dist_timeout)
-    ctx = dict(ranks, device=device, backend=backend)
-    ctx["ranks"] = gather_objects(rank_facts(ctx))
-    if backend == "nccl":
-        check_one_gpu_per_rank(ctx["ranks"])
+    if ctx.device.type == "cuda":
+        torch.cuda.set_device(ctx.device)  # before init_process_group, so NCCL binds the right GPU
+    if ctx.distributed:
+        join_process_group(ctx, args.dist_timeout)
+    ctx.rank_facts = gather_objects(ctx, rank_facts(ctx))
+    if ctx.backend == "nccl":
+        check_one_gpu_per_rank(ctx.rank_facts)
     return ctx
 
 
-def join_process_group(ranks, backend, seconds):
+def join_process_group(ctx, seconds):
     """init_process_group, failing in one line within `seconds` when the rendezvous cannot happen.
 
     NCCL gets gloo beside it for CPU tensors: object collectives (errors, rank facts) then need no GPU,
     and two ranks on one GPU can be told apart before NCCL aborts on them.
     """
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = ranks["master_addr"], ranks["master_port"]
+    address = f"MASTER_ADDR={ctx.master_addr} MASTER_PORT={ctx.master_port}"
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = ctx.master_addr, ctx.master_port
     try:  # torch would retry an unknown host until the timeout, printing C++ log lines
-        socket.getaddrinfo(ranks["master_addr"], int(ranks["master_port"]))
+        socket.getaddrinfo(ctx.master_addr, int(ctx.master_port))
     except (socket.gaierror, ValueError) as err:
-        raise UsageError(f"MASTER_ADDR={ranks['master_addr']} MASTER_PORT={ranks['master_port']} cannot be "
-                         f"used ({err}); set them to rank 0's host name and a free port") from None
-    if ranks["rank"] != 0:
-        wait_for_master(ranks, seconds)
+        raise UsageError(f"{address} cannot be used ({err}); set them to rank 0's host name and a free port") from None
+    if not ctx.is_main:
+        wait_for_master(ctx, seconds)
+    backend = "cpu:gloo,cuda:nccl" if ctx.backend == "nccl" else ctx.backend
     try:
-        dist.init_process_group("cpu:gloo,cuda:nccl" if backend == "nccl" else backend, init_method="env://",
-                                rank=ranks["rank"], world_size=ranks["world_size"],
+        dist.init_process_group(backend, init_method="env://", rank=ctx.rank, world_size=ctx.world_size,
                                 timeout=datetime.timedelta(seconds=seconds))
     except (RuntimeError, dist.DistError) as err:
-        raise UsageError(f"rank {ranks['rank']}: cannot join the process group at "
-                         f"{ranks['master_addr']}:{ranks['master_port']} within {seconds}s "
-                         f"({str(err).splitlines()[0][:160]}); check MASTER_ADDR/MASTER_PORT "
-                         f"and that all {ranks['world_size']} ranks started") from None
+        raise UsageError(f"rank {ctx.rank}: cannot join the process group at {ctx.master_addr}:{ctx.master_port} "
+                         f"within {seconds}s ({str(err).splitlines()[0][:160]}); check MASTER_ADDR/MASTER_PORT "
+                         f"and that all {ctx.world_size} ranks started") from None
+
+
+def wait_for_master(ctx, seconds):
+    """Wait until rank 0 listens at MASTER_ADDR:MASTER_PORT; fail within `seconds`, in one line.
+
+    torch's own client would retry past the timeout and print C++ stack traces for a wrong address.
+    """
+    addr, port, deadline = ctx.master_addr, int(ctx.master_port), time.monotonic() + seconds
+    while True:
+        try:
+            socket.create_connection((addr, port), timeout=max(0.1, deadline - time.monotonic())).close()
+            return
+        except OSError as err:
+            if time.monotonic() >= deadline:
+                raise UsageError(f"rank {ctx.rank}: nothing answers at {addr}:{port} within {seconds}s "
+                                 f"({err}); check MASTER_ADDR/MASTER_PORT and that rank 0 started") from None
+            time.sleep(0.5)
 
 
 def rank_facts(ctx):
     """Where this rank runs: host, Slurm node, the CPUs it may use, and its GPU."""
-    facts = dict(rank=ctx["rank"], local_rank=ctx["local_rank"], host=socket.gethostname(),
+    facts = dict(rank=ctx.rank, local_rank=ctx.local_rank, host=socket.gethostname(),
                  slurm_node=os.environ.get("SLURMD_NODENAME"), cpus=cpu_ranges(os.sched_getaffinity(0)))
-    device = ctx["device"]
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        facts["gpu"] = dict(index=device.index, name=props.name, id=physical_gpu_id(props, device.index),
+    if ctx.device.type == "cuda":
+        props = torch.cuda.get_device_properties(ctx.device)
+        facts["gpu"] = dict(index=ctx.device.index, name=props.name, id=physical_gpu_id(props, ctx.device.index),
                             visible=torch.cuda.device_count())
     return facts
 
@@ -527,21 +568,11 @@ def cpu_ranges(cpus):
     return ",".join(f"{lo}-{hi}" if hi > lo else str(lo) for lo, hi in runs)
 
 
-def gather_objects(obj):
-    """[obj of rank 0, obj of rank 1, ...] on every rank (CPU collectives only)."""
-    if get_world_size() == 1:
-        return [obj]
-    gathered = [None] * get_world_size()
-    dist.all_gather_object(gathered, obj)
-    return gathered
-
-
 def check_one_gpu_per_rank(facts):
     """NCCL needs one GPU per rank; refuse (on every rank alike) ranks of one host that share a GPU."""
     seen = {}
     for fact in facts:
-        gpu = fact["gpu"]
-        seen.setdefault((fact["host"], gpu["id"]), []).append(fact)
+        seen.setdefault((fact["host"], fact["gpu"]["id"]), []).append(fact)
     for (host, _), sharing in seen.items():
         if len(sharing) > 1:
             on_host = sum(fact["host"] == host for fact in facts)
@@ -551,26 +582,21 @@ def check_one_gpu_per_rank(facts):
                              f"per node, give each its own GPU (srun --gpus-per-task=1), or use --backend gloo")
 
 
-def wait_for_master(ranks, seconds):
-    """Wait until rank 0 listens at MASTER_ADDR:MASTER_PORT; fail within `seconds`, in one line.
-
-    torch's own client would retry past the timeout and print C++ stack traces for a wrong address.
-    """
-    addr, port, deadline = ranks["master_addr"], int(ranks["master_port"]), time.monotonic() + seconds
-    while True:
-        try:
-            socket.create_connection((addr, port), timeout=max(0.1, deadline - time.monotonic())).close()
-            return
-        except OSError as err:
-            if time.monotonic() >= deadline:
-                raise UsageError(f"rank {ranks['rank']}: nothing answers at {addr}:{port} within {seconds}s "
-                                 f"({err}); check MASTER_ADDR/MASTER_PORT and that rank 0 started") from None
-            time.sleep(0.5)
+# Collectives; with one rank there is nothing to exchange.
 
 
-def broadcast_error(message):
+def gather_objects(ctx, obj):
+    """[obj of rank 0, obj of rank 1, ...] on every rank (CPU collectives only)."""
+    if ctx.world_size == 1:
+        return [obj]
+    gathered = [None] * ctx.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def broadcast_error(ctx, message):
     """Share rank 0's error (or None) with every rank so all stop together instead of hanging."""
-    if get_world_size() > 1:
+    if ctx.world_size > 1:
         box = [message]
         dist.broadcast_object_list(box, src=0)
         message = box[0]
@@ -578,9 +604,9 @@ def broadcast_error(message):
         raise UsageError(message)
 
 
-def reduce_sums(totals):
+def reduce_sums(ctx, totals):
     """Sum a tensor of per-rank totals over all ranks with one all_reduce; returns a list."""
-    if get_world_size() > 1:
+    if ctx.world_size > 1:
         dist.all_reduce(totals, op=dist.ReduceOp.SUM)
     return totals.tolist()
 
@@ -591,8 +617,6 @@ def reduce_sums(totals):
 
 def data_transforms():
     """The tutorial's preprocessing, identical for train and val (no augmentation)."""
-    from torchvision import transforms
-
     return transforms.Compose([
         transforms.Resize(256),
         transforms.CenterCrop(224),
@@ -609,7 +633,7 @@ def list_images(folder):
     classes = sorted(d.name for d in os.scandir(folder) if d.is_dir())
     return {c: sorted(os.path.join(root, name)
                       for root, _, names in os.walk(os.path.join(folder, c), followlinks=True)
-                      for name in names if name.lower().endswith(IMAGE_EXTENSIONS)) for c in classes}
+                      for name in names if name.lower().endswith(IMG_EXTENSIONS)) for c in classes}
 
 
 def check_layout(data_dir, expected_counts=None):
@@ -688,10 +712,10 @@ def extract_zip(archive, target):
     return os.path.dirname(inner[0]) if inner and not os.path.isdir(os.path.join(root, "train")) else root
 
 
-def prepare_data(args):
+def prepare_data(args, ctx):
     """Rank 0 checks (and if allowed downloads) the data; every rank gets its verdict."""
     message = None
-    if is_main_process():
+    if ctx.is_main:
         try:
             if not os.path.isdir(args.data_dir):
                 if not (args.download or args.data_dir_is_default):
@@ -701,7 +725,7 @@ def prepare_data(args):
             check_images_decode(check_layout(args.data_dir))
         except UsageError as err:
             message = str(err)
-    broadcast_error(message)
+    broadcast_error(ctx, message)
 
 
 def output_paths(args):
@@ -728,19 +752,17 @@ def unwritable(option, path):
     return None
 
 
-def check_outputs(named_paths):
+def check_outputs(ctx, named_paths):
     """Rank 0 tries each (option, path)'s folder before training, so a bad path fails now, not after the
     last epoch; every rank gets its verdict."""
     message = None
-    if is_main_process():
+    if ctx.is_main:
         message = next(filter(None, (unwritable(option, path) for option, path in named_paths)), None)
-    broadcast_error(message)
+    broadcast_error(ctx, message)
 
 
 def load_rgb(path):
     """Open an image of any mode (grayscale, RGBA, palette, CMYK, 16-bit) as 8-bit RGB."""
-    from PIL import Image
-
     with Image.open(path) as image:
         if image.mode.startswith("I"):  # 16-bit grey: scale to 8 bits first
             image = image.convert("I").point(lambda v: v / 256).convert("L")
@@ -756,8 +778,6 @@ def read_training_image(path):
 
 
 def load_datasets(data_dir):
-    from torchvision import datasets
-
     return {split: datasets.ImageFolder(os.path.join(data_dir, split), data_transforms(), loader=read_training_image)
             for split in ("train", "val")}
 
@@ -782,12 +802,10 @@ def make_loaders(datasets_, args, ctx, cached=False):
 
     Cached features need no decoding workers and validate in one batch (the batch size changes no metric there).
     """
-    from torch.utils.data import DataLoader, DistributedSampler
-
-    rank, world = ctx["rank"], ctx["world_size"]
+    rank, world = ctx.rank, ctx.world_size
     train_sampler = DistributedSampler(datasets_["train"], num_replicas=world, rank=rank, seed=args.shuffle_seed)
-    workers = 0 if cached else resolve_workers(args, ctx["device"])
-    common = dict(num_workers=workers, persistent_workers=workers > 0, pin_memory=ctx["device"].type == "cuda")
+    workers = 0 if cached else resolve_workers(args, ctx.device)
+    common = dict(num_workers=workers, persistent_workers=workers > 0, pin_memory=ctx.device.type == "cuda")
     val_batch = len(datasets_["val"]) if cached else args.batch_size
     return {
         "train": DataLoader(datasets_["train"], sampler=train_sampler, batch_size=args.batch_size, **common),
@@ -866,10 +884,10 @@ def load_checkpoint(path, config):
     return checkpoint
 
 
-def finished(args, checkpoint):
+def finished(args, ctx, checkpoint):
     """Whether the --resume checkpoint already holds --epochs epochs; rank 0 then says so."""
     done = checkpoint["state"]["epoch"]
-    if done >= args.epochs and is_main_process():
+    if done >= args.epochs and ctx.is_main:
         print(f"--resume {args.resume}: this run is finished ({done} epochs trained, --epochs {args.epochs}); "
               f"nothing to train (give a larger --epochs to train on)", flush=True)
     return done >= args.epochs
@@ -950,8 +968,6 @@ class TimeSplit:
 
 def timed_allreduce(timer, bucket):
     """DDP's default all-reduce hook, waited for so that its time is told apart from the backward pass."""
-    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-
     timer.lap("head")
     future = allreduce_hook(None, bucket)
     future.wait()
@@ -959,13 +975,13 @@ def timed_allreduce(timer, bucket):
     return future
 
 
-def run_phase(phase, net, step_net, loader, optimizer, ctx, args, epoch, timer):
-    """One pass over `loader`; returns (average loss, accuracy, images) summed over all ranks."""
+def run_phase(phase, run, ctx, args, epoch):
+    """One pass over the phase's loader; returns (average loss, accuracy, images) summed over all ranks."""
     training = phase == "train"
     # The dressed head has no mode-dependent layers: this only picks BatchNorm's statistics.
-    net.train(training and args.bn_mode == "train")
+    run.net.train(training and args.bn_mode == "train")
     criterion = nn.CrossEntropyLoss()
-    device, every = ctx["device"], progress_every(args)
+    device, every, timer, loader = ctx.device, progress_every(args), run.timer, run.loaders[phase]
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
     for it, (inputs, labels) in enumerate(loader, 1):
         since_batch = time.time()
@@ -973,29 +989,36 @@ def run_phase(phase, net, step_net, loader, optimizer, ctx, args, epoch, timer):
         labels = labels.to(device, non_blocking=True)
         timer.lap("data")
         with torch.set_grad_enabled(training):
-            outputs = (step_net if training else net)(inputs)  # validation needs no DDP collectives
+            outputs = (run.step_net if training else run.net)(inputs)  # validation needs no DDP collectives
             loss = criterion(outputs, labels)
         timer.lap("head")  # the backbone's part was charged as the head began (a hook on model.fc)
         if training:
-            optimizer.zero_grad()
+            run.optimizer.zero_grad()
             loss.backward()
             timer.lap("head")
-            optimizer.step()
+            run.optimizer.step()
             timer.lap("optimizer")
         totals[0] += loss.detach().double() * len(labels)
         totals[1] += (outputs.argmax(1) == labels).sum()
         totals[2] += len(labels)
-        if is_main_process() and every and (it % every == 0 or it == len(loader)):
+        if ctx.is_main and every and (it % every == 0 or it == len(loader)):
+            if device.type == "cuda":
+                torch.cuda.synchronize()  # the batch time includes the GPU's work, not only its launch
             print(f"Phase: {phase} Epoch: {epoch + 1}/{args.epochs} Iter: {it}/{len(loader)} "
                   f"Batch time: {time.time() - since_batch:.4f}", end="\r" if every == 1 and sys.stdout.isatty()
                   else "\n", flush=True)
-    loss_sum, correct, count = reduce_sums(totals)
+    loss_sum, correct, count = reduce_sums(ctx, totals)
     return loss_sum / count, correct / count, int(count)
 
 
-def sync_buffers(model):
-    """Give every rank rank 0's BatchNorm statistics (each rank updated its own in the train phase)."""
-    if get_world_size() > 1:
+def sync_buffers(ctx, model):
+    """Give every rank rank 0's BatchNorm running statistics before validation.
+
+    DDP (broadcast_buffers) copies rank 0's buffers to the others only at the start of each training
+    forward, so after the train phase each rank's statistics hold its own last batch; validation runs the
+    bare model, without DDP, and must use the same statistics on every rank, as one model would.
+    """
+    if ctx.world_size > 1:
         for buffer in model.buffers():
             dist.broadcast(buffer, src=0)
 
@@ -1006,11 +1029,9 @@ def cached_features(model, datasets_, args, ctx):
     Each rank embeds its share of the images; an all_gather gives every rank the whole set, so
     the training sampler draws exactly the batches it would draw from the images.
     """
-    from torch.utils.data import DataLoader, TensorDataset
-
     head, model.fc = model.fc, nn.Identity()
     model.eval()
-    rank, world, device = ctx["rank"], ctx["world_size"], ctx["device"]
+    rank, world, device = ctx.rank, ctx.world_size, ctx.device
     features = {}
     for split, data in datasets_.items():
         shard = range(rank, len(data), world)
@@ -1040,16 +1061,16 @@ def gather_shards(local, total, world, rank):
     return out
 
 
-def fetch_weights_once(args):
+def fetch_weights_once(args, ctx):
     """With several ranks, rank 0 downloads the ImageNet weights into the torch hub cache before the others
     read them (one process simply loads them in build_model)."""
     message = None
-    if args.weights == "imagenet" and get_world_size() > 1 and is_main_process():
+    if args.weights == "imagenet" and ctx.world_size > 1 and ctx.is_main:
         try:
             load_backbone("imagenet")
         except UsageError as err:
             message = str(err)
-    broadcast_error(message)
+    broadcast_error(ctx, message)
 
 
 def record_best(state, phase, loss, acc, model):
@@ -1065,80 +1086,109 @@ def record_best(state, phase, loss, acc, model):
         state["best_loss_train"] = loss
 
 
-def train_model(args, ctx):
-    """Train the dressed head; returns the model holding the best-validation-accuracy head, the state and the
-    config (None when --resume finds the run finished)."""
-    check_outputs(output_paths(args))
-    prepare_data(args)
+@dataclasses.dataclass
+class Training:
+    """What the epoch loop works with, built by prepare_training."""
+
+    model: nn.Module  # the frozen backbone with the dressed head as its fc
+    net: nn.Module  # what a batch goes through: the model, or only its head on cached features
+    step_net: nn.Module  # net, wrapped in DDP when distributed: the training forward
+    loaders: dict  # "train" and "validation" DataLoaders
+    train_sampler: DistributedSampler
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    state: dict  # the epochs so far and the tutorial's bests (fresh_state)
+    config: dict  # the options that define the run (run_config)
+    timer: TimeSplit
+    started: float  # time.time() when training began, the feature cache included
+
+
+def prepare_training(args, ctx):
+    """Data, model, optimizer, resume state, feature cache and DDP for train_model; None when --resume finds
+    the run finished. Every check that can fail runs before the model is built."""
+    check_outputs(ctx, output_paths(args))
+    prepare_data(args, ctx)
     datasets_ = load_datasets(args.data_dir)
     classes = datasets_["train"].classes
-    if ctx["world_size"] > len(datasets_["train"]):
-        raise UsageError(f"{ctx['world_size']} ranks but only {len(datasets_['train'])} training images; "
+    if ctx.world_size > len(datasets_["train"]):
+        raise UsageError(f"{ctx.world_size} ranks but only {len(datasets_['train'])} training images; "
                          f"start at most {len(datasets_['train'])} tasks")
-    fetch_weights_once(args)
+    fetch_weights_once(args, ctx)
     config = run_config(args, classes)
     checkpoint = load_checkpoint(args.resume, config) if args.resume else None
-    if checkpoint and finished(args, checkpoint):
+    if checkpoint and finished(args, ctx, checkpoint):
         return None
     if checkpoint:
-        check_world_size(args, checkpoint, ctx["world_size"])
+        check_world_size(args, checkpoint, ctx.world_size)
 
     torch.manual_seed(args.seed)  # the backbone's init, then the head's: the tutorial's order
     np.random.seed(args.seed)
-    model = build_model(args, len(classes), ctx["device"].index).to(ctx["device"])
-    if ctx["device"].type == "cpu":
+    model = build_model(args, len(classes), ctx.device.index).to(ctx.device)
+    if ctx.device.type == "cpu":
         model = model.to(memory_format=torch.channels_last)  # about 25% faster convolutions on CPUs
     optimizer = torch.optim.Adam(model.fc.parameters(), lr=args.lr)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.step_size, gamma=args.gamma)
     state = restore_checkpoint(checkpoint, model, optimizer, scheduler) if checkpoint else fresh_state()
-    ctx["provenance"] = run_provenance(ctx, describe_qdevice(model.fc, args.qdevice))
-    if is_main_process():
+    ctx.provenance = run_provenance(ctx, describe_qdevice(model.fc, args.qdevice))
+    if ctx.is_main:
         print(provenance_line(ctx), flush=True)
 
-    since = time.time()
+    started = time.time()
+    net = model
     if args.cache_features:
         net, datasets_ = model.fc, cached_features(model, datasets_, args, ctx)
-    else:
-        net = model
     loaders, train_sampler = make_loaders(datasets_, args, ctx, cached=args.cache_features)
-    step_net = net
-    timer = TimeSplit(ctx["device"], args.time_split)
+    timer = TimeSplit(ctx.device, args.time_split)
     model.fc.register_forward_pre_hook(lambda head, head_inputs: timer.lap("backbone"))
-    if dist.is_initialized():
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        step_net = DDP(net, device_ids=[ctx["device"].index] if ctx["device"].type == "cuda" else None)
+    step_net = net
+    if ctx.distributed:
+        step_net = DDP(net, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
         if args.time_split:
             step_net.register_comm_hook(timer, timed_allreduce)
-    if is_main_process():
+    return Training(model, net, step_net, loaders, train_sampler, optimizer, scheduler, state, config, timer,
+                    started)
+
+
+def train_model(args, ctx):
+    """Train the dressed head: the tutorial's epoch loop of a train and a validation phase.
+
+    Returns (the model holding the head of the best validation accuracy, the state with every epoch's
+    metrics and the bests, the run's config), or None when --resume finds the run finished.
+    """
+    run = prepare_training(args, ctx)
+    if run is None:
+        return None
+    state = run.state
+    if ctx.is_main:
         print("Training started:", flush=True)
     for epoch in range(state["epoch"], args.epochs):
-        train_sampler.set_epoch(epoch)  # a new shuffle each epoch (the tutorial reused the first)
-        epoch_start, record = time.time(), {"epoch": epoch + 1, "world_size": ctx["world_size"]}
-        timer.restart()
+        run.train_sampler.set_epoch(epoch)  # a new shuffle each epoch (the tutorial reused the first)
+        epoch_start, record = time.time(), {"epoch": epoch + 1, "world_size": ctx.world_size}
+        run.timer.restart()
         for phase in ("train", "validation"):
             if phase == "validation" and args.bn_mode == "train" and not args.cache_features:
-                sync_buffers(model)
-            loss, acc, count = run_phase(phase, net, step_net, loaders[phase], optimizer, ctx, args, epoch, timer)
-            if is_main_process():
+                sync_buffers(ctx, run.model)
+            loss, acc, count = run_phase(phase, run, ctx, args, epoch)
+            if ctx.is_main:
                 print("Phase: {} Epoch: {}/{} Ave. Loss: {:.4f} Ave. Acc: {:.4f}       ".format(
                     "train" if phase == "train" else "validation  ", epoch + 1, args.epochs, loss, acc), flush=True)
             key = "train" if phase == "train" else "val"
             record.update({f"{key}_loss": loss, f"{key}_acc": acc, f"{key}_count": count})
-            record_best(state, phase, loss, acc, model)
+            record_best(state, phase, loss, acc, run.model)
             if phase == "train":
-                scheduler.step()
+                run.scheduler.step()
         record["seconds"] = time.time() - epoch_start
         if args.time_split:
-            record["time_split"] = timer.seconds
+            record["time_split"] = run.timer.seconds
         state["history"].append(record)
         state["epoch"] = epoch + 1
-        if args.checkpoint and is_main_process():
-            elapsed = dict(state, seconds=state["seconds"] + time.time() - since)
-            save_checkpoint(args.checkpoint, model, optimizer, scheduler, elapsed, config)
-    state["seconds"] += time.time() - since
+        if args.checkpoint and ctx.is_main:
+            elapsed = dict(state, seconds=state["seconds"] + time.time() - run.started)
+            save_checkpoint(args.checkpoint, run.model, run.optimizer, run.scheduler, elapsed, run.config)
+    state["seconds"] += time.time() - run.started
+    model, config = run.model, run.config
     # Lightning caches import tracebacks that keep this frame alive: let DDP and loader workers go now.
-    del step_net, loaders
+    del run
     if state["best_head"] is not None:
         model.fc.load_state_dict(state["best_head"])
     return model, state, config
@@ -1195,7 +1245,8 @@ def qubit_count(text):
 
 def get_args_parser():
     parser = ArgumentParser(description="Hybrid quantum-classical transfer learning (OLCF Python_QML_Basics).",
-                            epilog="Subcommands: 'python qml.py report RUNDIR', 'python qml.py bench --help'.")
+                            epilog="Subcommand: 'python qml.py report RUNDIR', a sweep's scaling table. "
+                                   "Speed: 'python bench.py'.")
     add = parser.add_argument
     add("--data-dir", default=None, help="ImageFolder root with train/ and val/ (default: $QML_DATA_DIR, "
         "else data/hymenoptera_data beside qml.py, downloaded when missing)")
@@ -1219,7 +1270,7 @@ def get_args_parser():
         "(default: %(default)s)")
     add("--shuffle-seed", type=number(int, **SEEDS), default=0, help="seed of the training shuffle, 0..2**32-1; "
         "0 is the tutorial's DistributedSampler default (default: %(default)s)")
-    add("--qdevice", default="lightning.kokkos", help="PennyLane device simulating the circuit, or 'torch' for "
+    add("--qdevice", default=DEFAULT_QDEVICE, help="PennyLane device simulating the circuit, or 'torch' for "
         "the built-in exact torch simulator (default: %(default)s)")
     add("--per-sample", action="store_true", help="one circuit call per image, as the tutorial "
         "(default: one call per batch)")
@@ -1285,8 +1336,6 @@ def resolve_batch_and_lr(args, world_size):
 
 
 def package_versions():
-    from importlib import metadata
-
     names = ("torch", "torchvision", "pennylane", "pennylane_lightning", "pennylane_lightning_kokkos", "mpi4py")
     versions = {}
     for name in names:
@@ -1300,11 +1349,11 @@ def package_versions():
 def run_provenance(ctx, qdevice):
     """What this run really used, beyond its options: hosts, Slurm ids, GPU software, OpenMP settings, simulator."""
     collectives = None
-    if ctx["backend"] == "nccl":
+    if ctx.backend == "nccl":
         version = torch.cuda.nccl.version()
         collectives = ("RCCL " if torch.version.hip else "NCCL ") + ".".join(map(str, np.atleast_1d(version)))
-    master = f"{ctx['master_addr']}:{ctx['master_port']}" if dist.is_initialized() else None
-    return dict(hosts=sorted({fact["host"] for fact in ctx["ranks"]}), master=master,
+    master = f"{ctx.master_addr}:{ctx.master_port}" if ctx.distributed else None
+    return dict(hosts=sorted({fact["host"] for fact in ctx.rank_facts}), master=master,
                 slurm_job_id=os.environ.get("SLURM_JOB_ID"), slurm_step_id=os.environ.get("SLURM_STEP_ID"),
                 torch=torch.__version__, cuda=torch.version.cuda, hip=torch.version.hip, collectives=collectives,
                 qdevice=qdevice,
@@ -1313,14 +1362,14 @@ def run_provenance(ctx, qdevice):
 
 def provenance_line(ctx):
     """Rank 0's first line: ranks and hosts, device, backend and where the circuit runs."""
-    run, me = ctx["provenance"], ctx["ranks"][0]
-    device = f"{ctx['device']}, CPUs {me['cpus']}"
+    run, me = ctx.provenance, ctx.rank_facts[0]
+    device = f"{ctx.device}, CPUs {me['cpus']}"
     if "gpu" in me:
         runtime = f"HIP {run['hip']}" if run["hip"] else f"CUDA {run['cuda']}"
-        device = f"{ctx['device']} ({me['gpu']['name']}, {runtime})"
-    backend = f"{ctx['backend']} ({run['collectives']})" if run["collectives"] else ctx["backend"]
+        device = f"{ctx.device} ({me['gpu']['name']}, {runtime})"
+    backend = f"{ctx.backend} ({run['collectives']})" if run["collectives"] else ctx.backend
     slurm = f" | Slurm job {run['slurm_job_id']}.{run['slurm_step_id']}" if run["slurm_job_id"] else ""
-    return (f"Ranks: {ctx['world_size']} ({ctx['source']}) on {','.join(run['hosts'])} | device: {device} | "
+    return (f"Ranks: {ctx.world_size} ({ctx.source}) on {','.join(run['hosts'])} | device: {device} | "
             f"backend: {backend} | qdevice: {run['qdevice']['name']} ({run['qdevice']['summary']}){slurm}")
 
 
@@ -1334,10 +1383,10 @@ def head_digest(head):
 
 def write_metrics(path, state, config, ctx):
     best = {k: state[k] for k in ("best_acc", "best_loss", "best_acc_train", "best_loss_train")}
-    report = dict(config=config, world_size=ctx["world_size"], rank_source=ctx["source"],
-                  device=str(ctx["device"]), backend=ctx["backend"], versions=package_versions(),
-                  batch_size=config["batch_size"], global_batch_size=config["batch_size"] * ctx["world_size"],
-                  lr=config["lr"], provenance=ctx["provenance"], ranks=ctx["ranks"],
+    report = dict(config=config, world_size=ctx.world_size, rank_source=ctx.source,
+                  device=str(ctx.device), backend=ctx.backend, versions=package_versions(),
+                  batch_size=config["batch_size"], global_batch_size=config["batch_size"] * ctx.world_size,
+                  lr=config["lr"], provenance=ctx.provenance, ranks=ctx.rank_facts,
                   epochs=state["history"], training_seconds=state["seconds"],
                   best_val_acc=best["best_acc"], best_val_loss=best["best_loss"],
                   best_train_acc=best["best_acc_train"], best_train_loss=best["best_loss_train"])
@@ -1346,8 +1395,6 @@ def write_metrics(path, state, config, ctx):
 
 
 def draw_circuit(args):
-    import pennylane as qml
-
     drawable = "default.qubit" if args.qdevice == TORCH_QDEVICE else args.qdevice  # the drawer needs a QNode
     qnode = make_quantum_net(args.n_qubits, args.q_depth, drawable)
     inputs = torch.full((args.n_qubits,), 0.1)
@@ -1360,14 +1407,14 @@ def setup(args):
     ctx = None
     try:
         ctx = init_distributed_mode(args)
-        resolve_batch_and_lr(args, ctx["world_size"])
+        resolve_batch_and_lr(args, ctx.world_size)
         trained = train_model(args, ctx)
         if trained is None:  # --resume of a finished run
             return 0
         model, state, config = trained
-        for fact, digest in zip(ctx["ranks"], gather_objects(head_digest(model.fc)), strict=True):
+        for fact, digest in zip(ctx.rank_facts, gather_objects(ctx, head_digest(model.fc)), strict=True):
             fact["head_sha256"] = digest
-        if is_main_process():
+        if ctx.is_main:
             minutes, seconds = divmod(state["seconds"], 60)
             print(f"\nTraining completed in {minutes:.0f}m {seconds:.0f}s")
             print(f"Best average loss: {state['best_loss']:.4f} | Best average accuracy: {state['best_acc']:.4f}",
@@ -1376,7 +1423,7 @@ def setup(args):
                 atomic_write(args.save, lambda file: file.write(torch_bytes(model.fc.state_dict())))
             for path in args.metrics_json:
                 write_metrics(path, state, config, ctx)
-        if get_world_size() > 1:
+        if ctx.world_size > 1:
             dist.barrier()
         return 0
     except BaseException as err:
@@ -1405,11 +1452,11 @@ def failure_line(err, args, ctx):
               if args.checkpoint else "run again (with --checkpoint PATH a run can be resumed)")
     if isinstance(err, ImageUnreadable):
         return f"{err}, though it was readable at start-up; replace it, then {resume}"
-    several_ranks = ctx is not None and ctx["world_size"] > 1
+    several_ranks = ctx is not None and ctx.world_size > 1
     gone = PEER_GONE.search(str(err)) if several_ranks and isinstance(err, RuntimeError) else None
     if gone:
-        peer = f"rank {1 - ctx['rank']}" if ctx["world_size"] == 2 else "a peer rank"  # gloo names no rank
-        return f"rank {ctx['rank']}: {peer} is gone ({gone[0]}); its own output says why; fix that, then {resume}"
+        peer = f"rank {1 - ctx.rank}" if ctx.world_size == 2 else "a peer rank"  # gloo names no rank
+        return f"rank {ctx.rank}: {peer} is gone ({gone[0]}); its own output says why; fix that, then {resume}"
     return None
 
 
@@ -1433,8 +1480,6 @@ def main(argv=None):
     try:
         if argv[:1] == ["report"]:
             return report_main(argv[1:])
-        if argv[:1] == ["bench"]:
-            return bench_main(argv[1:])
         args = get_args_parser().parse_args(argv)
         validate_args(args)
         if args.draw:
@@ -1611,112 +1656,6 @@ def report_main(argv):
     print(f"Scaling table: {csv_path}")
     print(f"Scaling plot: {png_path}")
     print(answer_line(rows))
-    return 0
-
-
-# ----------------------------------------------------------------------------
-# bench: the speed table
-
-
-def time_circuit(qdevice, per_sample, batch=4, repeats=20):
-    """Median seconds of forward+backward of the dressed head's circuit for one batch."""
-    torch.manual_seed(0)
-    head = DressedQuantumNet(qdevice=qdevice, per_sample=per_sample)
-    features = torch.randn(batch, 512)
-    times = []
-    for _ in range(repeats + 2):  # two warm-up calls
-        start = time.perf_counter()
-        head(features).sum().backward()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times[2:]))
-
-
-def time_run(extra, args, tmp, launcher=()):
-    """Run qml.py in a fresh process (under `launcher`, if given); returns (wall seconds, its metrics JSON)."""
-    metrics = os.path.join(tmp, "metrics.json")
-    command = [sys.executable, *launcher, os.path.abspath(__file__), "--data-dir", args.data_dir,
-               "--weights", args.weights, "--print-freq", "0", "--metrics-json", metrics, *extra]
-    start = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if result.returncode != 0:
-        raise UsageError(f"benchmark run {' '.join(extra)} failed: {result.stderr.strip().splitlines()[-1:]}")
-    with open(metrics) as file:
-        return wall, json.load(file)
-
-
-def epoch_rows(args, tmp):
-    """Seconds of one epoch (the faster of two, to damp noise) in three setups, relative to the first."""
-    setups = (
-        ("--per-sample (the tutorial's loop)", ["--per-sample"]),
-        ("default (one broadcast circuit call per batch)", []),
-        ("default with --workers 1", ["--workers", "1"]),
-    )
-    rows, base = [], None
-    for label, extra in setups:
-        _, metrics = time_run(["--epochs", "2", *extra], args, tmp)
-        seconds = min(record["seconds"] for record in metrics["epochs"])
-        base = base or seconds
-        rows.append((f"one epoch on {metrics['device']}, {label}", f"{seconds:.2f} s", f"{seconds / base:.2f}x"))
-    return rows
-
-
-def split_rows(args, tmp):
-    """Where the second of two epochs spends its time, run as one DDP rank so that the all-reduce is real."""
-    one_rank = ("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1")
-    rows = []
-    for label, extra in (("default", []), ("--cache-features", ["--cache-features", "--bn-mode", "eval"])):
-        _, metrics = time_run(["--epochs", "2", "--time-split", *extra], args, tmp, launcher=one_rank)
-        epoch = metrics["epochs"][-1]
-        shares = [f"{seconds / epoch['seconds']:.0%}" for seconds in epoch["time_split"].values()]
-        rows.append((f"{label} on {metrics['device']} ({metrics['backend']})", f"{epoch['seconds']:.2f} s", *shares))
-    return rows
-
-
-def cached_rows(args, tmp):
-    rows, base = [], None
-    for qdevice in ("lightning.kokkos", TORCH_QDEVICE):
-        wall, _ = time_run(["--epochs", str(args.cached_epochs), "--cache-features", "--bn-mode", "eval",
-                            "--qdevice", qdevice], args, tmp)
-        base = base or wall
-        rows.append((f"{args.cached_epochs} epochs --cache-features, {qdevice} (process start to exit)",
-                     f"{wall:.2f} s", f"{wall / base:.2f}x"))
-    return rows
-
-
-def circuit_rows():
-    rows = []
-    for qdevice in [d for d in ("lightning.kokkos", "lightning.qubit", "default.qubit", TORCH_QDEVICE)
-                    if d in available_qdevices()]:
-        loop, batched = time_circuit(qdevice, True), time_circuit(qdevice, False)
-        rows.append((f"circuit fwd+bwd, batch of 4, {qdevice}: per-sample", f"{loop * 1000:.1f} ms", "1.00x"))
-        rows.append((f"circuit fwd+bwd, batch of 4, {qdevice}: broadcast", f"{batched * 1000:.1f} ms",
-                     f"{batched / loop:.2f}x"))
-    return rows
-
-
-def machine_description():
-    import platform
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{platform.machine()} {platform.processor() or platform.system()}, {os.cpu_count()} CPUs, {gpu}, "
-            f"torch {torch.__version__}, pennylane {package_versions()['pennylane']}")
-
-
-def bench_main(argv):
-    parser = ArgumentParser(prog="qml.py bench", description="Time the epoch, the cached run and the circuit.")
-    parser.add_argument("--data-dir", default=os.environ.get("QML_DATA_DIR", DEFAULT_DATA_DIR))
-    parser.add_argument("--weights", default="none", help="backbone weights for the timed runs (default: none)")
-    parser.add_argument("--cached-epochs", type=positive(int), default=30)
-    args = parser.parse_args(argv)
-    check_layout(args.data_dir)
-    with tempfile.TemporaryDirectory() as tmp:
-        rows = epoch_rows(args, tmp) + cached_rows(args, tmp) + circuit_rows()
-        splits = split_rows(args, tmp)
-    print(f"Machine: {machine_description()}")
-    print(markdown_table(("what", "time", "ratio"), rows))
-    print("\nWhere an epoch's time goes (--time-split, one DDP rank, second epoch):")
-    print(markdown_table(("run", "epoch", *TimeSplit.PARTS), splits))
     return 0
 
 

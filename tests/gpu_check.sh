@@ -4,7 +4,7 @@
 #   bash tests/gpu_check.sh [DATA_DIR]
 #
 # installs the requirements into .venv (or uses the interpreter in $QML_GPU_PYTHON as it is), then runs
-# the GPU tests (tests/test_gpu.py), a one-epoch smoke run on the GPU and `qml.py bench`, on DATA_DIR
+# the GPU tests (tests/test_gpu.py), a one-epoch smoke run on the GPU and `bench.py`, on DATA_DIR
 # (default: a generated set of JPEGs with the ants/bees set's counts and image size).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,4 +31,4 @@ fi
 set -x
 "$py" -m pytest -ra tests/test_gpu.py
 "$py" qml.py --data-dir "$data" --weights none --epochs 1 --device cuda --print-freq 0
-"$py" qml.py bench --data-dir "$data"
+"$py" bench.py --data-dir "$data"

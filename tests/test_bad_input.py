@@ -515,3 +515,12 @@ def test_images_of_any_mode_and_size_are_trained_on(capfd, tmp_path):
                     modes.add(saved.mode)
     assert {"L", "RGBA", "P", "CMYK", "RGB"} <= modes and any(mode.startswith("I;16") for mode in modes)
     assert train_counts(capfd, data, tmp_path) == (2 * len(ODD_KINDS), 2 * len(ODD_KINDS))
+
+
+def test_bench_with_a_missing_data_set_exits_2_with_one_line(tmp_path):
+    bench = os.path.join(os.path.dirname(QML), "bench.py")
+    result = subprocess.run([sys.executable, bench, "--data-dir", str(tmp_path / "nowhere")], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2
+    line = one_stderr_line(result.stderr)
+    assert line.startswith("bench.py: error:") and "no train/ folder" in line, line

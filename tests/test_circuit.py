@@ -79,15 +79,20 @@ def test_default_quantum_net_is_the_tutorials_four_qubits_depth_six():
     assert (qml.n_qubits, qml.q_depth) == (4, 6)
     inputs = random_angles(1, 4)
     weights = random_angles(2, 24)
-    np.testing.assert_allclose(run_circuit(qml.quantum_net, inputs, weights), expvals(inputs, weights, 4, 6),
+    np.testing.assert_allclose(run_circuit(qml.make_quantum_net(), inputs, weights), expvals(inputs, weights, 4, 6),
                                rtol=0, atol=VALUE_ATOL)
 
 
 def test_default_quantum_net_accepts_a_batch():
     inputs = random_angles(3, 2, 4)
     weights = random_angles(4, 24)
-    np.testing.assert_allclose(run_circuit(qml.quantum_net, inputs, weights), batched_expvals(inputs, weights, 4, 6),
-                               rtol=0, atol=VALUE_ATOL)
+    np.testing.assert_allclose(run_circuit(qml.make_quantum_net(), inputs, weights),
+                               batched_expvals(inputs, weights, 4, 6), rtol=0, atol=VALUE_ATOL)
+
+
+def test_the_dressed_head_runs_the_tutorials_quantum_net():
+    head = qml.DressedQuantumNet()
+    assert head.quantum_net.func.func is qml.quantum_net  # the QNode's circuit, with the sizes bound
 
 
 def test_make_quantum_net_defaults_to_the_tutorials_circuit_on_lightning_kokkos():

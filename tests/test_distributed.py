@@ -63,7 +63,7 @@ def test_unreadable_nodelist_without_scontrol_is_a_usage_error(monkeypatch, tmp_
 
 def ranks(env):
     got = qml.discover_ranks(env)
-    return {k: got[k] for k in ("rank", "world_size", "local_rank", "source", "master_addr", "master_port")}
+    return {k: getattr(got, k) for k in ("rank", "world_size", "local_rank", "source", "master_addr", "master_port")}
 
 
 def test_torchrun_variables_give_rank_world_and_master():
@@ -188,7 +188,7 @@ def test_mpiexec_takes_rank_size_and_master_from_mpi4py(monkeypatch):
 def test_mpiexec_variables_give_the_ranks_without_initialising_mpi(monkeypatch, env):
     # MPI_Init before the decoding workers fork is what Cray MPICH must avoid: mpi4py must not be asked.
     monkeypatch.setitem(sys.modules, "mpi4py", _UnloadableMPI("mpi4py"))
-    got = qml.discover_ranks(env)
+    got = ranks(env)
     assert (got["rank"], got["world_size"], got["local_rank"], got["source"]) == (1, 3, 1, "mpi")
     assert got["master_addr"] == env.get("MASTER_ADDR", "127.0.0.1")
 
@@ -263,7 +263,7 @@ WRAPPER = textwrap.dedent("""\
     build_model, train_model = qml.build_model, qml.train_model
 
     def save_head(model, stage):
-        torch.save(model.fc.state_dict(), os.path.join(out_dir, f"head-{{stage}}-rank{{qml.get_rank()}}.pt"))
+        torch.save(model.fc.state_dict(), os.path.join(out_dir, f"head-{{stage}}-rank{{os.environ['RANK']}}.pt"))
 
     def recording_build_model(*args, **kwargs):
         model = build_model(*args, **kwargs)
