@@ -798,7 +798,8 @@ def resolve_workers(args, device):
 
 
 def make_loaders(datasets_, args, ctx, cached=False):
-    """Train: DistributedSampler (shuffled, padded so ranks step together). Val: each image exactly once.
+    """{"train", "validation"} loaders. Train: a DistributedSampler (shuffled, padded so ranks step together;
+    loaders["train"].sampler). Validation: each image exactly once.
 
     Cached features need no decoding workers and validate in one batch (the batch size changes no metric there).
     """
@@ -811,7 +812,7 @@ def make_loaders(datasets_, args, ctx, cached=False):
         "train": DataLoader(datasets_["train"], sampler=train_sampler, batch_size=args.batch_size, **common),
         "validation": DataLoader(datasets_["val"], sampler=range(rank, len(datasets_["val"]), world),
                                  batch_size=val_batch, **common),
-    }, train_sampler
+    }
 
 
 # ----------------------------------------------------------------------------
@@ -1094,7 +1095,6 @@ class Training:
     net: nn.Module  # what a batch goes through: the model, or only its head on cached features
     step_net: nn.Module  # net, wrapped in DDP when distributed: the training forward
     loaders: dict  # "train" and "validation" DataLoaders
-    train_sampler: DistributedSampler
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     state: dict  # the epochs so far and the tutorial's bests (fresh_state)
@@ -1137,16 +1137,23 @@ def prepare_training(args, ctx):
     net = model
     if args.cache_features:
         net, datasets_ = model.fc, cached_features(model, datasets_, args, ctx)
-    loaders, train_sampler = make_loaders(datasets_, args, ctx, cached=args.cache_features)
     timer = TimeSplit(ctx.device, args.time_split)
     model.fc.register_forward_pre_hook(lambda head, head_inputs: timer.lap("backbone"))
-    step_net = net
-    if ctx.distributed:
-        step_net = DDP(net, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-        if args.time_split:
-            step_net.register_comm_hook(timer, timed_allreduce)
-    return Training(model, net, step_net, loaders, train_sampler, optimizer, scheduler, state, config, timer,
-                    started)
+    # No local name here holds DDP or the loaders: Lightning's cached import tracebacks keep this frame alive
+    # (build_model imported it), and train_model frees them before Python exits.
+    return Training(model, net, wrap_ddp(net, ctx, args, timer),
+                    make_loaders(datasets_, args, ctx, cached=args.cache_features),
+                    optimizer, scheduler, state, config, timer, started)
+
+
+def wrap_ddp(net, ctx, args, timer):
+    """net in DistributedDataParallel when a launcher started us (its all-reduce timed for --time-split)."""
+    if not ctx.distributed:
+        return net
+    ddp_net = DDP(net, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    if args.time_split:
+        ddp_net.register_comm_hook(timer, timed_allreduce)
+    return ddp_net
 
 
 def train_model(args, ctx):
@@ -1162,7 +1169,7 @@ def train_model(args, ctx):
     if ctx.is_main:
         print("Training started:", flush=True)
     for epoch in range(state["epoch"], args.epochs):
-        run.train_sampler.set_epoch(epoch)  # a new shuffle each epoch (the tutorial reused the first)
+        run.loaders["train"].sampler.set_epoch(epoch)  # a new shuffle each epoch (the tutorial reused the first)
         epoch_start, record = time.time(), {"epoch": epoch + 1, "world_size": ctx.world_size}
         run.timer.restart()
         for phase in ("train", "validation"):
