@@ -7,6 +7,7 @@ time goes (qml.py --time-split: data loading, backbone, dressed head, all-reduce
 device qml.py picks (a GPU when one is visible). Compare ratios measured in one run, not times across runs.
 """
 
+import argparse
 import json
 import os
 import platform
@@ -50,31 +51,36 @@ def time_run(extra, args, tmp, launcher=()):
         return wall, json.load(file)
 
 
+def bench_setups(device):
+    """(label, options) of the epoch table: the tutorial's equivalent (its 1.00x row), the default, then each
+    speed option alone and the fastest combination; fp16 only on a GPU, bf16 where the device has it."""
+    precisions = [] if device.type == "cuda" and not torch.cuda.is_bf16_supported() else ["bf16"]
+    precisions += ["fp16"] if device.type == "cuda" else []
+    torch_qdevice = ["--qdevice", qml.TORCH_QDEVICE]
+    setups = [("tutorial-equivalent: --per-sample --image-cache off", ["--per-sample", "--image-cache", "off"]),
+              ("default", []), ("--image-cache off", ["--image-cache", "off"]),
+              ("--qdevice torch", torch_qdevice)]
+    for precision in precisions:
+        setups += [(f"--precision {precision}", ["--precision", precision]),
+                   (f"--precision {precision} --qdevice torch", ["--precision", precision, *torch_qdevice])]
+    return setups + [("--cache-features --bn-mode eval", ["--cache-features", "--bn-mode", "eval"])]
+
+
 def epoch_rows(args, tmp):
-    """Seconds of one epoch (the faster of two, to damp noise) in three setups, relative to the first."""
-    setups = (
-        ("--per-sample (the tutorial's loop)", ["--per-sample"]),
-        ("default (one broadcast circuit call per batch)", []),
-        ("default with --workers 1", ["--workers", "1"]),
-    )
-    rows, base = [], None
-    for label, extra in setups:
-        _, metrics = time_run(["--epochs", "2", *extra], args, tmp)
-        seconds = min(record["seconds"] for record in metrics["epochs"])
-        base = base or seconds
-        rows.append((f"one epoch on {metrics['device']}, {label}", f"{seconds:.2f} s", f"{seconds / base:.2f}x"))
-    return rows
-
-
-def split_rows(args, tmp):
-    """Where the second of two epochs spends its time, run as one DDP rank so that the all-reduce is real."""
+    """Per setup, run as one DDP rank (so that the all-reduce is real) with --time-split: its first epoch, its
+    fastest later one (damping other processes' noise) relative to the tutorial-equivalent's, where that
+    epoch's seconds went, and the first epoch's metrics (train loss/acc, val loss/acc)."""
     one_rank = ("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1")
-    rows = []
-    for label, extra in (("default", []), ("--cache-features", ["--cache-features", "--bn-mode", "eval"])):
-        _, metrics = time_run(["--epochs", "2", "--time-split", *extra], args, tmp, launcher=one_rank)
-        epoch = metrics["epochs"][-1]
-        shares = [f"{seconds / epoch['seconds']:.0%}" for seconds in epoch["time_split"].values()]
-        rows.append((f"{label} on {metrics['device']} ({metrics['backend']})", f"{epoch['seconds']:.2f} s", *shares))
+    rows, base = [], None
+    for label, extra in bench_setups(qml.pick_device("auto", 0)):
+        _, metrics = time_run(["--epochs", str(args.epochs), "--time-split", *extra], args, tmp, launcher=one_rank)
+        first, *later = metrics["epochs"]
+        epoch = min(later, key=lambda record: record["seconds"])
+        base = base or epoch["seconds"]
+        split = [f"{seconds:.2f}" for seconds in epoch["time_split"].values()]
+        first_metrics = "/".join(f"{first[key]:.4f}" for key in ("train_loss", "train_acc", "val_loss", "val_acc"))
+        rows.append((f"{label} ({metrics['device']}, {metrics['backend']})", f"{first['seconds']:.2f}",
+                     f"{epoch['seconds']:.2f}", f"{epoch['seconds'] / base:.2f}x", *split, first_metrics))
     return rows
 
 
@@ -110,17 +116,28 @@ def main(argv=None):
     parser = qml.ArgumentParser(prog="bench.py", description="Time qml.py's epoch, cached run and circuit.")
     parser.add_argument("--data-dir", default=os.environ.get("QML_DATA_DIR", qml.DEFAULT_DATA_DIR))
     parser.add_argument("--weights", default="none", help="backbone weights for the timed runs (default: none)")
+    parser.add_argument("--epochs", type=at_least_2, default=3, help="epochs of each timed setup; the fastest "
+                        "after the first is compared (default: %(default)s)")
     parser.add_argument("--cached-epochs", type=qml.positive(int), default=30)
     args = parser.parse_args(argv)
     qml.check_layout(args.data_dir)
     with tempfile.TemporaryDirectory() as tmp:
-        rows = epoch_rows(args, tmp) + cached_rows(args, tmp) + circuit_rows()
-        splits = split_rows(args, tmp)
+        epochs = epoch_rows(args, tmp)
+        rows = cached_rows(args, tmp) + circuit_rows()
     print(f"Machine: {machine_description()}")
+    print("\nWhere an epoch's time goes (seconds; ratio: the later epoch's to the tutorial-equivalent's):")
+    print(qml.markdown_table(("run", "epoch 1", "later epoch", "ratio", *qml.TimeSplit.PARTS,
+                              "epoch 1 train loss/acc, val loss/acc"), epochs))
+    print()
     print(qml.markdown_table(("what", "time", "ratio"), rows))
-    print("\nWhere an epoch's time goes (--time-split, one DDP rank, second epoch):")
-    print(qml.markdown_table(("run", "epoch", *qml.TimeSplit.PARTS), splits))
     return 0
+
+
+def at_least_2(text):
+    value = qml.positive(int)(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be 2 or more (an epoch after the first is timed), got {text}")
+    return value
 
 
 if __name__ == "__main__":

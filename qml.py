@@ -99,15 +99,22 @@ DEFAULT_DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dat
 HYMENOPTERA_COUNTS = {"train": {"ants": 124, "bees": 121}, "val": {"ants": 70, "bees": 83}}
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
+IMAGE_CACHE_SHARE = 0.25  # --image-cache auto keeps decoded images in up to this share of the available memory
 KOKKOS_QDEVICE = "lightning.kokkos"  # PennyLane's Kokkos simulator: OpenMP on CPUs, HIP or CUDA on GPUs
 DEFAULT_QDEVICE = KOKKOS_QDEVICE  # the tutorial's
 TORCH_QDEVICE = "torch"  # our exact batched simulator, see TorchCircuit
+# Up to this many qubits lightning.kokkos simulates on one CPU thread: a gate on 2^13 amplitudes takes
+# microseconds, less than an OpenMP team's barrier, and Kokkos' threads waiting beside torch's for the same
+# cores made a 4-qubit batch take 170-450 ms instead of 13 ms on a busy 2-core machine.
+KOKKOS_ONE_THREAD_QUBITS = 13
 DEFAULT_BATCH_SIZE = 4  # the tutorial's images per batch per rank
 # --lr-scaling linear multiplies --lr by global batch / this: the tutorial's images per step, one task.
 REFERENCE_GLOBAL_BATCH = DEFAULT_BATCH_SIZE
 # Options that must match for a checkpoint to be resumed.
 RESUME_KEYS = ("n_qubits", "q_depth", "q_delta", "weights", "bn_mode", "cache_features", "batch_size",
-               "lr", "gamma", "step_size", "seed", "shuffle_seed", "n_classes", "classes")
+               "lr", "gamma", "step_size", "seed", "shuffle_seed", "n_classes", "classes", "precision")
+# --precision: the dtype the frozen backbone's forward is autocast to.
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class UsageError(Exception):
@@ -174,14 +181,28 @@ def make_quantum_net(nqubits=n_qubits, depth=q_depth, qdevice=DEFAULT_QDEVICE, d
     """
     if qdevice == TORCH_QDEVICE:
         return TorchCircuit(nqubits, depth)
-    dev = qml.device(qdevice, wires=nqubits, **qdevice_options(qdevice, device_id))
-    return qml.QNode(functools.partial(quantum_net, nqubits=nqubits, depth=depth), dev, interface="torch")
+    dev = qml.device(qdevice, wires=nqubits, **qdevice_options(qdevice, device_id, nqubits))
+    qnode = qml.QNode(functools.partial(quantum_net, nqubits=nqubits, depth=depth), dev, interface="torch")
+    if qdevice == KOKKOS_QDEVICE:
+        start_kokkos(qnode, nqubits, depth)
+    return qnode
 
 
-def qdevice_options(qdevice, device_id):
-    """lightning.kokkos' settings: no OMP_PROC_BIND warning (binding threads would shrink the rank's CPU mask),
-    and on a GPU build this rank's GPU, since Kokkos does not read LOCAL_RANK. Only a process's first
-    lightning.kokkos device initialises Kokkos, so these hold for the whole run."""
+def start_kokkos(qnode, nqubits, depth):
+    """Run the circuit once, so that Kokkos starts now, then give torch back its threads: Kokkos shares torch's
+    OpenMP runtime, and starting it with one thread (qdevice_options) left torch one thread too (its backbone
+    then ran at half speed). Kokkos keeps the threads it started with."""
+    threads = torch.get_num_threads()
+    with torch.no_grad():
+        qnode(torch.zeros(nqubits), torch.zeros(depth * nqubits))
+    torch.set_num_threads(threads)
+
+
+def qdevice_options(qdevice, device_id, nqubits):
+    """lightning.kokkos' settings: no OMP_PROC_BIND warning (binding threads would shrink the rank's CPU mask);
+    on a GPU build this rank's GPU, since Kokkos does not read LOCAL_RANK; on a CPU rank one thread for a
+    small state (see KOKKOS_ONE_THREAD_QUBITS). Only a process's first lightning.kokkos device initialises
+    Kokkos, so these hold for the whole run."""
     if qdevice != KOKKOS_QDEVICE:
         return {}
     from pennylane_lightning.lightning_kokkos_ops import InitializationSettings
@@ -189,6 +210,8 @@ def qdevice_options(qdevice, device_id):
     settings = InitializationSettings().set_disable_warnings(True)
     if device_id is not None:
         settings = settings.set_device_id(device_id)
+    elif nqubits <= KOKKOS_ONE_THREAD_QUBITS:
+        settings = settings.set_num_threads(1)
     return {"kokkos_args": settings}
 
 
@@ -215,12 +238,13 @@ class DressedQuantumNet(nn.Module):
         self.quantum_net = make_quantum_net(n_qubits, q_depth, qdevice, device_id)
 
     def forward(self, input_features):
-        q_in = torch.tanh(self.pre_net(input_features)) * math.pi / 2.0
-        if self.per_sample:  # the tutorial's loop: one circuit call per image
-            q_out = torch.stack([torch.hstack(self.quantum_net(elem, self.q_params)) for elem in q_in])
-        else:  # one broadcast circuit call for the whole batch
-            q_out = torch.stack(self.quantum_net(q_in, self.q_params), dim=-1)
-        return self.post_net(q_out.float().to(input_features.device))
+        with torch.autocast(input_features.device.type, enabled=False):  # fp32 after a --precision backbone
+            q_in = torch.tanh(self.pre_net(input_features.float())) * math.pi / 2.0
+            if self.per_sample:  # the tutorial's loop: one circuit call per image
+                q_out = torch.stack([torch.hstack(self.quantum_net(elem, self.q_params)) for elem in q_in])
+            else:  # one broadcast circuit call for the whole batch
+                q_out = torch.stack(self.quantum_net(q_in, self.q_params), dim=-1)
+            return self.post_net(q_out.float().to(input_features.device))
 
 
 def resnet18_weights_error():
@@ -257,6 +281,30 @@ def read_resnet18_state_dict(path, expected):
     return state
 
 
+def check_precision(precision, device):
+    """Refuse a --precision that this rank's device cannot compute in."""
+    if precision == "fp16" and device.type == "cpu":
+        raise UsageError("--precision fp16 needs a GPU: CPUs have no fast float16 convolutions; "
+                         "use --precision bf16 (or fp32) on CPUs")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UsageError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bfloat16 support; "
+                         f"use --precision fp16 (or fp32)")
+
+
+def backbone_autocast(precision, device):
+    """The context of the backbone's forward: autocast to --precision (none for fp32)."""
+    return torch.autocast(device.type, dtype=PRECISIONS[precision], enabled=precision != "fp32")
+
+
+def cast_frozen_convolutions(model, precision):
+    """Store the backbone's convolution weights in --precision once. Autocast rounds them the same way, but at
+    every batch: it keeps its casts only of weights that train."""
+    if precision != "fp32":
+        for module in model.modules():
+            if isinstance(module, nn.Conv2d):
+                module.to(PRECISIONS[precision])
+
+
 def tensor_shapes(state):
     """{name: shape} of a state_dict; a value that is no tensor has the shape ()."""
     return {name: tuple(getattr(value, "shape", ())) for name, value in state.items()}
@@ -275,8 +323,8 @@ def build_model(args, n_classes, device_id=None):
 def describe_qdevice(head, qdevice):
     """Where the circuit really runs; `summary` says it in a few words.
 
-    lightning.kokkos tells its Kokkos execution space (OpenMP on CPUs; HIP or Cuda on GPUs) once Kokkos has
-    started, that is after one circuit call.
+    lightning.kokkos tells its Kokkos execution space (OpenMP on CPUs; HIP or Cuda on GPUs): make_quantum_net
+    has started Kokkos.
     """
     if qdevice == TORCH_QDEVICE:
         runs_on = str(head.q_params.device)
@@ -287,8 +335,6 @@ def describe_qdevice(head, qdevice):
         return dict(name=qdevice, runs_on=runs_on, summary=f"PennyLane device on the {runs_on}")
     from pennylane_lightning.lightning_kokkos_ops import print_configuration
 
-    with torch.no_grad():
-        head.quantum_net(torch.zeros(head.pre_net.out_features), head.q_params.detach().cpu())
     config = print_configuration()
     version = re.search(r"Kokkos Version: (\S+)", config)
     space = re.search(r"Default Device: (\S+)", config)
@@ -616,13 +662,39 @@ def reduce_sums(ctx, totals):
 
 
 def data_transforms():
-    """The tutorial's preprocessing, identical for train and val (no augmentation)."""
-    return transforms.Compose([
-        transforms.Resize(256),
-        transforms.CenterCrop(224),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),  # ImageNet channel statistics
-    ])
+    """The tutorial's preprocessing up to the crop, identical for train and val (no augmentation), as uint8.
+
+    Its ToTensor and Normalize follow on the rank's device (normalize_images), so that a kept crop takes a
+    quarter of the memory of its float pixels.
+    """
+    return transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.PILToTensor()])
+
+
+@functools.lru_cache(maxsize=None)
+def normalize_constants(device):
+    """255, then the ImageNet channel means and deviations, as tensors on `device`."""
+    channels = dict(dtype=torch.float32, device=device)
+    return (torch.tensor(255.0, **channels), torch.tensor(IMAGENET_MEAN, **channels).view(-1, 1, 1),
+            torch.tensor(IMAGENET_STD, **channels).view(-1, 1, 1))
+
+
+def normalize_images(images):
+    """ToTensor's scaling and Normalize of uint8 crops, bit for bit the tutorial's float pixels.
+
+    The divisors are tensors on the images' device: a GPU multiplies by the reciprocal of a Python number,
+    which can differ in the last bit from dividing by it.
+    """
+    scale, mean, std = normalize_constants(images.device)
+    return images.float().div_(scale).sub_(mean).div_(std)
+
+
+def prepare_images(images, device):
+    """A batch of uint8 crops as the backbone's input on `device`: normalised, and channels_last on CPUs
+    (as the backbone there; the uint8 batch is the cheapest to reorder)."""
+    images = images.to(device, non_blocking=True)
+    if device.type == "cpu":
+        images = images.contiguous(memory_format=torch.channels_last)
+    return normalize_images(images)
 
 
 def list_images(folder):
@@ -801,18 +873,106 @@ def make_loaders(datasets_, args, ctx, cached=False):
     """{"train", "validation"} loaders. Train: a DistributedSampler (shuffled, padded so ranks step together;
     loaders["train"].sampler). Validation: each image exactly once.
 
-    Cached features need no decoding workers and validate in one batch (the batch size changes no metric there).
+    Images come through ImageLoader, which decodes each once while --image-cache has room for it. Cached
+    features need no decoding and validate in one batch (the batch size changes no metric there).
     """
     rank, world = ctx.rank, ctx.world_size
     train_sampler = DistributedSampler(datasets_["train"], num_replicas=world, rank=rank, seed=args.shuffle_seed)
-    workers = 0 if cached else resolve_workers(args, ctx.device)
-    common = dict(num_workers=workers, persistent_workers=workers > 0, pin_memory=ctx.device.type == "cuda")
-    val_batch = len(datasets_["val"]) if cached else args.batch_size
-    return {
-        "train": DataLoader(datasets_["train"], sampler=train_sampler, batch_size=args.batch_size, **common),
-        "validation": DataLoader(datasets_["val"], sampler=range(rank, len(datasets_["val"]), world),
-                                 batch_size=val_batch, **common),
-    }
+    splits = {"train": (datasets_["train"], train_sampler, args.batch_size),
+              "validation": (datasets_["val"], range(rank, len(datasets_["val"]), world),
+                             len(datasets_["val"]) if cached else args.batch_size)}
+    if cached:
+        return {phase: DataLoader(data, sampler=sampler, batch_size=batch, pin_memory=ctx.device.type == "cuda")
+                for phase, (data, sampler, batch) in splits.items()}
+    kept = KeptImages(image_cache_budget(args.image_cache, ctx))
+    workers = resolve_workers(args, ctx.device)
+    return {phase: ImageLoader(data, sampler, batch, ctx.device, workers, kept, phase)
+            for phase, (data, sampler, batch) in splits.items()}
+
+
+class KeptImages:
+    """Decoded crops (uint8, on the rank's device) kept after their first use while they fit in `budget` bytes,
+    keyed by (phase, index in its data set)."""
+
+    def __init__(self, budget):
+        self.free, self.images = budget, {}
+
+    def keep(self, key, image):
+        if image.nbytes <= self.free:
+            self.images[key] = image
+            self.free -= image.nbytes
+
+
+class ImageLoader:
+    """The batches DataLoader(dataset, sampler, batch_size) would give, as normalised images on `device`.
+
+    Each pass decodes (with `workers` processes) only the images that `kept` lacks, and offers them to it, so
+    that a later pass over kept images reads no file. With several ranks a rank keeps what it has decoded:
+    its shuffled share of each epoch, until `kept` is full.
+    """
+
+    def __init__(self, dataset, sampler, batch_size, device, workers, kept, phase):
+        self.dataset, self.sampler, self.batch_size, self.device = dataset, sampler, batch_size, device
+        self.kept, self.phase = kept, phase
+        self.to_decode = []  # this pass's indices of images not kept, in the order the batches need them
+        self.decoder = DataLoader(dataset, sampler=self.to_decode, batch_size=None, num_workers=workers,
+                                  persistent_workers=workers > 0, pin_memory=device.type == "cuda")
+        self.decoded = 0  # images the last pass decoded
+
+    def __len__(self):
+        return -(-len(self.sampler) // self.batch_size)
+
+    def __iter__(self):
+        keys = [(self.phase, index) for index in self.sampler]
+        # Decided before the pass: an index that comes twice is decoded twice, or taken twice from `kept`.
+        from_files = [key not in self.kept.images for key in keys]
+        self.to_decode[:] = [index for (_, index), decode in zip(keys, from_files, strict=True) if decode]
+        self.decoded = len(self.to_decode)
+        decoded = iter(self.decoder) if self.to_decode else None
+        for start in range(0, len(keys), self.batch_size):
+            batch = range(start, min(start + self.batch_size, len(keys)))
+            images = [self.take_decoded(keys[i], decoded) if from_files[i] else self.kept.images[keys[i]]
+                      for i in batch]
+            labels = torch.tensor([self.dataset.targets[keys[i][1]] for i in batch])
+            yield prepare_images(torch.stack(images), self.device), labels
+
+    def take_decoded(self, key, decoded):
+        """The decoder's next image (the one of `key`) on the device, offered to `kept`."""
+        image = next(decoded)[0].to(self.device, non_blocking=True)
+        self.kept.keep(key, image)
+        return image
+
+
+def image_cache_budget(setting, ctx):
+    """Bytes of decoded images this rank may keep (--image-cache): off 0, a number of MiB, or auto:
+    IMAGE_CACHE_SHARE of what its GPU has free, or of the host's available memory shared by its ranks."""
+    if setting == "off":
+        return 0
+    if setting != "auto":
+        return int(setting * 2**20)
+    if ctx.device.type == "cuda":
+        return int(torch.cuda.mem_get_info(ctx.device)[0] * IMAGE_CACHE_SHARE)
+    host = ctx.rank_facts[ctx.rank]["host"]
+    ranks_here = sum(fact["host"] == host for fact in ctx.rank_facts)
+    return int(available_host_memory() * IMAGE_CACHE_SHARE / ranks_here)
+
+
+def available_host_memory():
+    """Bytes this host can still give: MemAvailable, or less under a cgroup v2 memory limit (a Slurm job's);
+    0 where /proc/meminfo cannot be read (not Linux)."""
+    try:
+        with open("/proc/meminfo") as file:
+            available = next(int(line.split()[1]) * 1024 for line in file if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return 0
+    try:
+        with open("/proc/self/cgroup") as file:
+            group = next(line.split(":", 2)[2].strip() for line in file if line.startswith("0::"))
+        folder = os.path.join("/sys/fs/cgroup", group.lstrip("/"))
+        with open(os.path.join(folder, "memory.max")) as limit, open(os.path.join(folder, "memory.current")) as used:
+            return min(available, int(limit.read()) - int(used.read()))
+    except (OSError, StopIteration, ValueError):  # no cgroup v2, or no limit ("max")
+        return available
 
 
 # ----------------------------------------------------------------------------
@@ -933,14 +1093,6 @@ def progress_every(args):
     return 1 if sys.stdout.isatty() else 10
 
 
-def to_device(inputs, device):
-    """Move a batch to the device; images go channels_last on CPUs, as the backbone there."""
-    inputs = inputs.to(device, non_blocking=True)
-    if inputs.dim() == 4 and device.type == "cpu":
-        inputs = inputs.contiguous(memory_format=torch.channels_last)
-    return inputs
-
-
 class TimeSplit:
     """Seconds an epoch spends in each part of the work, for --time-split: data (waiting for the loader:
     decoding, transforms, the copy to the device), backbone (the frozen ResNet18's forward), head (the dressed
@@ -986,11 +1138,12 @@ def run_phase(phase, run, ctx, args, epoch):
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
     for it, (inputs, labels) in enumerate(loader, 1):
         since_batch = time.time()
-        inputs = to_device(inputs, device)
+        inputs = inputs.to(device, non_blocking=True)  # images are there already; cached features are not
         labels = labels.to(device, non_blocking=True)
         timer.lap("data")
         with torch.set_grad_enabled(training):
-            outputs = (run.step_net if training else run.net)(inputs)  # validation needs no DDP collectives
+            with backbone_autocast(args.precision, device):
+                outputs = (run.step_net if training else run.net)(inputs)  # validation needs no DDP collectives
             loss = criterion(outputs, labels)
         timer.lap("head")  # the backbone's part was charged as the head began (a hook on model.fc)
         if training:
@@ -1010,6 +1163,15 @@ def run_phase(phase, run, ctx, args, epoch):
                   else "\n", flush=True)
     loss_sum, correct, count = reduce_sums(ctx, totals)
     return loss_sum / count, correct / count, int(count)
+
+
+def decoding_counts(ctx, loaders):
+    """Images decoded in this epoch and images kept decoded after it, summed over the ranks."""
+    kept = loaders["train"].kept  # the phases share it
+    counts = torch.tensor([sum(loader.decoded for loader in loaders.values()), len(kept.images)],
+                          dtype=torch.float64, device=ctx.device)
+    decoded, kept = reduce_sums(ctx, counts)
+    return dict(images_decoded=int(decoded), images_kept=int(kept))
 
 
 def sync_buffers(ctx, model):
@@ -1037,8 +1199,8 @@ def cached_features(model, datasets_, args, ctx):
     for split, data in datasets_.items():
         shard = range(rank, len(data), world)
         loader = DataLoader(data, batch_size=32, sampler=shard, num_workers=resolve_workers(args, device))
-        with torch.no_grad():
-            chunks = [model(to_device(images, device)) for images, _ in loader]
+        with torch.no_grad(), backbone_autocast(args.precision, device):
+            chunks = [model(prepare_images(images, device)).float() for images, _ in loader]
         local = torch.cat(chunks) if chunks else torch.empty(0, head.pre_net.in_features, device=device)
         feats = gather_shards(local, len(data), world, rank)
         labels = torch.tensor(data.targets)
@@ -1107,6 +1269,7 @@ def prepare_training(args, ctx):
     """Data, model, optimizer, resume state, feature cache and DDP for train_model; None when --resume finds
     the run finished. Every check that can fail runs before the model is built."""
     check_outputs(ctx, output_paths(args))
+    check_precision(args.precision, ctx.device)
     prepare_data(args, ctx)
     datasets_ = load_datasets(args.data_dir)
     classes = datasets_["train"].classes
@@ -1126,6 +1289,7 @@ def prepare_training(args, ctx):
     model = build_model(args, len(classes), ctx.device.index).to(ctx.device)
     if ctx.device.type == "cpu":
         model = model.to(memory_format=torch.channels_last)  # about 25% faster convolutions on CPUs
+    cast_frozen_convolutions(model, args.precision)
     optimizer = torch.optim.Adam(model.fc.parameters(), lr=args.lr)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.step_size, gamma=args.gamma)
     state = restore_checkpoint(checkpoint, model, optimizer, scheduler) if checkpoint else fresh_state()
@@ -1184,6 +1348,8 @@ def train_model(args, ctx):
             record_best(state, phase, loss, acc, run.model)
             if phase == "train":
                 run.scheduler.step()
+        if not args.cache_features:
+            record.update(decoding_counts(ctx, run.loaders))
         record["seconds"] = time.time() - epoch_start
         if args.time_split:
             record["time_split"] = run.timer.seconds
@@ -1243,6 +1409,18 @@ SEEDS = dict(low=0, high=2**32 - 1)  # what np.random.seed accepts
 DIST_TIMEOUT_MAX = 2**31 // 1000  # 24.8 days, whose milliseconds fit 32 bits; far more overflows torch's timers
 
 
+def cache_size(text):
+    if text in ("auto", "off"):
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be auto, off or a number of MiB, got {text!r}")
+    return value
+
+
 def qubit_count(text):
     value = positive(int)(text)
     if value > 20:
@@ -1287,6 +1465,12 @@ def get_args_parser():
         "train phase: batch statistics (train, the tutorial's) or ImageNet statistics (eval) (default: %(default)s)")
     add("--cache-features", action="store_true", help="run the backbone once and train on cached features "
         "(needs --bn-mode eval)")
+    add("--image-cache", type=cache_size, default="auto", help="keep decoded images (uint8, on the rank's device) "
+        "so that later epochs read no file: auto (a quarter of the available GPU or host memory, shared by the "
+        "host's ranks), off, or a budget in MiB per rank (default: %(default)s)")
+    add("--precision", choices=tuple(PRECISIONS), default="fp32", help="the frozen backbone's forward under "
+        "autocast to bf16 or fp16 (GPUs only); the dressed head and the circuit stay fp32/float64 "
+        "(default: %(default)s, the tutorial's)")
     add("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: a GPU when visible "
         "(default: %(default)s)")
     add("--backend", choices=("auto", "nccl", "gloo"), default="auto", help="auto: nccl on GPUs, gloo on CPUs "

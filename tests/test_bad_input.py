@@ -87,6 +87,9 @@ OPTION_CASES = [
     ("backend-nccl-on-cpu", ["--backend", "nccl"], ["--backend nccl", "GPU", "--backend gloo"]),
     ("cache-features-with-batch-statistics", ["--cache-features", "--bn-mode", "train"],
      ["--cache-features", "--bn-mode eval"]),
+    ("image-cache-negative", ["--image-cache", "-1"], ["--image-cache", "auto, off or a number of MiB"]),
+    ("image-cache-word", ["--image-cache", "lots"], ["--image-cache", "auto, off or a number of MiB", "'lots'"]),
+    ("precision-fp16-on-cpu", ["--precision", "fp16"], ["--precision fp16", "GPU", "--precision bf16"]),
 ]
 
 

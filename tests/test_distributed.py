@@ -374,6 +374,46 @@ def test_two_ranks_end_with_identical_trained_heads(torchrun_run):
 
 
 @pytest.fixture(scope="module")
+def uncached_run(tiny_data, tmp_path_factory):
+    """torchrun_run's two ranks with --image-cache off, launched through RANK/WORLD_SIZE: (metrics, output folder)."""
+    out = tmp_path_factory.mktemp("uncached")
+    wrapper = out / "wrapper.py"
+    wrapper.write_text(WRAPPER.format(root=ROOT))
+    launch_by_env([str(wrapper), str(out), *run_args(tiny_data, out / "metrics.json", "--time-split",
+                                                     "--image-cache", "off")], out)
+    return json.loads((out / "metrics.json").read_text()), out
+
+
+def test_two_ranks_give_the_same_metrics_with_the_image_cache_on_and_off(torchrun_run, uncached_run):
+    keys = ("train_loss", "train_acc", "train_count", "val_loss", "val_acc", "val_count")
+    cached, uncached = torchrun_run[0]["epochs"], uncached_run[0]["epochs"]
+    assert [{k: e[k] for k in keys} for e in cached] == [{k: e[k] for k in keys} for e in uncached]
+
+
+def test_two_ranks_train_the_same_heads_with_the_image_cache_on_and_off(torchrun_run, uncached_run):
+    for rank in (0, 1):
+        cached, uncached = (torch.load(out / f"head-final-rank{rank}.pt", weights_only=True)
+                            for out in (torchrun_run[1], uncached_run[1]))
+        assert all(torch.equal(cached[name], uncached[name]) for name in cached), rank
+
+
+def test_each_of_two_ranks_decodes_only_the_images_it_has_not_seen_and_keeps_them(torchrun_run):
+    # Each rank's shuffled share of the training images, from torch's own sampler; validation shards are fixed.
+    n_train = sum(TINY_COUNTS["train"].values())
+    seen, expected = [set(), set()], []
+    for epoch in range(2):
+        decoded = 0 if epoch else N_VAL
+        for rank in (0, 1):
+            sampler = torch.utils.data.DistributedSampler(range(n_train), num_replicas=2, rank=rank, seed=0)
+            sampler.set_epoch(epoch)
+            decoded += len(set(sampler) - seen[rank])
+            seen[rank] |= set(sampler)
+        expected.append((decoded, len(seen[0]) + len(seen[1]) + N_VAL))
+    assert expected[1][0] < n_train  # the second epoch's shuffle gave the ranks some images they had seen
+    assert [(e["images_decoded"], e["images_kept"]) for e in torchrun_run[0]["epochs"]] == expected
+
+
+@pytest.fixture(scope="module")
 def eval_bn_runs(tiny_data, tmp_path_factory):
     """Two 2-rank runs with --bn-mode eval, launched through RANK/WORLD_SIZE: {"images": ..., "cached": ...}."""
     metrics = {}

@@ -9,11 +9,12 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 import types
 
 import pytest
 import torch
-from conftest import QML, free_port, make_image_folder, one_stderr_line, run_qml
+from conftest import QML, ROOT, free_port, make_image_folder, one_stderr_line, run_qml
 
 import qml
 
@@ -81,17 +82,60 @@ def test_gpu_id_without_a_uuid_is_the_visible_devices_entry(monkeypatch, var):
 
 
 def test_kokkos_is_given_the_ranks_gpu_and_no_warnings():
-    settings = qml.qdevice_options("lightning.kokkos", 3)["kokkos_args"]
+    settings = qml.qdevice_options("lightning.kokkos", 3, 4)["kokkos_args"]
     assert settings.get_device_id() == 3 and settings.get_disable_warnings()
 
 
 def test_kokkos_on_a_cpu_rank_is_left_its_own_device_choice():
-    settings = qml.qdevice_options("lightning.kokkos", None)["kokkos_args"]
+    settings = qml.qdevice_options("lightning.kokkos", None, 20)["kokkos_args"]
     assert not settings.has_device_id() and settings.get_disable_warnings()
 
 
+def test_kokkos_on_a_cpu_rank_simulates_a_small_circuit_on_one_thread():
+    settings = qml.qdevice_options("lightning.kokkos", None, qml.KOKKOS_ONE_THREAD_QUBITS)["kokkos_args"]
+    assert settings.has_num_threads() and settings.get_num_threads() == 1
+
+
+@pytest.mark.parametrize("device_id, nqubits", [(None, qml.KOKKOS_ONE_THREAD_QUBITS + 1), (0, 4)],
+                         ids=["large-circuit-on-cpu", "small-circuit-on-gpu"])
+def test_kokkos_keeps_its_own_thread_count_for_large_circuits_and_gpu_ranks(device_id, nqubits):
+    assert not qml.qdevice_options("lightning.kokkos", device_id, nqubits)["kokkos_args"].has_num_threads()
+
+
+# A fresh process, so that this circuit is the one that starts Kokkos.
+KOKKOS_THREADS_PROBE = textwrap.dedent("""\
+    import re, sys
+    sys.path.insert(0, {root!r})
+    import torch
+    import qml
+    from pennylane_lightning.lightning_kokkos_ops import print_configuration
+
+    torch.set_num_threads(2)
+    qml.make_quantum_net(4, 1, "lightning.kokkos")
+    print(torch.get_num_threads(), re.search(r"thread_pool_topology\\[ (.*?) \\]", print_configuration()).group(1))
+""")
+
+
+@pytest.fixture(scope="module")
+def kokkos_threads():
+    """(torch's threads, Kokkos' thread pool) once a 4-qubit lightning.kokkos circuit is built in a fresh process."""
+    probe = subprocess.run([sys.executable, "-c", KOKKOS_THREADS_PROBE.format(root=ROOT)], capture_output=True,
+                           text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="2"))
+    assert probe.returncode == 0, probe.stderr
+    threads, pool = probe.stdout.split(maxsplit=1)
+    return int(threads), pool.strip()
+
+
+def test_kokkos_starts_a_small_circuit_on_one_thread(kokkos_threads):
+    assert kokkos_threads[1] == "1 x 1 x 1"
+
+
+def test_torch_keeps_its_threads_after_kokkos_starts_on_one(kokkos_threads):
+    assert kokkos_threads[0] == 2
+
+
 def test_other_qdevices_get_no_kokkos_settings():
-    assert qml.qdevice_options("default.qubit", 0) == {}
+    assert qml.qdevice_options("default.qubit", 0, 4) == {}
 
 
 # ----------------------------------------------------------------------------

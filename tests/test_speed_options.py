@@ -1,0 +1,165 @@
+"""The speed options change no result they promise to keep: --image-cache (decode once) and --precision.
+
+Runs are one process on the tiny data set for two epochs, with the torch simulator (the circuit's device
+plays no part in what is tested here).
+"""
+
+import json
+import os
+
+import pytest
+import torch
+import torchvision
+from conftest import TINY_COUNTS, run_qml
+from PIL import Image
+from torchvision import transforms
+
+import bench
+import qml
+
+N_IMAGES = sum(TINY_COUNTS["train"].values()) + sum(TINY_COUNTS["val"].values())  # 21
+CROP_BYTES = 3 * 224 * 224  # one uint8 crop
+RESULT_KEYS = ("train_loss", "train_acc", "train_count", "val_loss", "val_acc", "val_count")
+
+
+def train(data_dir, out, *extra):
+    """Two epochs; returns (metrics JSON, saved head)."""
+    metrics, head = out / "metrics.json", out / "head.pt"
+    result = run_qml("--data-dir", data_dir, "--weights", "none", "--epochs", "2", "--print-freq", "0",
+                     "--qdevice", "torch", "--metrics-json", metrics, "--save", head, *extra)
+    assert result.returncode == 0, result.stderr
+    return json.loads(metrics.read_text()), torch.load(head, weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_data, tmp_path_factory):
+    """{setting: (metrics, head)} for the default cache, no cache, a 1 MiB cache and a bf16 backbone."""
+    settings = {"auto": [], "off": ["--image-cache", "off"], "1MiB": ["--image-cache", "1"],
+                "bf16": ["--precision", "bf16"]}
+    return {name: train(tiny_data, tmp_path_factory.mktemp(name), *extra) for name, extra in settings.items()}
+
+
+def results(metrics):
+    return [{key: epoch[key] for key in RESULT_KEYS} for epoch in metrics["epochs"]]
+
+
+# ----------------------------------------------------------------------------
+# --image-cache
+
+
+def test_normalising_kept_crops_gives_the_tutorials_pixels_bit_for_bit(tiny_data):
+    tutorial = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
+                                   transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    folder = os.path.join(tiny_data, "train", "ants")
+    images = [Image.open(os.path.join(folder, name)).convert("RGB") for name in sorted(os.listdir(folder))]
+    crops = torch.stack([qml.data_transforms()(image) for image in images])
+    assert crops.dtype == torch.uint8
+    assert torch.equal(qml.normalize_images(crops), torch.stack([tutorial(image) for image in images]))
+
+
+@pytest.mark.parametrize("setting", ["off", "1MiB"])
+def test_image_cache_changes_no_metric(runs, setting):
+    assert results(runs[setting][0]) == results(runs["auto"][0])
+
+
+@pytest.mark.parametrize("setting", ["off", "1MiB"])
+def test_image_cache_changes_no_weight_of_the_trained_head(runs, setting):
+    cached, other = runs["auto"][1], runs[setting][1]
+    assert set(cached) == set(other)
+    assert all(torch.equal(cached[name], other[name]) for name in cached)
+
+
+def test_epochs_after_the_first_decode_no_image_by_default(runs):
+    metrics, _ = runs["auto"]
+    assert [(e["images_decoded"], e["images_kept"]) for e in metrics["epochs"]] == [(N_IMAGES, N_IMAGES),
+                                                                                      (0, N_IMAGES)]
+
+
+def test_image_cache_off_decodes_every_image_every_epoch(runs):
+    metrics, _ = runs["off"]
+    assert [(e["images_decoded"], e["images_kept"]) for e in metrics["epochs"]] == [(N_IMAGES, 0)] * 2
+
+
+def test_image_cache_keeps_only_what_fits_its_budget(runs):
+    metrics, _ = runs["1MiB"]
+    fits = 2**20 // CROP_BYTES  # 6: one process sees every training image each epoch, the 6 kept among them
+    assert [(e["images_decoded"], e["images_kept"]) for e in metrics["epochs"]] == [(N_IMAGES, fits),
+                                                                                      (N_IMAGES - fits, fits)]
+
+
+def rank_facts(*hosts):
+    return [dict(rank=rank, host=host) for rank, host in enumerate(hosts)]
+
+
+def test_image_cache_auto_on_cpus_is_a_quarter_of_the_available_memory_shared_by_the_hosts_ranks(monkeypatch):
+    monkeypatch.setattr(qml, "available_host_memory", lambda: 64 * 2**30)
+    ctx = qml.DistContext(rank=1, world_size=4, rank_facts=rank_facts("a", "a", "b", "a"))
+    assert qml.image_cache_budget("auto", ctx) == 64 * 2**30 // 4 // 3
+
+
+@pytest.mark.parametrize("setting, budget", [("off", 0), (0.0, 0), (1.5, 3 * 2**19)], ids=["off", "0", "1.5MiB"])
+def test_image_cache_off_or_in_mib_is_that_many_bytes(setting, budget):
+    ctx = qml.DistContext(rank_facts=rank_facts("a"))
+    assert qml.image_cache_budget(setting, ctx) == budget
+
+
+def test_available_host_memory_is_at_most_the_hosts_memory():
+    assert 0 < qml.available_host_memory() <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+# ----------------------------------------------------------------------------
+# --precision
+
+
+def test_dressed_head_computes_in_fp32_under_a_bf16_autocast():
+    torch.manual_seed(0)
+    head = qml.DressedQuantumNet(qdevice=qml.TORCH_QDEVICE)
+    features = torch.randn(4, 512)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = head(features)
+    assert autocast.dtype == torch.float32
+    assert torch.equal(autocast, head(features))
+
+
+def test_casting_frozen_convolutions_once_gives_autocasts_output_bit_for_bit():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None).eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad(), qml.backbone_autocast("bf16", torch.device("cpu")):
+        expected = model(images)
+        qml.cast_frozen_convolutions(model, "bf16")
+        got = model(images)
+    assert model.conv1.weight.dtype == torch.bfloat16 and model.bn1.weight.dtype == torch.float32
+    assert torch.equal(got, expected)
+
+
+def test_fp32_leaves_the_backbone_and_its_forward_alone():
+    model = torchvision.models.resnet18(weights=None)
+    qml.cast_frozen_convolutions(model, "fp32")
+    assert {param.dtype for param in model.parameters()} == {torch.float32}
+    with qml.backbone_autocast("fp32", torch.device("cpu")):
+        assert not torch.is_autocast_enabled("cpu")
+
+
+def test_bf16_run_records_its_precision_and_keeps_an_fp32_head(runs):
+    metrics, head = runs["bf16"]
+    assert metrics["config"]["precision"] == "bf16" and runs["auto"][0]["config"]["precision"] == "fp32"
+    assert {value.dtype for value in head.values()} == {torch.float32}
+
+
+@pytest.mark.parametrize("key", ["train_loss", "val_loss"])
+def test_bf16_first_epoch_loss_is_within_a_hundredth_of_fp32(runs, key):
+    bf16, fp32 = runs["bf16"][0]["epochs"][0][key], runs["auto"][0]["epochs"][0][key]
+    assert bf16 != fp32  # the backbone really ran in bf16 ...
+    assert bf16 == pytest.approx(fp32, abs=0.01)  # ... and the head learnt from features ~1% off
+
+
+# ----------------------------------------------------------------------------
+# bench
+
+
+def test_bench_compares_against_the_tutorial_equivalent_and_offers_fp16_only_on_gpus():
+    labels = [label for label, _ in bench.bench_setups(torch.device("cpu"))]
+    assert labels[:2] == ["tutorial-equivalent: --per-sample --image-cache off", "default"]
+    assert "--precision bf16 --qdevice torch" in labels
+    assert not any("fp16" in label for label in labels)
