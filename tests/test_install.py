@@ -56,3 +56,9 @@ def test_every_third_party_module_qml_imports_is_required():
     needed = {canonicalize_name(distribution.get(module, module)) for module in third_party}
     provided_by_torch = {"numpy", "pillow"}  # torchvision depends on both
     assert needed - provided_by_torch <= set(requirements("requirements.txt")), needed
+
+
+def test_fresh_install_asks_for_no_pre_release():
+    # A specifier naming a pre-release (e.g. >=0.39.0.dev0) lets pip install development builds from the registry.
+    for requirement in requirements("requirements.txt").values():
+        assert not any(Version(spec.version).is_prerelease for spec in requirement.specifier), str(requirement)
