@@ -103,6 +103,8 @@ IMAGE_CACHE_SHARE = 0.25  # --image-cache auto keeps decoded images in up to thi
 KOKKOS_QDEVICE = "lightning.kokkos"  # PennyLane's Kokkos simulator: OpenMP on CPUs, HIP or CUDA on GPUs
 DEFAULT_QDEVICE = KOKKOS_QDEVICE  # the tutorial's
 TORCH_QDEVICE = "torch"  # our exact batched simulator, see TorchCircuit
+# PennyLane devices whose circuits run through the device API (AdjointCircuit) instead of a QNode.
+ADJOINT_QDEVICES = (KOKKOS_QDEVICE, "lightning.qubit")
 # Up to this many qubits lightning.kokkos simulates on one CPU thread: a gate on 2^13 amplitudes takes
 # microseconds, less than an OpenMP team's barrier, and Kokkos' threads waiting beside torch's for the same
 # cores made a 4-qubit batch take 170-450 ms instead of 13 ms on a busy 2-core machine.
@@ -172,30 +174,88 @@ def quantum_net(q_input_features, q_weights_flat, nqubits=n_qubits, depth=q_dept
     return [qml.expval(qml.PauliZ(position)) for position in range(nqubits)]
 
 
-def make_quantum_net(nqubits=n_qubits, depth=q_depth, qdevice=DEFAULT_QDEVICE, device_id=None):
+def make_quantum_net(nqubits=n_qubits, depth=q_depth, qdevice=DEFAULT_QDEVICE, device_id=None, qnode=False):
     """quantum_net on `qdevice` as a callable (q_input_features, q_weights_flat) -> list of <Z>: the
     tutorial's `dev = qml.device(...)` and `@qml.qnode(dev, interface="torch")`, for these sizes.
 
     device_id: the rank's GPU, for a GPU build of lightning.kokkos (None: Kokkos' own choice).
-    qdevice "torch" is not PennyLane's: see TorchCircuit.
+    qnode: a QNode even on ADJOINT_QDEVICES (the tutorial's way: --per-sample, and drawing); otherwise those
+    devices run the circuit through AdjointCircuit. qdevice "torch" is not PennyLane's: see TorchCircuit.
     """
     if qdevice == TORCH_QDEVICE:
         return TorchCircuit(nqubits, depth)
     dev = qml.device(qdevice, wires=nqubits, **qdevice_options(qdevice, device_id, nqubits))
-    qnode = qml.QNode(functools.partial(quantum_net, nqubits=nqubits, depth=depth), dev, interface="torch")
+    circuit = functools.partial(quantum_net, nqubits=nqubits, depth=depth)
+    if qdevice in ADJOINT_QDEVICES and not qnode:
+        net = AdjointCircuit(circuit, dev)
+    else:
+        net = qml.QNode(circuit, dev, interface="torch")
     if qdevice == KOKKOS_QDEVICE:
-        start_kokkos(qnode, nqubits, depth)
-    return qnode
+        start_kokkos(net, nqubits, depth)
+    return net
 
 
-def start_kokkos(qnode, nqubits, depth):
+def start_kokkos(net, nqubits, depth):
     """Run the circuit once, so that Kokkos starts now, then give torch back its threads: Kokkos shares torch's
     OpenMP runtime, and starting it with one thread (qdevice_options) left torch one thread too (its backbone
     then ran at half speed). Kokkos keeps the threads it started with."""
     threads = torch.get_num_threads()
     with torch.no_grad():
-        qnode(torch.zeros(nqubits), torch.zeros(depth * nqubits))
+        net(torch.zeros(nqubits), torch.zeros(depth * nqubits))
     torch.set_num_threads(threads)
+
+
+class AdjointCircuit:
+    """quantum_net on a Lightning device through PennyLane's device API: per batch one call of the device's
+    execute_and_compute_derivatives (execute without gradients), one tape per image, adjoint Jacobians computed
+    with the values. A QNode's workflow around each call (tape construction, transforms, interface) costs more
+    than simulating this small circuit; the device's work is the same. Values come back in float64 (a QNode
+    rounds them to its float32 inputs' dtype; the dressed head rounds them the same way).
+    """
+
+    def __init__(self, circuit, dev):
+        """circuit: quantum_net with its sizes bound (a QNode's `func`, so named here too)."""
+        self.func, self.device = circuit, dev
+        self.nqubits, depth = circuit.keywords["nqubits"], circuit.keywords["depth"]
+        self.config = dev.setup_execution_config(qml.devices.ExecutionConfig(gradient_method="adjoint"))
+        # Built once; its parameters are the inputs' angles, then the weights.
+        self.template = qml.tape.make_qscript(circuit)(np.zeros(self.nqubits), np.zeros(depth * self.nqubits))
+        self.inputs, self.weights = range(self.nqubits), range(self.nqubits, self.template.num_params)
+
+    def tapes(self, q_input_features, q_weights_flat):
+        """One tape per image. The weights are bound once per batch: binding all of a tape's parameters
+        anew for every image took 9x longer (0.5 ms a tape, most of a batch's call)."""
+        shared = self.template.bind_new_parameters(q_weights_flat.detach().cpu().double().numpy(), self.weights)
+        angles = q_input_features.detach().cpu().double().numpy().reshape(-1, self.nqubits)
+        return [shared.bind_new_parameters(image, self.inputs) for image in angles]
+
+    def __call__(self, q_input_features, q_weights_flat):
+        tapes = self.tapes(q_input_features, q_weights_flat)
+        if torch.is_grad_enabled() and (q_input_features.requires_grad or q_weights_flat.requires_grad):
+            expvals = AdjointExpvals.apply(q_input_features, q_weights_flat, self, tapes)
+        else:
+            expvals = torch.from_numpy(np.array(self.device.execute(tapes, self.config)))
+        expvals = expvals.reshape(*q_input_features.shape[:-1], self.nqubits).to(q_input_features.device)
+        return list(expvals.unbind(-1))
+
+
+class AdjointExpvals(torch.autograd.Function):
+    """<Z> of an AdjointCircuit's tapes, (images, wires); backward contracts the Jacobians computed with them."""
+
+    @staticmethod
+    def forward(ctx, q_input_features, q_weights_flat, net, tapes):
+        values, jacobians = net.device.execute_and_compute_derivatives(tapes, net.config)
+        ctx.jacobians = torch.from_numpy(np.array(jacobians)).reshape(len(tapes), net.nqubits, -1)
+        ctx.input_shape = q_input_features.shape
+        ctx.like = (q_input_features.device, q_input_features.dtype), (q_weights_flat.device, q_weights_flat.dtype)
+        return torch.from_numpy(np.array(values)).reshape(len(tapes), net.nqubits)
+
+    @staticmethod
+    def backward(ctx, grad_expvals):
+        grads = torch.einsum("iw,iwp->ip", grad_expvals.cpu().double(), ctx.jacobians)  # (images, parameters)
+        nqubits, (inputs_like, weights_like) = ctx.input_shape[-1], ctx.like
+        grad_inputs = grads[:, :nqubits].reshape(ctx.input_shape).to(*inputs_like)
+        return grad_inputs, grads[:, nqubits:].sum(0).to(*weights_like), None, None
 
 
 def qdevice_options(qdevice, device_id, nqubits):
@@ -235,7 +295,7 @@ class DressedQuantumNet(nn.Module):
         self.q_params = nn.Parameter(q_delta * torch.randn(q_depth * n_qubits))
         self.post_net = nn.Linear(n_qubits, n_classes)
         self.per_sample = per_sample
-        self.quantum_net = make_quantum_net(n_qubits, q_depth, qdevice, device_id)
+        self.quantum_net = make_quantum_net(n_qubits, q_depth, qdevice, device_id, qnode=per_sample)
 
     def forward(self, input_features):
         with torch.autocast(input_features.device.type, enabled=False):  # fp32 after a --precision backbone
@@ -899,7 +959,8 @@ class KeptImages:
 
     def keep(self, key, image):
         if image.nbytes <= self.free:
-            self.images[key] = image
+            # A decoding worker's image stays in shared memory, holding a file descriptor: keep a private copy.
+            self.images[key] = image.clone() if image.device.type == "cpu" and image.is_shared() else image
             self.free -= image.nbytes
 
 
@@ -1410,6 +1471,7 @@ DIST_TIMEOUT_MAX = 2**31 // 1000  # 24.8 days, whose milliseconds fit 32 bits; f
 
 
 def cache_size(text):
+    """--image-cache: auto, off, or a budget in MiB (0 keeps nothing)."""
     if text in ("auto", "off"):
         return text
     try:
@@ -1469,7 +1531,7 @@ def get_args_parser():
         "so that later epochs read no file: auto (a quarter of the available GPU or host memory, shared by the "
         "host's ranks), off, or a budget in MiB per rank (default: %(default)s)")
     add("--precision", choices=tuple(PRECISIONS), default="fp32", help="the frozen backbone's forward under "
-        "autocast to bf16 or fp16 (GPUs only); the dressed head and the circuit stay fp32/float64 "
+        "autocast to bf16, or fp16 (GPUs only); the dressed head and the circuit stay fp32/float64 "
         "(default: %(default)s, the tutorial's)")
     add("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: a GPU when visible "
         "(default: %(default)s)")
@@ -1587,7 +1649,7 @@ def write_metrics(path, state, config, ctx):
 
 def draw_circuit(args):
     drawable = "default.qubit" if args.qdevice == TORCH_QDEVICE else args.qdevice  # the drawer needs a QNode
-    qnode = make_quantum_net(args.n_qubits, args.q_depth, drawable)
+    qnode = make_quantum_net(args.n_qubits, args.q_depth, drawable, qnode=True)
     inputs = torch.full((args.n_qubits,), 0.1)
     weights = args.q_delta * torch.ones(args.q_depth * args.n_qubits)
     return qml.draw(qnode)(inputs, weights)

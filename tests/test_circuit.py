@@ -90,9 +90,10 @@ def test_default_quantum_net_accepts_a_batch():
                                batched_expvals(inputs, weights, 4, 6), rtol=0, atol=VALUE_ATOL)
 
 
-def test_the_dressed_head_runs_the_tutorials_quantum_net():
-    head = qml.DressedQuantumNet()
-    assert head.quantum_net.func.func is qml.quantum_net  # the QNode's circuit, with the sizes bound
+@pytest.mark.parametrize("per_sample", [False, True], ids=["batched", "per-sample"])
+def test_the_dressed_head_runs_the_tutorials_quantum_net(per_sample):
+    head = qml.DressedQuantumNet(per_sample=per_sample)
+    assert head.quantum_net.func.func is qml.quantum_net  # the circuit the head calls, with the sizes bound
 
 
 def test_make_quantum_net_defaults_to_the_tutorials_circuit_on_lightning_kokkos():

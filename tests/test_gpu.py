@@ -213,6 +213,27 @@ def test_cached_features_on_the_gpu_match_the_cpu(gpu_data, tmp_path):
 
 
 @needs_gpu
+def test_image_cache_on_the_gpu_changes_no_metric_and_decodes_nothing_after_the_first_epoch(gpu_data, tmp_path):
+    two_epochs = ["--device", "cuda", "--epochs", "2"]
+    _, kept = metrics_of(gpu_data, tmp_path, "kept", *two_epochs)
+    _, decoded = metrics_of(gpu_data, tmp_path, "decoded", *two_epochs, "--image-cache", "off")
+    keys = ("train_loss", "train_acc", "val_loss", "val_acc")
+    assert [{k: e[k] for k in keys} for e in kept["epochs"]] == [{k: e[k] for k in keys} for e in decoded["epochs"]]
+    assert [e["images_decoded"] for e in kept["epochs"]] == [24, 0]  # 16 train + 8 val images, then none
+
+
+@needs_gpu
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_reduced_precision_backbone_on_the_gpu_stays_within_a_hundredth_of_fp32(gpu_data, tmp_path, precision):
+    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+        pytest.skip("this GPU has no bfloat16")
+    _, reduced = metrics_of(gpu_data, tmp_path, precision, "--device", "cuda", "--precision", precision)
+    _, fp32 = metrics_of(gpu_data, tmp_path, "fp32", "--device", "cuda")
+    for key in ("train_loss", "val_loss"):
+        assert reduced["epochs"][0][key] == pytest.approx(fp32["epochs"][0][key], abs=0.01), key
+
+
+@needs_gpu
 def test_two_nccl_ranks_on_one_gpu_are_refused_in_one_line(gpu_data):
     # as torchrun --nproc-per-node 2 would start them on a one-GPU machine
     port = str(free_port())

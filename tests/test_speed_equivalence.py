@@ -1,7 +1,8 @@
 """The fast paths compute the same thing as the slow ones.
 
-qml.py's own torch simulator against PennyLane, and the dressed head's one broadcast circuit call
-per batch against the tutorial's one call per image (--per-sample).
+qml.py's own torch simulator and its device-API path for Lightning (AdjointCircuit) against PennyLane's QNode,
+and the dressed head's one broadcast circuit call per batch against the tutorial's one call per image
+(--per-sample).
 """
 
 import numpy as np
@@ -46,6 +47,38 @@ def test_torch_simulator_matches_pennylane_values_and_gradients(nqubits, batch_s
     for name, mine, theirs in zip(("values", "input gradients", "weight gradients"), ours, pennylane, strict=True):
         assert mine.shape == theirs.shape, name
         torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-10, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("qdevice", qml.ADJOINT_QDEVICES)
+@pytest.mark.parametrize("batch_shape", [(), (3,)], ids=["single", "batch3"])
+@pytest.mark.parametrize("nqubits", [1, 2, 4])
+def test_device_api_circuit_matches_pennylanes_qnode_values_and_gradients(qdevice, nqubits, batch_shape):
+    depth = 3
+    gen = torch.Generator().manual_seed(10 + nqubits)
+    inputs = (torch.rand(*batch_shape, nqubits, generator=gen, dtype=torch.float64) * 2 - 1) * np.pi
+    weights = (torch.rand(depth * nqubits, generator=gen, dtype=torch.float64) * 2 - 1) * np.pi
+    cotangent = torch.randn(*batch_shape, nqubits, generator=gen, dtype=torch.float64)
+
+    net = qml.make_quantum_net(nqubits, depth, qdevice)
+    assert isinstance(net, qml.AdjointCircuit)
+    ours = values_and_gradients(net, inputs, weights, cotangent)
+    pennylane = values_and_gradients(qml.make_quantum_net(nqubits, depth, "default.qubit"), inputs, weights, cotangent)
+    for name, mine, theirs in zip(("values", "input gradients", "weight gradients"), ours, pennylane, strict=True):
+        assert mine.shape == theirs.shape, name
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-10, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_device_api_circuit_gives_float32_inputs_float32_gradients():
+    inputs = torch.rand(3, 4, requires_grad=True)
+    weights = torch.rand(24, requires_grad=True)
+    torch.stack(qml.make_quantum_net()(inputs, weights), dim=-1).sum().backward()
+    assert (inputs.grad.dtype, weights.grad.dtype) == (torch.float32, torch.float32)
+
+
+def test_per_sample_head_calls_the_circuit_through_a_qnode_as_the_tutorial():
+    import pennylane
+
+    assert isinstance(make_head("lightning.kokkos", per_sample=True).quantum_net, pennylane.QNode)
 
 
 def test_torch_simulator_accepts_several_batch_dimensions():

@@ -6,6 +6,7 @@ plays no part in what is tested here).
 
 import json
 import os
+import types
 
 import pytest
 import torch
@@ -87,6 +88,13 @@ def test_image_cache_keeps_only_what_fits_its_budget(runs):
                                                                                       (N_IMAGES - fits, fits)]
 
 
+def test_images_from_decoding_workers_are_kept_as_private_copies():
+    image = torch.arange(48, dtype=torch.uint8).reshape(3, 4, 4).share_memory_()  # as a worker's image arrives
+    kept = qml.KeptImages(budget=10**6)
+    kept.keep(("train", 0), image)
+    assert not kept.images[("train", 0)].is_shared() and torch.equal(kept.images[("train", 0)], image)
+
+
 def rank_facts(*hosts):
     return [dict(rank=rank, host=host) for rank, host in enumerate(hosts)]
 
@@ -163,3 +171,23 @@ def test_bench_compares_against_the_tutorial_equivalent_and_offers_fp16_only_on_
     assert labels[:2] == ["tutorial-equivalent: --per-sample --image-cache off", "default"]
     assert "--precision bf16 --qdevice torch" in labels
     assert not any("fp16" in label for label in labels)
+
+
+def test_bench_table_keeps_each_setups_fastest_later_epoch_over_the_rounds(monkeypatch, tmp_path):
+    # Per setup and round, a later epoch of (10, 6) s for the tutorial-equivalent and (4, 3) s for the others.
+    later = {True: [10.0, 6.0], False: [4.0, 3.0]}
+    calls = []
+
+    def fake_time_run(command, args, tmp, launcher=()):
+        seconds = later["--per-sample" in command][calls.count(command)]  # this setup's round
+        calls.append(command)
+        split = dict.fromkeys(qml.TimeSplit.PARTS, seconds / 5)
+        epochs = [dict(seconds=20.0, train_loss=0.7, train_acc=0.5, val_loss=0.6, val_acc=0.5),
+                  dict(seconds=seconds, time_split=split)]
+        return 0.0, dict(device="cpu", backend="gloo", epochs=epochs)
+
+    monkeypatch.setattr(bench, "time_run", fake_time_run)
+    rows = bench.epoch_rows(types.SimpleNamespace(epochs=2, rounds=2), str(tmp_path))
+    assert len(calls) == 2 * len(bench.bench_setups(qml.pick_device("auto", 0)))
+    assert [row[2:4] for row in rows[:2]] == [("6.00", "1.00x"), ("3.00", "0.50x")]
+    assert rows[1][4:9] == ("0.60",) * 5 and rows[1][9] == "0.7000/0.5000/0.6000/0.5000"
