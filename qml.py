@@ -57,6 +57,7 @@ import traceback
 import urllib.request
 import zipfile
 import zlib
+import importlib.util
 from importlib import metadata
 
 # Launchers of MPI programs set these; mpiexec started us when one is present.
@@ -75,7 +76,6 @@ if any(var in os.environ for var in MPI_LAUNCHER_VARS):
         pass
 
 import numpy as np
-import pennylane as qml
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -86,6 +86,20 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from torchvision import datasets, transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS
+
+
+def lazy_import(name):
+    """The module `name`, loaded on the first use of one of its attributes (importlib's LazyLoader)."""
+    spec = importlib.util.find_spec(name)
+    spec.loader = importlib.util.LazyLoader(spec.loader)
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# The tutorial's `import pennylane as qml`, loaded when a circuit is first built: importing PennyLane takes
+# about 2 s, which a --qdevice torch run, `report` and a refused option do not need.
+qml = lazy_import("pennylane")
 
 # The tutorial's hyperparameters of the quantum layer.
 n_qubits = 4  # Number of qubits
@@ -276,8 +290,9 @@ def qdevice_options(qdevice, device_id, nqubits):
 
 
 def available_qdevices():
-    """Names accepted by --qdevice: every installed PennyLane device, plus our torch simulator."""
-    return sorted(set(qml.plugin_devices) | {TORCH_QDEVICE})
+    """Names accepted by --qdevice: every installed PennyLane device (the entry points that qml.device reads,
+    found without importing PennyLane), plus our torch simulator."""
+    return sorted({entry.name for entry in metadata.entry_points(group="pennylane.plugins")} | {TORCH_QDEVICE})
 
 
 # ----------------------------------------------------------------------------

@@ -50,6 +50,9 @@ def test_every_third_party_module_qml_imports_is_required():
                 for alias in node.names}
     imported |= {node.module.split(".")[0] for node in ast.walk(tree)
                  if isinstance(node, ast.ImportFrom) and node.module and node.level == 0}
+    imported |= {node.args[0].value for node in ast.walk(tree)  # lazy_import("pennylane")
+                 if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "lazy_import"}
+    assert "pennylane" in imported
     third_party = imported - set(sys.stdlib_module_names)
     # import name -> distribution name where they differ
     distribution = {"pennylane_lightning": "pennylane-lightning", "hostlist": "python-hostlist", "PIL": "pillow"}
