@@ -16,7 +16,8 @@ Reading this file beside the tutorial; its sections come in this order:
     n_qubits, q_depth, q_delta               the same globals, below the imports
     H_layer, RY_layer, entangling_layer      "The quantum circuit": the same functions
     dev = qml.device(...), @qml.qnode        make_quantum_net(qdevice=...) wraps quantum_net in a QNode
-      quantum_net                            quantum_net: the circuit the QNode runs
+      quantum_net                            (--per-sample), or on Lightning runs a batch of it through the
+                                             device API (AdjointCircuit)
     DressedQuantumNet, resnet18 + fc         "The model": DressedQuantumNet, build_model
     setup: init_process_group; __main__:     "Distributed setup": init_distributed_mode (torchrun, srun,
       mpi4py ranks, MASTER_ADDR                mpiexec or one process; the device; the process group)
