@@ -40,6 +40,7 @@ import functools
 import gc
 import glob
 import hashlib
+import importlib.util
 import io
 import json
 import math
@@ -58,7 +59,6 @@ import traceback
 import urllib.request
 import zipfile
 import zlib
-import importlib.util
 from importlib import metadata
 
 # Launchers of MPI programs set these; mpiexec started us when one is present.
@@ -92,6 +92,8 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 def lazy_import(name):
     """The module `name`, loaded on the first use of one of its attributes (importlib's LazyLoader)."""
     spec = importlib.util.find_spec(name)
+    if spec is None:  # as `import name` would say
+        raise ModuleNotFoundError(f"No module named {name!r}", name=name)
     spec.loader = importlib.util.LazyLoader(spec.loader)
     module = sys.modules[name] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -110,8 +110,8 @@ def test_head_forward_is_linear_tanh_circuit_linear(qdevice, per_sample):
 
 def test_a_torch_qdevice_head_never_loads_pennylane():
     # PennyLane's import is about 2 s of a short run; the choices of --qdevice come from its entry points.
-    probe = ("import sys, qml; args = qml.get_args_parser().parse_args(['--qdevice', 'torch']); "
-             "qml.DressedQuantumNet(qdevice=args.qdevice)(qml.torch.zeros(2, 512)).sum().backward(); "
+    probe = ("import sys, torch, qml; args = qml.get_args_parser().parse_args(['--qdevice', 'torch']); "
+             "qml.DressedQuantumNet(qdevice=args.qdevice)(torch.zeros(2, 512)).sum().backward(); "
              "print(sorted(m for m in sys.modules if m.startswith('pennylane.')))")
     result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
