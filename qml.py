@@ -1586,7 +1586,7 @@ def validate_args(args):
                          "(--global-batch-size G gives each of N ranks G/N images)")
     if args.global_batch_size is None and args.batch_size is None:
         args.batch_size = DEFAULT_BATCH_SIZE
-    if args.qdevice != TORCH_QDEVICE and args.qdevice not in available_qdevices():  # torch needs no PennyLane import
+    if args.qdevice not in available_qdevices():
         raise UsageError(f"--qdevice {args.qdevice}: not installed; choose one of {', '.join(available_qdevices())}")
 
 
