@@ -19,7 +19,14 @@ import time
 import numpy as np
 import torch
 
+import errors
+import images
+import options
+import provenance
 import qml
+import report
+import simulators
+import timing
 
 QML = os.path.join(os.path.dirname(os.path.abspath(__file__)), "qml.py")
 
@@ -46,7 +53,7 @@ def time_run(extra, args, tmp, launcher=()):
     result = subprocess.run(command, capture_output=True, text=True)
     wall = time.perf_counter() - start
     if result.returncode != 0:
-        raise qml.UsageError(f"benchmark run {' '.join(extra)} failed: {result.stderr.strip().splitlines()[-1:]}")
+        raise errors.UsageError(f"benchmark run {' '.join(extra)} failed: {result.stderr.strip().splitlines()[-1:]}")
     with open(metrics) as file:
         return wall, json.load(file)
 
@@ -56,7 +63,7 @@ def bench_setups(device):
     speed option alone and the fastest combination; fp16 only on a GPU, bf16 where the device has it."""
     precisions = [] if device.type == "cuda" and not torch.cuda.is_bf16_supported() else ["bf16"]
     precisions += ["fp16"] if device.type == "cuda" else []
-    torch_qdevice = ["--qdevice", qml.TORCH_QDEVICE]
+    torch_qdevice = ["--qdevice", simulators.TORCH_QDEVICE]
     setups = [("tutorial-equivalent: --per-sample --image-cache off", ["--per-sample", "--image-cache", "off"]),
               ("default", []), ("--image-cache off", ["--image-cache", "off"]),
               ("--qdevice torch", torch_qdevice)]
@@ -92,7 +99,7 @@ def epoch_rows(args, tmp):
 
 def cached_rows(args, tmp):
     rows, base = [], None
-    for qdevice in (qml.KOKKOS_QDEVICE, qml.TORCH_QDEVICE):
+    for qdevice in (simulators.KOKKOS_QDEVICE, simulators.TORCH_QDEVICE):
         wall = min(time_run(["--epochs", str(args.cached_epochs), "--cache-features", "--bn-mode", "eval",
                              "--qdevice", qdevice], args, tmp)[0] for _ in range(args.rounds))
         base = base or wall
@@ -103,8 +110,8 @@ def cached_rows(args, tmp):
 
 def circuit_rows():
     rows = []
-    for qdevice in [d for d in (qml.KOKKOS_QDEVICE, "lightning.qubit", "default.qubit", qml.TORCH_QDEVICE)
-                    if d in qml.available_qdevices()]:
+    for qdevice in [d for d in (simulators.KOKKOS_QDEVICE, "lightning.qubit", "default.qubit", simulators.TORCH_QDEVICE)
+                    if d in simulators.available_qdevices()]:
         loop, batched = time_circuit(qdevice, True), time_circuit(qdevice, False)
         rows.append((f"circuit fwd+bwd, batch of 4, {qdevice}: per-sample", f"{loop * 1000:.1f} ms", "1.00x"))
         rows.append((f"circuit fwd+bwd, batch of 4, {qdevice}: broadcast", f"{batched * 1000:.1f} ms",
@@ -115,34 +122,34 @@ def circuit_rows():
 def machine_description():
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return (f"{platform.machine()} {platform.processor() or platform.system()}, {os.cpu_count()} CPUs, {gpu}, "
-            f"torch {torch.__version__}, pennylane {qml.package_versions()['pennylane']}")
+            f"torch {torch.__version__}, pennylane {provenance.package_versions()['pennylane']}")
 
 
 def main(argv=None):
-    parser = qml.ArgumentParser(prog="bench.py", description="Time qml.py's epoch, cached run and circuit.")
+    parser = options.ArgumentParser(prog="bench.py", description="Time qml.py's epoch, cached run and circuit.")
     parser.add_argument("--data-dir", default=os.environ.get("QML_DATA_DIR", qml.DEFAULT_DATA_DIR))
     parser.add_argument("--weights", default="none", help="backbone weights for the timed runs (default: none)")
     parser.add_argument("--epochs", type=at_least_2, default=3, help="epochs of each timed setup; the fastest "
                         "after the first is compared (default: %(default)s)")
-    parser.add_argument("--cached-epochs", type=qml.positive(int), default=30)
-    parser.add_argument("--rounds", type=qml.positive(int), default=1, help="time every setup this many times and "
+    parser.add_argument("--cached-epochs", type=options.positive(int), default=30)
+    parser.add_argument("--rounds", type=options.positive(int), default=1, help="time every setup this many times and "
                         "keep its fastest (on a machine shared with other work) (default: %(default)s)")
     args = parser.parse_args(argv)
-    qml.check_layout(args.data_dir)
+    images.check_layout(args.data_dir)
     with tempfile.TemporaryDirectory() as tmp:
         epochs = epoch_rows(args, tmp)
         rows = cached_rows(args, tmp) + circuit_rows()
     print(f"Machine: {machine_description()}")
     print("\nWhere an epoch's time goes (seconds; ratio: the later epoch's to the tutorial-equivalent's):")
-    print(qml.markdown_table(("run", "epoch 1", "later epoch", "ratio", *qml.TimeSplit.PARTS,
+    print(report.markdown_table(("run", "epoch 1", "later epoch", "ratio", *timing.TimeSplit.PARTS,
                               "epoch 1 train loss/acc, val loss/acc"), epochs))
     print()
-    print(qml.markdown_table(("what", "time", "ratio"), rows))
+    print(report.markdown_table(("what", "time", "ratio"), rows))
     return 0
 
 
 def at_least_2(text):
-    value = qml.positive(int)(text)
+    value = options.positive(int)(text)
     if value < 2:
         raise argparse.ArgumentTypeError(f"must be 2 or more (an epoch after the first is timed), got {text}")
     return value
@@ -151,6 +158,6 @@ def at_least_2(text):
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except qml.UsageError as err:
+    except errors.UsageError as err:
         print("bench.py: error:", " ".join(str(err).split()), file=sys.stderr)
         sys.exit(2)

@@ -1,5 +1,6 @@
 """Shared fixtures: tiny generated ImageFolder data sets and a quiet, CPU-only environment."""
 
+import glob
 import os
 import signal
 import socket
@@ -12,6 +13,8 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QML = os.path.join(ROOT, "qml.py")
+# qml.py and the modules beside it (README, "Layout"): what a copy of the program needs.
+PROGRAM_FILES = sorted(glob.glob(os.path.join(ROOT, "*.py")))
 sys.path.insert(0, ROOT)
 
 # No launcher variables may leak into the tests' single-process runs, nor an OpenMP binding: qml.py

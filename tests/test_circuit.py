@@ -7,10 +7,11 @@ import pytest
 import torch
 
 import qml
+import simulators
 from numpy_circuit import batched_expvals, expvals
 
 # lightning.kokkos is the tutorial's (and the default) device; "torch" is qml.py's own simulator.
-QDEVICES = ["lightning.kokkos", qml.TORCH_QDEVICE]
+QDEVICES = ["lightning.kokkos", simulators.TORCH_QDEVICE]
 # Lightning devices round their torch results to torch's default dtype (float32), so about 1e-7.
 VALUE_ATOL = 1e-6
 

@@ -12,6 +12,8 @@ import pytest
 import torch
 from conftest import QML, ROOT, TINY_COUNTS, free_port
 
+import errors
+import process_group
 import qml
 
 N_VAL = sum(TINY_COUNTS["val"].values())  # 9: odd, so padding the validation split over 2 ranks would show
@@ -38,7 +40,7 @@ LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_
 ], ids=["single-host", "comma-list", "zero-padded-range", "unpadded-range", "range-and-single",
         "plain-and-bracket", "two-bracket-groups", "two-brackets-in-one-name", "padding-overflows"])
 def test_expand_nodelist(nodelist, hosts):
-    assert qml.expand_nodelist(nodelist) == hosts
+    assert process_group.expand_nodelist(nodelist) == hosts
 
 
 def test_expand_nodelist_without_python_hostlist_asks_scontrol(monkeypatch, tmp_path):
@@ -47,14 +49,14 @@ def test_expand_nodelist_without_python_hostlist_asks_scontrol(monkeypatch, tmp_
     scontrol.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
     monkeypatch.setitem(sys.modules, "hostlist", None)  # import hostlist raises ImportError
-    assert qml.expand_nodelist("rack[1-2]") == ["rack1", "rack2"]
+    assert process_group.expand_nodelist("rack[1-2]") == ["rack1", "rack2"]
 
 
 def test_unreadable_nodelist_without_scontrol_is_a_usage_error(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))  # no scontrol
     monkeypatch.setitem(sys.modules, "hostlist", None)
-    with pytest.raises(qml.UsageError, match="python-hostlist"):
-        qml.expand_nodelist("rack[1-2]")
+    with pytest.raises(errors.UsageError, match="python-hostlist"):
+        process_group.expand_nodelist("rack[1-2]")
 
 
 # ----------------------------------------------------------------------------
@@ -241,7 +243,7 @@ def test_auto_device_is_the_cpu_without_a_gpu():
 
 @cpu_only
 def test_cuda_device_without_a_gpu_is_a_usage_error():
-    with pytest.raises(qml.UsageError, match="--device cuda"):
+    with pytest.raises(errors.UsageError, match="--device cuda"):
         qml.pick_device("cuda", 0)
 
 

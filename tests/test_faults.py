@@ -4,8 +4,8 @@ go bad mid-run, and safe downloads.
 Faults are injected by a wrapper script (WRAPPER) that imports qml, wraps DressedQuantumNet.forward to
 count its calls, and at a chosen call raises, deletes or truncates an image, or waits for the test to send
 a signal; so the fault always lands at the same point of training (e.g. mid-epoch 2, after epoch 1's
-checkpoint). The wrapper also prints "WROTE <path>" after each qml.atomic_write, to show which rank writes
-files, and after main how many DDP wrappers are still alive.
+checkpoint). The wrapper also prints "WROTE <path>" after each checkpoints.atomic_write, to show which rank
+writes files, and after main how many DDP wrappers are still alive.
 """
 
 import builtins
@@ -29,6 +29,9 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoints
+import errors
+import images
 import qml
 from conftest import QML, ROOT, free_port, one_stderr_line, run_qml
 
@@ -40,6 +43,7 @@ FIRST_CALL_OF_EPOCH_2 = 7
 WRAPPER = f"""
 import gc, os, sys, time
 sys.path.insert(0, {ROOT!r})
+import checkpoints
 import qml
 from torch.nn.parallel import DistributedDataParallel
 
@@ -63,7 +67,7 @@ def fault_injecting_forward(self, inputs):
     return forward(self, inputs)
 
 
-atomic_write = qml.atomic_write
+atomic_write = checkpoints.atomic_write
 
 
 def logging_atomic_write(path, write):
@@ -72,7 +76,7 @@ def logging_atomic_write(path, write):
 
 
 qml.DressedQuantumNet.forward = fault_injecting_forward
-qml.atomic_write = logging_atomic_write
+checkpoints.atomic_write = logging_atomic_write
 try:
     sys.exit(qml.main(sys.argv[1:]))
 finally:
@@ -360,7 +364,7 @@ def test_sigterm_during_a_checkpoint_write_keeps_the_previous_checkpoint(tmp_pat
     path = tmp_path / "run.pt"
     previous = {"state": {"epoch": 1}, "head": torch.arange(4.0)}
     torch.save(previous, path)
-    signal.signal(signal.SIGTERM, qml.raise_interrupt)  # as main() installs it
+    signal.signal(signal.SIGTERM, errors.raise_interrupt)  # as main() installs it
 
     def interrupted(file):
         file.write(b"half of epoch 2")
@@ -368,7 +372,7 @@ def test_sigterm_during_a_checkpoint_write_keeps_the_previous_checkpoint(tmp_pat
         time.sleep(HANG_GUARD)  # the handler raises in here
 
     with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
-        qml.atomic_write(str(path), interrupted)
+        checkpoints.atomic_write(str(path), interrupted)
     saved = torch.load(path, map_location="cpu", weights_only=True)
     assert saved["state"] == previous["state"] and torch.equal(saved["head"], previous["head"])
     assert os.listdir(tmp_path) == ["run.pt"]  # no temporary file left
@@ -381,9 +385,9 @@ def refuse_to_open(*args, **kwargs):
 def test_write_whose_open_fails_reports_that_error_and_leaves_no_temporary_file(tmp_path, monkeypatch):
     path = tmp_path / "run.pt"
     path.write_bytes(b"epoch 1")
-    monkeypatch.setattr(qml, "open", refuse_to_open, raising=False)  # shadows the builtin inside qml
-    with pytest.raises(qml.RunFailed, match=rf"cannot write {path} \(Permission denied\)") as failure:
-        qml.atomic_write(str(path), lambda file: file.write(b"epoch 2"))
+    monkeypatch.setattr(checkpoints, "open", refuse_to_open, raising=False)  # shadows the builtin inside checkpoints
+    with pytest.raises(errors.RunFailed, match=rf"cannot write {path} \(Permission denied\)") as failure:
+        checkpoints.atomic_write(str(path), lambda file: file.write(b"epoch 2"))
     assert isinstance(failure.value.__cause__, PermissionError)
     assert path.read_bytes() == b"epoch 1"
     assert os.listdir(tmp_path) == ["run.pt"]
@@ -398,8 +402,8 @@ def test_write_that_fails_midway_reports_that_error_and_leaves_no_temporary_file
         file.flush()
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    with pytest.raises(qml.RunFailed, match=rf"cannot write {path} \(No space left on device\)") as failure:
-        qml.atomic_write(str(path), disk_full)
+    with pytest.raises(errors.RunFailed, match=rf"cannot write {path} \(No space left on device\)") as failure:
+        checkpoints.atomic_write(str(path), disk_full)
     assert failure.value.__cause__.errno == errno.ENOSPC
     assert path.read_bytes() == b"epoch 1"
     assert os.listdir(tmp_path) == ["run.pt"]
@@ -418,7 +422,7 @@ def fill_the_disk(monkeypatch):
     def full_disk_open(path, mode="r"):
         return FullDiskFile(path, mode.replace("b", "")) if "w" in mode else builtins.open(path, mode)
 
-    monkeypatch.setattr(qml, "open", full_disk_open, raising=False)
+    monkeypatch.setattr(checkpoints, "open", full_disk_open, raising=False)
 
 
 def full_disk_run(capfd, argv):
@@ -464,7 +468,7 @@ def tiny_jpeg():
     return buffer.getvalue()
 
 
-def hymenoptera_zip(path, counts=qml.HYMENOPTERA_COUNTS, extra=()):
+def hymenoptera_zip(path, counts=images.HYMENOPTERA_COUNTS, extra=()):
     """The published archive's layout (hymenoptera_data/{train,val}/{ants,bees}) with tiny JPEGs."""
     jpeg = tiny_jpeg()
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
@@ -504,25 +508,25 @@ def http_server(directory):
 
 
 def assert_downloaded(target):
-    layout = qml.check_layout(str(target), qml.HYMENOPTERA_COUNTS)
-    qml.check_images_decode(layout)
+    layout = images.check_layout(str(target), images.HYMENOPTERA_COUNTS)
+    images.check_images_decode(layout)
     assert {split: {name: len(paths) for name, paths in classes.items()} for split, classes in layout.items()} == \
-        qml.HYMENOPTERA_COUNTS
+        images.HYMENOPTERA_COUNTS
     assert os.listdir(target.parent) == ["hymenoptera_data"]  # no temporary folder beside it
 
 
 def test_download_from_file_url_extracts_the_data_set_into_place(tmp_path, target):
     url = hymenoptera_zip(tmp_path / "good.zip").as_uri()
-    qml.download_dataset(str(target), url)
+    images.download_dataset(str(target), url)
     assert_downloaded(target)
 
 
 def test_download_over_http_extracts_the_data_set_into_place(tmp_path, target, monkeypatch):
-    monkeypatch.setattr(qml, "DOWNLOAD_TIMEOUT", 10)
+    monkeypatch.setattr(images, "DOWNLOAD_TIMEOUT", 10)
     (tmp_path / "site").mkdir()
     hymenoptera_zip(tmp_path / "site" / "hymenoptera_data.zip")
     with http_server(str(tmp_path / "site")) as base:
-        qml.download_dataset(str(target), f"{base}/hymenoptera_data.zip")
+        images.download_dataset(str(target), f"{base}/hymenoptera_data.zip")
     assert_downloaded(target)
 
 
@@ -534,8 +538,8 @@ def assert_nothing_left(target):
 @pytest.mark.parametrize("entry", ["../evil", "hymenoptera_data/../../evil", "hymenoptera_data/train/../../../evil"])
 def test_download_refuses_an_archive_with_an_entry_outside_its_folder(tmp_path, target, entry):
     url = hymenoptera_zip(tmp_path / "evil.zip", extra=[entry]).as_uri()
-    with pytest.raises(qml.UsageError, match="outside its folder"):
-        qml.download_dataset(str(target), url)
+    with pytest.raises(errors.UsageError, match="outside its folder"):
+        images.download_dataset(str(target), url)
     assert_nothing_left(target)
     assert not [path for path in tmp_path.rglob("evil")], "an entry was written outside the target"
 
@@ -559,8 +563,8 @@ def broken_download(kind, tmp_path):
 
 @pytest.mark.parametrize("kind", ["truncated", "html-page", "empty", "damaged-member"])
 def test_download_of_a_broken_archive_leaves_nothing(tmp_path, target, kind):
-    with pytest.raises(qml.UsageError, match="not a complete zip archive.*--data-url"):
-        qml.download_dataset(str(target), broken_download(kind, tmp_path))
+    with pytest.raises(errors.UsageError, match="not a complete zip archive.*--data-url"):
+        images.download_dataset(str(target), broken_download(kind, tmp_path))
     assert_nothing_left(target)
 
 
@@ -571,37 +575,37 @@ def test_download_of_a_broken_archive_leaves_nothing(tmp_path, target, kind):
 ], ids=["missing-class", "wrong-count", "extra-class"])
 def test_download_with_the_wrong_layout_leaves_nothing(tmp_path, target, counts):
     url = hymenoptera_zip(tmp_path / "other.zip", counts=counts).as_uri()
-    with pytest.raises(qml.UsageError, match="not the ants/bees data set"):
-        qml.download_dataset(str(target), url)
+    with pytest.raises(errors.UsageError, match="not the ants/bees data set"):
+        images.download_dataset(str(target), url)
     assert_nothing_left(target)
 
 
 def test_download_from_a_missing_file_url_names_data_dir(tmp_path, target):
-    with pytest.raises(qml.UsageError, match="cannot download .*--data-dir DIR"):
-        qml.download_dataset(str(target), (tmp_path / "nowhere.zip").as_uri())
+    with pytest.raises(errors.UsageError, match="cannot download .*--data-dir DIR"):
+        images.download_dataset(str(target), (tmp_path / "nowhere.zip").as_uri())
     assert_nothing_left(target)
 
 
 def test_download_from_a_closed_port_names_data_dir(target):
-    with pytest.raises(qml.UsageError, match="cannot download .*--data-dir DIR"):
-        qml.download_dataset(str(target), f"http://127.0.0.1:{free_port()}/hymenoptera_data.zip")
+    with pytest.raises(errors.UsageError, match="cannot download .*--data-dir DIR"):
+        images.download_dataset(str(target), f"http://127.0.0.1:{free_port()}/hymenoptera_data.zip")
     assert_nothing_left(target)
 
 
 def test_download_of_a_missing_page_names_data_dir(tmp_path, target, monkeypatch):
-    monkeypatch.setattr(qml, "DOWNLOAD_TIMEOUT", 10)
+    monkeypatch.setattr(images, "DOWNLOAD_TIMEOUT", 10)
     with http_server(str(tmp_path)) as base:
-        with pytest.raises(qml.UsageError, match="cannot download .*404.*--data-dir DIR"):
-            qml.download_dataset(str(target), f"{base}/hymenoptera_data.zip")
+        with pytest.raises(errors.UsageError, match="cannot download .*404.*--data-dir DIR"):
+            images.download_dataset(str(target), f"{base}/hymenoptera_data.zip")
     assert_nothing_left(target)
 
 
 def test_download_from_a_server_that_never_answers_times_out(target, monkeypatch):
-    monkeypatch.setattr(qml, "DOWNLOAD_TIMEOUT", 1)
+    monkeypatch.setattr(images, "DOWNLOAD_TIMEOUT", 1)
     with socket.create_server(("127.0.0.1", 0)) as silent:  # listens, never accepts nor answers
         url = f"http://127.0.0.1:{silent.getsockname()[1]}/hymenoptera_data.zip"
-        with pytest.raises(qml.UsageError, match="cannot download .*timed out.*--data-dir DIR"):
-            qml.download_dataset(str(target), url)
+        with pytest.raises(errors.UsageError, match="cannot download .*timed out.*--data-dir DIR"):
+            images.download_dataset(str(target), url)
     assert_nothing_left(target)
 
 

@@ -10,6 +10,7 @@ import sys
 import pytest
 from conftest import QML, free_port, one_stderr_line
 
+import errors
 import qml
 
 # Fast, CPU-only options (as tests/test_bad_input.py's).
@@ -68,18 +69,18 @@ def test_no_lr_scaling_keeps_the_given_lr():
 
 def test_global_batch_size_that_does_not_divide_the_ranks_is_refused():
     args = options("--global-batch-size", "4")
-    with pytest.raises(qml.UsageError, match=r"--global-batch-size 4 cannot be split evenly over 3 ranks; give a "
+    with pytest.raises(errors.UsageError, match=r"--global-batch-size 4 cannot be split evenly over 3 ranks; give a "
                                              r"multiple of 3 \(e.g. 6\)"):
         qml.resolve_batch_and_lr(args, 3)
 
 
 def test_global_batch_size_with_batch_size_is_refused():
-    with pytest.raises(qml.UsageError, match="--global-batch-size and --batch-size both set the batch size"):
+    with pytest.raises(errors.UsageError, match="--global-batch-size and --batch-size both set the batch size"):
         options("--global-batch-size", "8", "--batch-size", "2")
 
 
 def test_lr_scaling_accepts_only_linear_or_none():
-    with pytest.raises(qml.UsageError, match="--lr-scaling"):
+    with pytest.raises(errors.UsageError, match="--lr-scaling"):
         options("--lr-scaling", "sqrt")
 
 

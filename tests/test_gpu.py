@@ -16,7 +16,11 @@ import pytest
 import torch
 from conftest import QML, ROOT, free_port, make_image_folder, one_stderr_line, run_qml
 
+import errors
+import images
+import process_group
 import qml
+import simulators
 
 # ----------------------------------------------------------------------------
 # Rules, with faked GPUs
@@ -38,11 +42,11 @@ def test_a_rank_takes_the_gpu_of_its_local_rank_among_those_it_sees(monkeypatch,
 def test_gpu_rank_decodes_with_the_cpus_it_may_use_less_one_at_most_3(monkeypatch, usable_cpus, workers):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: usable_cpus)
     monkeypatch.setattr(os, "cpu_count", lambda: 128)  # the node's count must not matter
-    assert qml.default_workers(torch.device("cuda", 0)) == workers
+    assert images.default_workers(torch.device("cuda", 0)) == workers
 
 
 def test_cpu_rank_decodes_in_the_main_process():
-    assert qml.default_workers(torch.device("cpu")) == 0
+    assert images.default_workers(torch.device("cpu")) == 0
 
 
 def rank(number, host, gpu_id, visible=1, index=0):
@@ -50,18 +54,19 @@ def rank(number, host, gpu_id, visible=1, index=0):
 
 
 def test_ranks_with_a_gpu_each_pass():
-    qml.check_one_gpu_per_rank([rank(0, "n1", "GPU-a", 2, 0), rank(1, "n1", "GPU-b", 2, 1)])
+    process_group.check_one_gpu_per_rank([rank(0, "n1", "GPU-a", 2, 0), rank(1, "n1", "GPU-b", 2, 1)])
 
 
 def test_ranks_of_different_hosts_may_see_the_same_gpu_id():
     # srun --gpus-per-task=1 binds GPU 0 of each node: the same visible-devices entry on two hosts
-    qml.check_one_gpu_per_rank([rank(0, "n1", "CUDA_VISIBLE_DEVICES=0"), rank(1, "n2", "CUDA_VISIBLE_DEVICES=0")])
+    process_group.check_one_gpu_per_rank([rank(0, "n1", "CUDA_VISIBLE_DEVICES=0"),
+                                          rank(1, "n2", "CUDA_VISIBLE_DEVICES=0")])
 
 
 def test_four_ranks_sharing_one_gpu_are_refused_naming_both_counts_and_the_fixes():
     # torchrun --nproc-per-node 4 on a one-GPU machine
-    with pytest.raises(qml.UsageError) as refused:
-        qml.check_one_gpu_per_rank([rank(r, "box", "GPU-a") for r in range(4)])
+    with pytest.raises(errors.UsageError) as refused:
+        process_group.check_one_gpu_per_rank([rank(r, "box", "GPU-a") for r in range(4)])
     message = str(refused.value)
     assert "4 ranks on box but 1 GPU(s)" in message
     assert "--backend gloo" in message and "--gpus-per-task" in message
@@ -69,7 +74,7 @@ def test_four_ranks_sharing_one_gpu_are_refused_naming_both_counts_and_the_fixes
 
 def test_gpu_id_is_the_uuid_when_the_gpu_reports_one():
     props = types.SimpleNamespace(uuid="GPU-5b2f4c1e-0d3a-4e55-9a61-2f8d7c0e4b19")
-    assert qml.physical_gpu_id(props, 0) == "GPU-5b2f4c1e-0d3a-4e55-9a61-2f8d7c0e4b19"
+    assert process_group.physical_gpu_id(props, 0) == "GPU-5b2f4c1e-0d3a-4e55-9a61-2f8d7c0e4b19"
 
 
 @pytest.mark.parametrize("var", ["CUDA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES"])
@@ -78,28 +83,28 @@ def test_gpu_id_without_a_uuid_is_the_visible_devices_entry(monkeypatch, var):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv(var, "4,6")
     props = types.SimpleNamespace(uuid="00000000-0000-0000-0000-000000000000")
-    assert qml.physical_gpu_id(props, 1) == f"{var}=6"
+    assert process_group.physical_gpu_id(props, 1) == f"{var}=6"
 
 
 def test_kokkos_is_given_the_ranks_gpu_and_no_warnings():
-    settings = qml.qdevice_options("lightning.kokkos", 3, 4)["kokkos_args"]
+    settings = simulators.qdevice_options("lightning.kokkos", 3, 4)["kokkos_args"]
     assert settings.get_device_id() == 3 and settings.get_disable_warnings()
 
 
 def test_kokkos_on_a_cpu_rank_is_left_its_own_device_choice():
-    settings = qml.qdevice_options("lightning.kokkos", None, 20)["kokkos_args"]
+    settings = simulators.qdevice_options("lightning.kokkos", None, 20)["kokkos_args"]
     assert not settings.has_device_id() and settings.get_disable_warnings()
 
 
 def test_kokkos_on_a_cpu_rank_simulates_a_small_circuit_on_one_thread():
-    settings = qml.qdevice_options("lightning.kokkos", None, qml.KOKKOS_ONE_THREAD_QUBITS)["kokkos_args"]
+    settings = simulators.qdevice_options("lightning.kokkos", None, simulators.KOKKOS_ONE_THREAD_QUBITS)["kokkos_args"]
     assert settings.has_num_threads() and settings.get_num_threads() == 1
 
 
-@pytest.mark.parametrize("device_id, nqubits", [(None, qml.KOKKOS_ONE_THREAD_QUBITS + 1), (0, 4)],
+@pytest.mark.parametrize("device_id, nqubits", [(None, simulators.KOKKOS_ONE_THREAD_QUBITS + 1), (0, 4)],
                          ids=["large-circuit-on-cpu", "small-circuit-on-gpu"])
 def test_kokkos_keeps_its_own_thread_count_for_large_circuits_and_gpu_ranks(device_id, nqubits):
-    assert not qml.qdevice_options("lightning.kokkos", device_id, nqubits)["kokkos_args"].has_num_threads()
+    assert not simulators.qdevice_options("lightning.kokkos", device_id, nqubits)["kokkos_args"].has_num_threads()
 
 
 # A fresh process, so that this circuit is the one that starts Kokkos.
@@ -135,7 +140,7 @@ def test_torch_keeps_its_threads_after_kokkos_starts_on_one(kokkos_threads):
 
 
 def test_other_qdevices_get_no_kokkos_settings():
-    assert qml.qdevice_options("default.qubit", 0, 4) == {}
+    assert simulators.qdevice_options("default.qubit", 0, 4) == {}
 
 
 # ----------------------------------------------------------------------------
@@ -197,7 +202,7 @@ def test_torchrun_runs_one_nccl_rank_on_the_gpu(gpu_data, tmp_path):
 
 
 @needs_gpu
-@pytest.mark.parametrize("qdevice", [qml.TORCH_QDEVICE, LIGHTNING_KOKKOS])
+@pytest.mark.parametrize("qdevice", [simulators.TORCH_QDEVICE, LIGHTNING_KOKKOS])
 def test_gpu_and_cpu_give_the_same_first_epoch(gpu_data, tmp_path, qdevice):
     _, gpu = metrics_of(gpu_data, tmp_path, "gpu", "--device", "cuda", "--qdevice", qdevice)
     _, cpu = metrics_of(gpu_data, tmp_path, "cpu", "--device", "cpu", "--qdevice", qdevice)
@@ -250,7 +255,7 @@ def test_two_nccl_ranks_on_one_gpu_are_refused_in_one_line(gpu_data):
 
 
 @needs_gpu
-@pytest.mark.parametrize("qdevice", [qml.TORCH_QDEVICE, LIGHTNING_KOKKOS])
+@pytest.mark.parametrize("qdevice", [simulators.TORCH_QDEVICE, LIGHTNING_KOKKOS])
 def test_cuda_tensors_pass_through_the_circuit_and_back(qdevice):
     torch.manual_seed(0)
     features = torch.randn(4, 512)

@@ -4,7 +4,7 @@ import ast
 import os
 import sys
 
-from conftest import QML, ROOT
+from conftest import PROGRAM_FILES, ROOT
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
@@ -43,22 +43,36 @@ def test_lightning_and_lightning_kokkos_are_asked_for_together():
     assert fresh["pennylane-lightning"].specifier == fresh["pennylane-lightning-kokkos"].specifier
 
 
-def test_every_third_party_module_qml_imports_is_required():
-    with open(QML) as file:
+def imported_modules(path):
+    """Top-level names of the modules a file imports (lazy_import("pennylane") counts as an import)."""
+    with open(path) as file:
         tree = ast.parse(file.read())
     imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
                 for alias in node.names}
     imported |= {node.module.split(".")[0] for node in ast.walk(tree)
                  if isinstance(node, ast.ImportFrom) and node.module and node.level == 0}
-    imported |= {node.args[0].value for node in ast.walk(tree)  # lazy_import("pennylane")
+    imported |= {node.args[0].value for node in ast.walk(tree)
                  if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "lazy_import"}
-    assert "pennylane" in imported
-    third_party = imported - set(sys.stdlib_module_names)
+    return imported
+
+
+def test_every_third_party_module_the_program_imports_is_required():
+    ours = {os.path.basename(path)[:-3] for path in PROGRAM_FILES}
+    imported = set().union(*(imported_modules(path) for path in PROGRAM_FILES))
+    assert "pennylane" in imported and "scipy" in imported
+    third_party = imported - set(sys.stdlib_module_names) - ours
     # import name -> distribution name where they differ
     distribution = {"pennylane_lightning": "pennylane-lightning", "hostlist": "python-hostlist", "PIL": "pillow"}
     needed = {canonicalize_name(distribution.get(module, module)) for module in third_party}
     provided_by_torch = {"numpy", "pillow"}  # torchvision depends on both
     assert needed - provided_by_torch <= set(requirements("requirements.txt")), needed
+
+
+def test_the_modules_beside_qml_py_never_import_it():
+    # The arrows point one way: qml.py is the story, the modules beside it its machinery.
+    for path in PROGRAM_FILES:
+        if os.path.basename(path) not in ("qml.py", "bench.py"):
+            assert "qml" not in imported_modules(path), path
 
 
 def test_fresh_install_asks_for_no_pre_release():

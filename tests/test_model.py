@@ -10,7 +10,10 @@ import torch
 import torch.nn as nn
 import torchvision
 
+import backbone
+import errors
 import qml
+import simulators
 from conftest import ROOT
 from numpy_circuit import dressed_logits
 
@@ -24,7 +27,7 @@ IMAGENET_FILE = "resnet18-f37072fd.pth"  # the name torchvision caches ImageNet 
 @pytest.mark.parametrize("batch", [1, 4])
 @pytest.mark.parametrize("nqubits", range(1, 11))
 def test_head_output_is_batch_by_classes_float32(nqubits, batch):
-    head = qml.DressedQuantumNet(n_qubits=nqubits, q_depth=2, qdevice=qml.TORCH_QDEVICE)
+    head = qml.DressedQuantumNet(n_qubits=nqubits, q_depth=2, qdevice=simulators.TORCH_QDEVICE)
     out = head(torch.randn(batch, 512))
     assert out.shape == (batch, 2)
     assert out.dtype == torch.float32
@@ -42,18 +45,18 @@ def test_head_on_lightning_kokkos_outputs_batch_by_classes_float32(nqubits, batc
 
 @pytest.mark.parametrize("n_classes", [2, 3, 7])
 def test_head_has_one_output_per_class(n_classes):
-    head = qml.DressedQuantumNet(n_qubits=3, q_depth=1, n_classes=n_classes, qdevice=qml.TORCH_QDEVICE)
+    head = qml.DressedQuantumNet(n_qubits=3, q_depth=1, n_classes=n_classes, qdevice=simulators.TORCH_QDEVICE)
     assert head(torch.randn(5, 512)).shape == (5, n_classes)
 
 
 def test_head_accepts_other_feature_widths():
-    head = qml.DressedQuantumNet(n_qubits=2, q_depth=1, qdevice=qml.TORCH_QDEVICE, in_features=64)
+    head = qml.DressedQuantumNet(n_qubits=2, q_depth=1, qdevice=simulators.TORCH_QDEVICE, in_features=64)
     assert head(torch.randn(3, 64)).shape == (3, 2)
 
 
 @pytest.mark.parametrize("nqubits,depth,n_classes", [(1, 1, 2), (4, 6, 2), (5, 3, 4), (10, 2, 2)])
 def test_head_parameters_are_pre_net_q_params_post_net(nqubits, depth, n_classes):
-    head = qml.DressedQuantumNet(n_qubits=nqubits, q_depth=depth, n_classes=n_classes, qdevice=qml.TORCH_QDEVICE)
+    head = qml.DressedQuantumNet(n_qubits=nqubits, q_depth=depth, n_classes=n_classes, qdevice=simulators.TORCH_QDEVICE)
     shapes = {name: tuple(p.shape) for name, p in head.named_parameters()}
     assert shapes == {"pre_net.weight": (nqubits, 512), "pre_net.bias": (nqubits,), "q_params": (depth * nqubits,),
                       "post_net.weight": (n_classes, nqubits), "post_net.bias": (n_classes,)}
@@ -77,7 +80,7 @@ def assert_same_parameters(head, expected):
         assert torch.equal(got[name].detach(), value.detach()), name
 
 
-@pytest.mark.parametrize("qdevice", ["lightning.kokkos", qml.TORCH_QDEVICE])
+@pytest.mark.parametrize("qdevice", ["lightning.kokkos", simulators.TORCH_QDEVICE])
 @pytest.mark.parametrize("seed,nqubits,depth,delta", [(0, 4, 6, 0.01), (42, 1, 3, 0.5), (7, 9, 2, 0.01)])
 def test_head_init_draws_the_tutorials_numbers(qdevice, seed, nqubits, depth, delta):
     expected = tutorial_head_draws(seed, nqubits, depth, delta)
@@ -94,7 +97,7 @@ def test_default_head_is_the_tutorials_four_qubits_six_layers_delta_001():
     assert head(torch.randn(2, 512)).shape == (2, 2)
 
 
-@pytest.mark.parametrize("qdevice", ["lightning.kokkos", qml.TORCH_QDEVICE])
+@pytest.mark.parametrize("qdevice", ["lightning.kokkos", simulators.TORCH_QDEVICE])
 @pytest.mark.parametrize("per_sample", [False, True], ids=["broadcast", "per_sample"])
 def test_head_forward_is_linear_tanh_circuit_linear(qdevice, per_sample):
     nqubits, depth = 3, 2
@@ -121,7 +124,7 @@ def test_a_torch_qdevice_head_never_loads_pennylane():
 def test_qdevice_choices_are_pennylanes_devices_and_the_torch_simulator():
     import pennylane
 
-    assert qml.available_qdevices() == sorted(set(pennylane.plugin_devices) | {"torch"})
+    assert simulators.available_qdevices() == sorted(set(pennylane.plugin_devices) | {"torch"})
 
 
 # ----------------------------------------------------------------------------
@@ -129,7 +132,7 @@ def test_qdevice_choices_are_pennylanes_devices_and_the_torch_simulator():
 
 
 def model_args(*argv):
-    return qml.get_args_parser().parse_args(["--qdevice", qml.TORCH_QDEVICE, "--n-qubits", "3", *argv])
+    return qml.get_args_parser().parse_args(["--qdevice", simulators.TORCH_QDEVICE, "--n-qubits", "3", *argv])
 
 
 def distinctive_state_dict(seed=123):
@@ -229,27 +232,27 @@ def assert_backbone_holds(model, state):
 
 def test_load_backbone_from_path_holds_the_files_weights(weights_file):
     path, state = weights_file
-    assert_backbone_holds(qml.load_backbone(path), state)
+    assert_backbone_holds(backbone.load_backbone(path), state)
 
 
 def test_build_model_backbone_holds_the_files_weights(weights_file):
     path, state = weights_file
     model = qml.build_model(model_args("--weights", path), n_classes=2)
-    backbone = {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}
+    frozen = {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}
     expected = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    assert set(backbone) == set(expected)
-    assert all(torch.equal(backbone[k], expected[k]) for k in expected)
+    assert set(frozen) == set(expected)
+    assert all(torch.equal(frozen[k], expected[k]) for k in expected)
 
 
 def test_load_backbone_none_is_a_fresh_random_resnet18():
     torch.manual_seed(9)
     expected = torchvision.models.resnet18().state_dict()
     torch.manual_seed(9)
-    assert_backbone_holds(qml.load_backbone("none"), expected)
+    assert_backbone_holds(backbone.load_backbone("none"), expected)
 
 
 def test_load_backbone_imagenet_reads_the_hub_cache(cached_imagenet):
-    assert_backbone_holds(qml.load_backbone("imagenet"), cached_imagenet)
+    assert_backbone_holds(backbone.load_backbone("imagenet"), cached_imagenet)
 
 
 def rename_key(state):
@@ -279,18 +282,18 @@ def reshape_entry(state):
 def test_load_backbone_rejects_a_file_that_is_not_a_resnet18_state_dict(tmp_path, weights_file, corrupt):
     path = tmp_path / "bad.pth"
     torch.save(corrupt(weights_file[1]), path)
-    with pytest.raises(qml.UsageError, match="not a ResNet18 state_dict") as info:
-        qml.load_backbone(str(path))
+    with pytest.raises(errors.UsageError, match="not a ResNet18 state_dict") as info:
+        backbone.load_backbone(str(path))
     assert str(path) in str(info.value)
 
 
 def test_load_backbone_imagenet_offline_fails_fast_naming_the_ways_out(tmp_path):
     # With an empty hub cache the download must fail (a proxy on a closed local port makes sure of it, network
     # or not), and the error says what to do instead.
-    code = ("import qml\n"
+    code = ("import backbone, errors\n"
             "try:\n"
-            "    qml.load_backbone('imagenet')\n"
-            "except qml.UsageError as err:\n"
+            "    backbone.load_backbone('imagenet')\n"
+            "except errors.UsageError as err:\n"
             "    print('UsageError:', err)\n")
     env = dict(os.environ, TORCH_HOME=str(tmp_path / "empty_torch_home"), PYTHONPATH=ROOT,
                https_proxy="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9")
@@ -318,5 +321,5 @@ def test_load_backbone_imagenet_with_a_broken_cached_file_raises_usage_error(tmp
     else:
         (checkpoints / IMAGENET_FILE).write_bytes(content)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    with pytest.raises(qml.UsageError, match="--weights none"):
-        qml.load_backbone("imagenet")
+    with pytest.raises(errors.UsageError, match="--weights none"):
+        backbone.load_backbone("imagenet")

@@ -7,7 +7,9 @@ import math
 
 import pytest
 
+import errors
 import qml
+import report
 
 
 def write_metrics(folder, name, tasks, seconds, best_acc=0.5, best_loss=0.7, val_accs=(0.5,), batch_size=4):
@@ -34,43 +36,43 @@ def row(tasks, seconds, acc, acc_std, runs):
 
 def test_load_runs_reads_tasks_seconds_and_best_values(tmp_path):
     write_metrics(tmp_path, "tasks-2", 2, 14.5, best_acc=0.6013, best_loss=0.6874)
-    (loaded,) = qml.load_runs(str(tmp_path))
+    (loaded,) = report.load_runs(str(tmp_path))
     assert (loaded["tasks"], loaded["seconds"], loaded["best_val_acc"], loaded["best_val_loss"]) == (
         2, 14.5, 0.6013, 0.6874)
 
 
 def test_load_runs_takes_the_final_accuracy_from_the_last_epoch(tmp_path):
     write_metrics(tmp_path, "tasks-1", 1, 10.0, val_accs=(0.5, 0.7, 0.6))
-    assert qml.load_runs(str(tmp_path))[0]["final_val_acc"] == 0.6
+    assert report.load_runs(str(tmp_path))[0]["final_val_acc"] == 0.6
 
 
 def test_load_runs_global_batch_is_the_per_rank_batch_times_the_tasks(tmp_path):
     write_metrics(tmp_path, "tasks-4", 4, 10.0, batch_size=3)
-    assert qml.load_runs(str(tmp_path))[0]["global_batch"] == 12
+    assert report.load_runs(str(tmp_path))[0]["global_batch"] == 12
 
 
 def test_load_runs_sorts_by_task_count_not_by_file_name(tmp_path):
     for tasks in (10, 2, 1):
         write_metrics(tmp_path, f"tasks-{tasks}", tasks, 10.0)
-    assert [loaded["tasks"] for loaded in qml.load_runs(str(tmp_path))] == [1, 2, 10]
+    assert [loaded["tasks"] for loaded in report.load_runs(str(tmp_path))] == [1, 2, 10]
 
 
 def test_load_runs_keeps_every_repeat_of_a_count(tmp_path):
     for seed in (42, 43, 44):
         write_metrics(tmp_path, f"tasks-2-seed-{seed}", 2, float(seed))
-    assert [loaded["seconds"] for loaded in qml.load_runs(str(tmp_path))] == [42.0, 43.0, 44.0]
+    assert [loaded["seconds"] for loaded in report.load_runs(str(tmp_path))] == [42.0, 43.0, 44.0]
 
 
 def test_load_runs_refuses_a_json_that_is_not_metrics(tmp_path):
     write_metrics(tmp_path, "tasks-1", 1, 10.0)
     (tmp_path / "notes.json").write_text('{"world_size": 1}')
-    with pytest.raises(qml.UsageError, match="notes.json is not a metrics JSON"):
-        qml.load_runs(str(tmp_path))
+    with pytest.raises(errors.UsageError, match="notes.json is not a metrics JSON"):
+        report.load_runs(str(tmp_path))
 
 
 def test_load_runs_refuses_a_folder_without_metrics(tmp_path):
-    with pytest.raises(qml.UsageError, match="no metrics JSON files"):
-        qml.load_runs(str(tmp_path))
+    with pytest.raises(errors.UsageError, match="no metrics JSON files"):
+        report.load_runs(str(tmp_path))
 
 
 # ----------------------------------------------------------------------------
@@ -78,23 +80,23 @@ def test_load_runs_refuses_a_folder_without_metrics(tmp_path):
 
 
 def test_rows_average_the_runs_of_each_count():
-    (only,) = qml.scaling_rows([run(1, 10.0, best_val_acc=0.5), run(1, 14.0, best_val_acc=0.7)])
+    (only,) = report.scaling_rows([run(1, 10.0, best_val_acc=0.5), run(1, 14.0, best_val_acc=0.7)])
     assert (only["runs"], only["seconds"], only["best_val_acc"]) == (2, 12.0, 0.6)
 
 
 def test_rows_give_the_sample_standard_deviation():
     # seconds 10 and 14: mean 12, squared deviations 4 + 4 over n - 1 = 1, std sqrt(8) = 2.83
-    (only,) = qml.scaling_rows([run(1, 10.0, final_val_acc=0.5), run(1, 14.0, final_val_acc=0.6)])
+    (only,) = report.scaling_rows([run(1, 10.0, final_val_acc=0.5), run(1, 14.0, final_val_acc=0.6)])
     assert (only["seconds_std"], only["final_val_acc_std"]) == (2.83, 0.0707)  # sqrt(0.005) = 0.0707
 
 
 def test_rows_leave_the_std_of_a_single_run_blank():
-    (only,) = qml.scaling_rows([run(1, 10.0)])
+    (only,) = report.scaling_rows([run(1, 10.0)])
     assert [only[key] for key in only if key.endswith("_std")] == [None, None, None, None]
 
 
 def test_rows_show_the_global_batch_of_each_count():
-    rows = qml.scaling_rows([run(1, 10.0, global_batch=16), run(2, 6.0, global_batch=16)])
+    rows = report.scaling_rows([run(1, 10.0, global_batch=16), run(2, 6.0, global_batch=16)])
     assert [r["global_batch"] for r in rows] == [16, 16]
 
 
@@ -102,50 +104,58 @@ def test_speedup_and_efficiency_come_from_the_mean_times():
     # 1 task: mean 12 s. 2 tasks: mean 6 s -> speedup 12/6 = 2, efficiency 2 * 1/2 = 1.
     # 4 tasks: mean 4 s -> speedup 3, efficiency 3 * 1/4 = 0.75.
     runs = [run(1, 10.0), run(1, 14.0), run(2, 5.0), run(2, 7.0), run(4, 4.0), run(4, 4.0)]
-    rows = qml.scaling_rows(runs)
+    rows = report.scaling_rows(runs)
     assert [(r["tasks"], r["speedup"], r["efficiency"]) for r in rows] == [(1, 1.0, 1.0), (2, 2.0, 1.0),
                                                                           (4, 3.0, 0.75)]
 
 
 def test_speedup_is_relative_to_the_smallest_count_when_it_is_not_one():
     # 2 tasks 10 s, 8 tasks 5 s: speedup 2, efficiency 2 * 2/8 = 0.5
-    rows = qml.scaling_rows([run(2, 10.0), run(8, 5.0)])
+    rows = report.scaling_rows([run(2, 10.0), run(8, 5.0)])
     assert (rows[1]["speedup"], rows[1]["efficiency"]) == (2.0, 0.5)
 
 
 def test_rows_refuse_runs_of_one_count_with_different_global_batches():
-    with pytest.raises(qml.UsageError, match=r"2-task runs have different global batches \[8, 16\]"):
-        qml.scaling_rows([run(2, 10.0, global_batch=8), run(2, 10.0, global_batch=16)])
+    with pytest.raises(errors.UsageError, match=r"2-task runs have different global batches \[8, 16\]"):
+        report.scaling_rows([run(2, 10.0, global_batch=8), run(2, 10.0, global_batch=16)])
 
 
 # ----------------------------------------------------------------------------
-# Student's t and Welch's test
+# Welch's t-test (scipy's), checked against the t table
 
 
-@pytest.mark.parametrize("df, t", [(1, 12.706), (2, 4.303), (4, 2.776), (10, 2.228), (30, 2.042)])
-def test_t_p_value_is_5_percent_at_the_tables_critical_values(df, t):
-    assert qml.t_two_sided_p(t, df) == pytest.approx(0.05, abs=2e-4)
+@pytest.mark.parametrize("runs, t", [(2, 4.303), (3, 2.776), (6, 2.228), (16, 2.042)])
+def test_welch_p_value_is_5_percent_at_the_tables_critical_values(runs, t):
+    # Equal spreads and run counts give 2 * runs - 2 degrees of freedom (2, 4, 10, 30), whose two-sided 5%
+    # points the t table lists; means that far apart (t standard errors of the difference) give p = 0.05.
+    std = 0.03
+    a, b = row(1, 10.0, 0.6 + t * math.sqrt(2 * std**2 / runs), std, runs), row(2, 10.0, 0.6, std, runs)
+    assert report.welch_p_value(a, b, "best_val_acc") == pytest.approx(0.05, abs=2e-4)
 
 
-def test_t_p_value_with_one_df_is_the_cauchy_tail():
-    # df = 1 is the Cauchy distribution: P(|T| >= 1) = 1 - 2 atan(1) / pi = 0.5
-    assert qml.t_two_sided_p(1.0, 1) == pytest.approx(0.5, abs=1e-6)
+def test_welch_does_not_pool_unequal_spreads():
+    # 0.7 +- 0.1 over 2 runs vs 0.6 +- 0.01 over 10: variances of the means 0.005 and 0.00001, t = 0.1 /
+    # sqrt(0.00501) = 1.413 with Welch's df = 0.00501^2 / (0.005^2 / 1 + 0.00001^2 / 9) = 1.004, nearly the
+    # Cauchy tail 1 - 2 atan(1.413) / pi = 0.392. A pooled t-test would say t = 3.9, p = 0.003.
+    a, b = row(1, 10.0, 0.7, 0.1, 2), row(2, 10.0, 0.6, 0.01, 10)
+    assert report.welch_p_value(a, b, "best_val_acc") == pytest.approx(0.392, abs=0.003)
 
 
-def test_t_p_value_of_no_difference_is_one():
-    assert qml.t_two_sided_p(0.0, 3.7) == pytest.approx(1.0, abs=1e-6)
+def test_welch_p_value_of_no_difference_is_one():
+    a, b = row(1, 10.0, 0.6, 0.02, 3), row(2, 10.0, 0.6, 0.05, 4)
+    assert report.welch_p_value(a, b, "best_val_acc") == pytest.approx(1.0, abs=1e-9)
 
 
 def test_welch_with_equal_spreads_and_runs_has_2n_minus_2_df():
     # std 0.03, 3 runs each: variances of the means 0.0003 + 0.0003, df = 0.0006^2 / (2 * 0.0003^2 / 2) = 4;
     # a difference of 0.068 gives t = 0.068 / sqrt(0.0006) = 2.776, the 5% point of t with 4 df.
     a, b = row(1, 10.0, 0.668, 0.03, 3), row(2, 10.0, 0.600, 0.03, 3)
-    assert qml.welch_p_value(a, b, "best_val_acc") == pytest.approx(0.05, abs=5e-4)
+    assert report.welch_p_value(a, b, "best_val_acc") == pytest.approx(0.05, abs=5e-4)
 
 
 def test_welch_without_spread_tells_equal_means_from_different_ones():
     same, higher = row(1, 10.0, 0.6, 0.0, 2), row(2, 10.0, 0.7, 0.0, 2)
-    assert (qml.welch_p_value(same, same, "best_val_acc"), qml.welch_p_value(same, higher, "best_val_acc")) == (
+    assert (report.welch_p_value(same, same, "best_val_acc"), report.welch_p_value(same, higher, "best_val_acc")) == (
         1.0, 0.0)
 
 
@@ -155,19 +165,19 @@ def test_welch_without_spread_tells_equal_means_from_different_ones():
 
 def test_single_runs_keep_todays_answer_line():
     rows = [row(1, 27.02, 0.6013, None, 1), row(2, 14.5, 0.6013, None, 1), row(4, 9.0, 0.55, None, 1)]
-    assert qml.answer_line(rows) == ("Answer: 2 task(s) train fastest (14.5 s) at the greatest best average "
+    assert report.answer_line(rows) == ("Answer: 2 task(s) train fastest (14.5 s) at the greatest best average "
                                      "accuracy (0.6013)")
 
 
 def test_repeats_name_the_rule_in_the_answer():
     rows = [row(1, 20.0, 0.6, 0.01, 2), row(2, 10.0, 0.6, 0.01, 2)]
-    assert "by Welch's t-test at 5%" in qml.answer_line(rows)
+    assert "by Welch's t-test at 5%" in report.answer_line(rows)
 
 
 def test_repeats_with_one_clear_winner_name_it_and_the_less_accurate_counts():
     # 0.80 vs 0.60 with std 0.01 over 3 runs: t = 0.2 / sqrt(2 * 0.0001 / 3) = 24.5, far beyond 2.776 (5%, 4 df)
     rows = [row(1, 30.0, 0.80, 0.01, 3), row(2, 15.0, 0.60, 0.01, 3), row(4, 10.0, 0.58, 0.01, 3)]
-    line = qml.answer_line(rows)
+    line = report.answer_line(rows)
     assert line.startswith("Answer: 1 task(s) train fastest (30.0 s, mean of 3 runs)"), line
     assert line.endswith(": 1 task(s); 2, 4 task(s) are less accurate"), line
 
@@ -175,7 +185,7 @@ def test_repeats_with_one_clear_winner_name_it_and_the_less_accurate_counts():
 def test_repeats_with_tied_top_accuracy_pick_the_fastest_tied_count():
     # 1 and 2 tasks share the top mean (p = 1); 4 tasks is fastest but 0.20 below (t = 24.5): excluded
     rows = [row(1, 30.0, 0.70, 0.01, 3), row(2, 15.0, 0.70, 0.01, 3), row(4, 10.0, 0.50, 0.01, 3)]
-    line = qml.answer_line(rows)
+    line = report.answer_line(rows)
     assert line.startswith("Answer: 2 task(s) train fastest (15.0 s, mean of 3 runs)"), line
     assert line.endswith(": 1, 2 task(s); 4 task(s) are less accurate"), line
 
@@ -183,19 +193,19 @@ def test_repeats_with_tied_top_accuracy_pick_the_fastest_tied_count():
 def test_repeats_all_within_the_noise_say_so_and_pick_the_fastest_count():
     # std 0.05 over 2 runs: 0.62 vs 0.58 gives t = 0.04 / 0.05 = 0.8 with 2 df, p = 0.51
     rows = [row(1, 30.0, 0.62, 0.05, 2), row(2, 15.0, 0.60, 0.05, 2), row(4, 10.0, 0.58, 0.05, 2)]
-    line = qml.answer_line(rows)
+    line = report.answer_line(rows)
     assert line.startswith("Answer: 4 task(s) train fastest (10.0 s, mean of 2 runs)"), line
     assert line.endswith("all accuracy differences between the task counts are within the noise"), line
 
 
 def test_repeats_quote_the_top_count_with_its_std():
     rows = [row(1, 30.0, 0.62, 0.05, 2), row(2, 15.0, 0.60, 0.05, 2)]
-    assert "(1 task(s): 0.6200 ± 0.0500 std)" in qml.answer_line(rows)
+    assert "(1 task(s): 0.6200 ± 0.0500 std)" in report.answer_line(rows)
 
 
 def test_a_single_run_beside_repeated_counts_gives_no_answer():
     rows = [row(1, 30.0, 0.62, 0.05, 2), row(2, 15.0, 0.70, None, 1)]
-    line = qml.answer_line(rows)
+    line = report.answer_line(rows)
     assert line.startswith("Answer: none: 2 task(s) have a single run"), line
 
 

@@ -10,14 +10,15 @@ import pytest
 import torch
 
 import qml
+import simulators
 
 # Every device named in the spec that is installed here; all but "torch" are PennyLane's.
-HEAD_QDEVICES = [d for d in ("lightning.kokkos", "lightning.qubit", "default.qubit", qml.TORCH_QDEVICE)
-                 if d in qml.available_qdevices()]
+HEAD_QDEVICES = [d for d in ("lightning.kokkos", "lightning.qubit", "default.qubit", simulators.TORCH_QDEVICE)
+                 if d in simulators.available_qdevices()]
 
 
 def test_every_specified_qdevice_is_installed():
-    assert HEAD_QDEVICES == ["lightning.kokkos", "lightning.qubit", "default.qubit", qml.TORCH_QDEVICE]
+    assert HEAD_QDEVICES == ["lightning.kokkos", "lightning.qubit", "default.qubit", simulators.TORCH_QDEVICE]
 
 
 # ----------------------------------------------------------------------------
@@ -42,14 +43,15 @@ def test_torch_simulator_matches_pennylane_values_and_gradients(nqubits, batch_s
     weights = (torch.rand(depth * nqubits, generator=gen, dtype=torch.float64) * 2 - 1) * np.pi
     cotangent = torch.randn(*batch_shape, nqubits, generator=gen, dtype=torch.float64)
 
-    ours = values_and_gradients(qml.make_quantum_net(nqubits, depth, qml.TORCH_QDEVICE), inputs, weights, cotangent)
+    torch_net = qml.make_quantum_net(nqubits, depth, simulators.TORCH_QDEVICE)
+    ours = values_and_gradients(torch_net, inputs, weights, cotangent)
     pennylane = values_and_gradients(qml.make_quantum_net(nqubits, depth, "default.qubit"), inputs, weights, cotangent)
     for name, mine, theirs in zip(("values", "input gradients", "weight gradients"), ours, pennylane, strict=True):
         assert mine.shape == theirs.shape, name
         torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-10, msg=lambda m, name=name: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("qdevice", qml.ADJOINT_QDEVICES)
+@pytest.mark.parametrize("qdevice", simulators.ADJOINT_QDEVICES)
 @pytest.mark.parametrize("batch_shape", [(), (3,)], ids=["single", "batch3"])
 @pytest.mark.parametrize("nqubits", [1, 2, 4])
 def test_device_api_circuit_matches_pennylanes_qnode_values_and_gradients(qdevice, nqubits, batch_shape):
@@ -60,7 +62,7 @@ def test_device_api_circuit_matches_pennylanes_qnode_values_and_gradients(qdevic
     cotangent = torch.randn(*batch_shape, nqubits, generator=gen, dtype=torch.float64)
 
     net = qml.make_quantum_net(nqubits, depth, qdevice)
-    assert isinstance(net, qml.AdjointCircuit)
+    assert isinstance(net, simulators.AdjointCircuit)
     ours = values_and_gradients(net, inputs, weights, cotangent)
     pennylane = values_and_gradients(qml.make_quantum_net(nqubits, depth, "default.qubit"), inputs, weights, cotangent)
     for name, mine, theirs in zip(("values", "input gradients", "weight gradients"), ours, pennylane, strict=True):
@@ -86,7 +88,7 @@ def test_torch_simulator_accepts_several_batch_dimensions():
     gen = torch.Generator().manual_seed(0)
     inputs = torch.rand(2, 3, nqubits, generator=gen, dtype=torch.float64) * np.pi
     weights = torch.rand(depth * nqubits, generator=gen, dtype=torch.float64) * np.pi
-    ours = torch.stack(qml.TorchCircuit(nqubits, depth)(inputs, weights), dim=-1)
+    ours = torch.stack(simulators.TorchCircuit(nqubits, depth)(inputs, weights), dim=-1)
     pennylane = qml.make_quantum_net(nqubits, depth, "default.qubit")
     expected = torch.stack([torch.stack(list(pennylane(row, weights)), dim=-1) for row in inputs.reshape(-1, nqubits)])
     torch.testing.assert_close(ours, expected.reshape(2, 3, nqubits), rtol=0, atol=1e-10)
@@ -94,7 +96,7 @@ def test_torch_simulator_accepts_several_batch_dimensions():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_torch_simulator_returns_the_inputs_dtype(dtype):
-    out = qml.TorchCircuit(2, 1)(torch.zeros(4, 2, dtype=dtype), torch.zeros(2))
+    out = simulators.TorchCircuit(2, 1)(torch.zeros(4, 2, dtype=dtype), torch.zeros(2))
     assert all(z.dtype == dtype for z in out)
 
 
@@ -141,7 +143,7 @@ def test_broadcast_head_of_one_image_matches_per_sample(qdevice):
         assert (batch_grads[name] - loop_grads[name]).abs().max() < 1e-6, name
 
 
-@pytest.mark.parametrize("qdevice", ["lightning.qubit", "default.qubit", qml.TORCH_QDEVICE])
+@pytest.mark.parametrize("qdevice", ["lightning.qubit", "default.qubit", simulators.TORCH_QDEVICE])
 def test_head_logits_agree_across_qdevices(qdevice):
     # All simulators are exact: the same head on another device gives the default device's logits.
     features = torch.randn(3, 512, generator=torch.Generator().manual_seed(4))

@@ -16,7 +16,11 @@ from PIL import Image
 from torchvision import transforms
 
 import bench
+import backbone
+import images
 import qml
+import simulators
+import timing
 
 N_IMAGES = sum(TINY_COUNTS["train"].values()) + sum(TINY_COUNTS["val"].values())  # 21
 CROP_BYTES = 3 * 224 * 224  # one uint8 crop
@@ -52,10 +56,10 @@ def test_normalising_kept_crops_gives_the_tutorials_pixels_bit_for_bit(tiny_data
     tutorial = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
                                    transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
     folder = os.path.join(tiny_data, "train", "ants")
-    images = [Image.open(os.path.join(folder, name)).convert("RGB") for name in sorted(os.listdir(folder))]
-    crops = torch.stack([qml.data_transforms()(image) for image in images])
+    photos = [Image.open(os.path.join(folder, name)).convert("RGB") for name in sorted(os.listdir(folder))]
+    crops = torch.stack([qml.data_transforms()(photo) for photo in photos])
     assert crops.dtype == torch.uint8
-    assert torch.equal(qml.normalize_images(crops), torch.stack([tutorial(image) for image in images]))
+    assert torch.equal(images.normalize_images(crops), torch.stack([tutorial(photo) for photo in photos]))
 
 
 @pytest.mark.parametrize("setting", ["off", "1MiB"])
@@ -90,7 +94,7 @@ def test_image_cache_keeps_only_what_fits_its_budget(runs):
 
 def test_images_from_decoding_workers_are_kept_as_private_copies():
     image = torch.arange(48, dtype=torch.uint8).reshape(3, 4, 4).share_memory_()  # as a worker's image arrives
-    kept = qml.KeptImages(budget=10**6)
+    kept = images.KeptImages(budget=10**6)
     kept.keep(("train", 0), image)
     assert not kept.images[("train", 0)].is_shared() and torch.equal(kept.images[("train", 0)], image)
 
@@ -100,19 +104,19 @@ def rank_facts(*hosts):
 
 
 def test_image_cache_auto_on_cpus_is_a_quarter_of_the_available_memory_shared_by_the_hosts_ranks(monkeypatch):
-    monkeypatch.setattr(qml, "available_host_memory", lambda: 64 * 2**30)
+    monkeypatch.setattr(images, "available_host_memory", lambda: 64 * 2**30)
     ctx = qml.DistContext(rank=1, world_size=4, rank_facts=rank_facts("a", "a", "b", "a"))
-    assert qml.image_cache_budget("auto", ctx) == 64 * 2**30 // 4 // 3
+    assert images.image_cache_budget("auto", ctx) == 64 * 2**30 // 4 // 3
 
 
 @pytest.mark.parametrize("setting, budget", [("off", 0), (0.0, 0), (1.5, 3 * 2**19)], ids=["off", "0", "1.5MiB"])
 def test_image_cache_off_or_in_mib_is_that_many_bytes(setting, budget):
     ctx = qml.DistContext(rank_facts=rank_facts("a"))
-    assert qml.image_cache_budget(setting, ctx) == budget
+    assert images.image_cache_budget(setting, ctx) == budget
 
 
 def test_available_host_memory_is_at_most_the_hosts_memory():
-    assert 0 < qml.available_host_memory() <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert 0 < images.available_host_memory() <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 # ----------------------------------------------------------------------------
@@ -121,7 +125,7 @@ def test_available_host_memory_is_at_most_the_hosts_memory():
 
 def test_dressed_head_computes_in_fp32_under_a_bf16_autocast():
     torch.manual_seed(0)
-    head = qml.DressedQuantumNet(qdevice=qml.TORCH_QDEVICE)
+    head = qml.DressedQuantumNet(qdevice=simulators.TORCH_QDEVICE)
     features = torch.randn(4, 512)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         autocast = head(features)
@@ -132,20 +136,20 @@ def test_dressed_head_computes_in_fp32_under_a_bf16_autocast():
 def test_casting_frozen_convolutions_once_gives_autocasts_output_bit_for_bit():
     torch.manual_seed(0)
     model = torchvision.models.resnet18(weights=None).eval()
-    images = torch.randn(2, 3, 64, 64)
-    with torch.no_grad(), qml.backbone_autocast("bf16", torch.device("cpu")):
-        expected = model(images)
-        qml.cast_frozen_convolutions(model, "bf16")
-        got = model(images)
+    pixels = torch.randn(2, 3, 64, 64)
+    with torch.no_grad(), backbone.backbone_autocast("bf16", torch.device("cpu")):
+        expected = model(pixels)
+        backbone.cast_frozen_convolutions(model, "bf16")
+        got = model(pixels)
     assert model.conv1.weight.dtype == torch.bfloat16 and model.bn1.weight.dtype == torch.float32
     assert torch.equal(got, expected)
 
 
 def test_fp32_leaves_the_backbone_and_its_forward_alone():
     model = torchvision.models.resnet18(weights=None)
-    qml.cast_frozen_convolutions(model, "fp32")
+    backbone.cast_frozen_convolutions(model, "fp32")
     assert {param.dtype for param in model.parameters()} == {torch.float32}
-    with qml.backbone_autocast("fp32", torch.device("cpu")):
+    with backbone.backbone_autocast("fp32", torch.device("cpu")):
         assert not torch.is_autocast_enabled("cpu")
 
 
@@ -181,7 +185,7 @@ def test_bench_table_keeps_each_setups_fastest_later_epoch_over_the_rounds(monke
     def fake_time_run(command, args, tmp, launcher=()):
         seconds = later["--per-sample" in command][calls.count(command)]  # this setup's round
         calls.append(command)
-        split = dict.fromkeys(qml.TimeSplit.PARTS, seconds / 5)
+        split = dict.fromkeys(timing.TimeSplit.PARTS, seconds / 5)
         epochs = [dict(seconds=20.0, train_loss=0.7, train_acc=0.5, val_loss=0.6, val_acc=0.5),
                   dict(seconds=seconds, time_split=split)]
         return 0.0, dict(device="cpu", backend="gloo", epochs=epochs)

@@ -1,0 +1,323 @@
+"""The images: the ants/bees download, the start-up checks of a data folder, decoding, the decode-once cache
+(--image-cache) and the feature cache (--cache-features)."""
+
+import functools
+import glob
+import os
+import shutil
+import tempfile
+import urllib.request
+import zipfile
+import zlib
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, TensorDataset
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from backbone import backbone_autocast
+from errors import ImageUnreadable, UsageError
+from process_group import broadcast_error, gather_shards, reduce_sums
+
+DATA_URL = "https://download.pytorch.org/tutorial/hymenoptera_data.zip"
+DOWNLOAD_TIMEOUT = 60  # seconds a stalled download may wait for the server
+# Image counts of the published ants/bees set, checked after a download.
+HYMENOPTERA_COUNTS = {"train": {"ants": 124, "bees": 121}, "val": {"ants": 70, "bees": 83}}
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+IMAGE_CACHE_SHARE = 0.25  # --image-cache auto keeps decoded images in up to this share of the available memory
+
+
+# ----------------------------------------------------------------------------
+# The data folder: found, downloaded when allowed, checked before training
+
+
+def prepare_data(args, ctx):
+    """Rank 0 checks (and if allowed downloads) the data; every rank gets its verdict."""
+    message = None
+    if ctx.is_main:
+        try:
+            if not os.path.isdir(args.data_dir):
+                if not (args.download or args.data_dir_is_default):
+                    raise UsageError(f"data directory {args.data_dir} not found; pass --data-dir DIR, "
+                                     f"set QML_DATA_DIR, or add --download to fetch it")
+                download_dataset(args.data_dir, args.data_url)
+            check_images_decode(check_layout(args.data_dir))
+        except UsageError as err:
+            message = str(err)
+    broadcast_error(ctx, message)
+
+
+def list_images(folder):
+    """{class name: sorted image paths} of an ImageFolder split; stray non-image files are ignored.
+
+    Found as ImageFolder finds them (os.walk, hidden files too: a macOS '._x.jpg' is named, not skipped).
+    """
+    classes = sorted(d.name for d in os.scandir(folder) if d.is_dir())
+    return {c: sorted(os.path.join(root, name)
+                      for root, _, names in os.walk(os.path.join(folder, c), followlinks=True)
+                      for name in names if name.lower().endswith(IMG_EXTENSIONS)) for c in classes}
+
+
+def check_layout(data_dir, expected_counts=None):
+    """Check train/ and val/ hold the same >= 2 classes, each with images; optionally exact counts."""
+    layout = {}
+    for split in ("train", "val"):
+        folder = os.path.join(data_dir, split)
+        if not os.path.isdir(folder):
+            raise UsageError(f"data directory {data_dir} has no {split}/ folder; it needs train/ and val/, "
+                             f"each with one sub-folder of images per class")
+        layout[split] = list_images(folder)
+        for name, paths in layout[split].items():
+            if not paths:
+                raise UsageError(f"class folder {os.path.join(folder, name)} has no images; "
+                                 f"add images or remove the folder")
+    if list(layout["train"]) != list(layout["val"]):
+        raise UsageError(f"train/ and val/ have different classes ({', '.join(layout['train'])} vs "
+                         f"{', '.join(layout['val'])}); give both the same class folders")
+    if len(layout["train"]) < 2:
+        raise UsageError(f"{data_dir}: found {len(layout['train'])} class folder(s) in train/; "
+                         f"classification needs at least 2")
+    if expected_counts is not None:  # counts files: train/ants also holds a GIF that ImageFolder skips
+        counts = {s: {c: len(os.listdir(os.path.join(data_dir, s, c))) for c in layout[s]} for s in layout}
+        if counts != expected_counts:
+            raise UsageError(f"{data_dir} has {counts} images, expected {expected_counts}; "
+                             f"delete it and run again with --download")
+    return layout
+
+
+def check_images_decode(layout):
+    """Decode every image once as training will, so that a broken file is named now instead of crashing mid-epoch.
+
+    (PIL's verify() passes a truncated JPEG: only a full decode finds it.)
+    """
+    for paths in (p for split in layout.values() for p in split.values()):
+        for path in paths:
+            try:
+                load_rgb(path)
+            except Exception:  # PIL raises many types for broken files
+                raise UsageError(f"{path} is not a readable image; delete or replace it") from None
+
+
+def download_dataset(data_dir, url=DATA_URL):
+    """Fetch the ants/bees zip, extract it safely, check it, and only then move it into place."""
+    parent = os.path.dirname(os.path.abspath(data_dir))
+    os.makedirs(parent, exist_ok=True)
+    print(f"Downloading {url} to {data_dir}", flush=True)
+    with tempfile.TemporaryDirectory(dir=parent, prefix=".download-") as tmp:
+        archive = os.path.join(tmp, "data.zip")
+        try:
+            with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT) as response, open(archive, "wb") as file:
+                shutil.copyfileobj(response, file)
+        except (OSError, ValueError) as err:
+            raise UsageError(f"cannot download {url} ({err}); without network, copy hymenoptera_data "
+                             f"somewhere and pass --data-dir DIR (or set QML_DATA_DIR)") from None
+        extracted = extract_zip(archive, os.path.join(tmp, "extracted"))
+        try:
+            check_layout(extracted, HYMENOPTERA_COUNTS)
+        except UsageError as err:
+            raise UsageError(f"{url} is not the ants/bees data set ({err}); check --data-url") from None
+        os.replace(extracted, data_dir)  # atomic: data_dir never holds a partial data set
+
+
+def extract_zip(archive, target):
+    """Extract `archive` into `target`, refusing entries that would land outside it; return the data root."""
+    root = os.path.realpath(target)
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            for name in zf.namelist():
+                if not os.path.realpath(os.path.join(root, name)).startswith(root + os.sep):
+                    raise UsageError(f"the downloaded archive has an entry outside its folder ({name}); refusing it")
+            zf.extractall(root)
+    except (zipfile.BadZipFile, zlib.error, EOFError) as err:  # not a zip, truncated, or damaged inside
+        raise UsageError(f"the downloaded file is not a complete zip archive ({err}); check --data-url") from None
+    inner = [d for d in glob.glob(os.path.join(root, "*", "train")) if "__MACOSX" not in d]
+    return os.path.dirname(inner[0]) if inner and not os.path.isdir(os.path.join(root, "train")) else root
+
+
+# ----------------------------------------------------------------------------
+# Decoding, and the tutorial's ToTensor and Normalize on the rank's device
+
+
+def load_rgb(path):
+    """Open an image of any mode (grayscale, RGBA, palette, CMYK, 16-bit) as 8-bit RGB."""
+    with Image.open(path) as image:
+        if image.mode.startswith("I"):  # 16-bit grey: scale to 8 bits first
+            image = image.convert("I").point(lambda v: v / 256).convert("L")
+        return image.convert("RGB")
+
+
+def read_training_image(path):
+    """load_rgb for training: an image deleted or damaged since the start-up check is named in one line."""
+    try:
+        return load_rgb(path)
+    except Exception as err:  # PIL raises many types for broken files
+        raise ImageUnreadable(f"{path} can no longer be read ({getattr(err, 'strerror', None) or err})") from None
+
+
+@functools.lru_cache(maxsize=None)
+def normalize_constants(device):
+    """255, then the ImageNet channel means and deviations, as tensors on `device`."""
+    channels = dict(dtype=torch.float32, device=device)
+    return (torch.tensor(255.0, **channels), torch.tensor(IMAGENET_MEAN, **channels).view(-1, 1, 1),
+            torch.tensor(IMAGENET_STD, **channels).view(-1, 1, 1))
+
+
+def normalize_images(images):
+    """ToTensor's scaling and Normalize of uint8 crops, bit for bit the tutorial's float pixels.
+
+    The divisors are tensors on the images' device: a GPU multiplies by the reciprocal of a Python number,
+    which can differ in the last bit from dividing by it.
+    """
+    scale, mean, std = normalize_constants(images.device)
+    return images.float().div_(scale).sub_(mean).div_(std)
+
+
+def prepare_images(images, device):
+    """A batch of uint8 crops as the backbone's input on `device`: normalised, and channels_last on CPUs
+    (as the backbone there; the uint8 batch is the cheapest to reorder)."""
+    images = images.to(device, non_blocking=True)
+    if device.type == "cpu":
+        images = images.contiguous(memory_format=torch.channels_last)
+    return normalize_images(images)
+
+
+def default_workers(device):
+    """Decoding workers per rank. On a GPU: one fewer than the CPUs this process may use, at most 3.
+    On CPUs none: torch's and Kokkos' OpenMP threads already use every core, and a worker
+    beside them stalls their barriers (an epoch measured 9 s without one, 12 s to 160 s with one).
+    """
+    if device.type == "cpu":
+        return 0
+    usable_cpus = len(os.sched_getaffinity(0))  # the task's CPUs under srun, not the node's
+    return min(usable_cpus, 4) - 1
+
+
+def resolve_workers(args, device):
+    return args.workers if args.workers is not None else default_workers(device)
+
+
+# ----------------------------------------------------------------------------
+# --image-cache: each image decoded once, its crop kept on the rank's device
+
+
+class KeptImages:
+    """Decoded crops (uint8, on the rank's device) kept after their first use while they fit in `budget` bytes,
+    keyed by (phase, index in its data set)."""
+
+    def __init__(self, budget):
+        self.free, self.images = budget, {}
+
+    def keep(self, key, image):
+        if image.nbytes <= self.free:
+            # A decoding worker's image stays in shared memory, holding a file descriptor: keep a private copy.
+            self.images[key] = image.clone() if image.device.type == "cpu" and image.is_shared() else image
+            self.free -= image.nbytes
+
+
+class ImageLoader:
+    """The batches DataLoader(dataset, sampler, batch_size) would give, as normalised images on `device`.
+
+    Each pass decodes (with `workers` processes) only the images that `kept` lacks, and offers them to it, so
+    that a later pass over kept images reads no file. With several ranks a rank keeps what it has decoded:
+    its shuffled share of each epoch, until `kept` is full.
+    """
+
+    def __init__(self, dataset, sampler, batch_size, device, workers, kept, phase):
+        self.dataset, self.sampler, self.batch_size, self.device = dataset, sampler, batch_size, device
+        self.kept, self.phase = kept, phase
+        self.to_decode = []  # this pass's indices of images not kept, in the order the batches need them
+        self.decoder = DataLoader(dataset, sampler=self.to_decode, batch_size=None, num_workers=workers,
+                                  persistent_workers=workers > 0, pin_memory=device.type == "cuda")
+        self.decoded = 0  # images the last pass decoded
+
+    def __len__(self):
+        return -(-len(self.sampler) // self.batch_size)
+
+    def __iter__(self):
+        keys = [(self.phase, index) for index in self.sampler]
+        # Decided before the pass: an index that comes twice is decoded twice, or taken twice from `kept`.
+        from_files = [key not in self.kept.images for key in keys]
+        self.to_decode[:] = [index for (_, index), decode in zip(keys, from_files, strict=True) if decode]
+        self.decoded = len(self.to_decode)
+        decoded = iter(self.decoder) if self.to_decode else None
+        for start in range(0, len(keys), self.batch_size):
+            batch = range(start, min(start + self.batch_size, len(keys)))
+            images = [self.take_decoded(keys[i], decoded) if from_files[i] else self.kept.images[keys[i]]
+                      for i in batch]
+            labels = torch.tensor([self.dataset.targets[keys[i][1]] for i in batch])
+            yield prepare_images(torch.stack(images), self.device), labels
+
+    def take_decoded(self, key, decoded):
+        """The decoder's next image (the one of `key`) on the device, offered to `kept`."""
+        image = next(decoded)[0].to(self.device, non_blocking=True)
+        self.kept.keep(key, image)
+        return image
+
+
+def image_cache_budget(setting, ctx):
+    """Bytes of decoded images this rank may keep (--image-cache): off 0, a number of MiB, or auto:
+    IMAGE_CACHE_SHARE of what its GPU has free, or of the host's available memory shared by its ranks."""
+    if setting == "off":
+        return 0
+    if setting != "auto":
+        return int(setting * 2**20)
+    if ctx.device.type == "cuda":
+        return int(torch.cuda.mem_get_info(ctx.device)[0] * IMAGE_CACHE_SHARE)
+    host = ctx.rank_facts[ctx.rank]["host"]
+    ranks_here = sum(fact["host"] == host for fact in ctx.rank_facts)
+    return int(available_host_memory() * IMAGE_CACHE_SHARE / ranks_here)
+
+
+def available_host_memory():
+    """Bytes this host can still give: MemAvailable, or less under a cgroup v2 memory limit (a Slurm job's);
+    0 where /proc/meminfo cannot be read (not Linux)."""
+    try:
+        with open("/proc/meminfo") as file:
+            available = next(int(line.split()[1]) * 1024 for line in file if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return 0
+    try:
+        with open("/proc/self/cgroup") as file:
+            group = next(line.split(":", 2)[2].strip() for line in file if line.startswith("0::"))
+        folder = os.path.join("/sys/fs/cgroup", group.lstrip("/"))
+        with open(os.path.join(folder, "memory.max")) as limit, open(os.path.join(folder, "memory.current")) as used:
+            return min(available, int(limit.read()) - int(used.read()))
+    except (OSError, StopIteration, ValueError):  # no cgroup v2, or no limit ("max")
+        return available
+
+
+def decoding_counts(ctx, loaders):
+    """Images decoded in this epoch and images kept decoded after it, summed over the ranks."""
+    kept = loaders["train"].kept  # the phases share it
+    counts = torch.tensor([sum(loader.decoded for loader in loaders.values()), len(kept.images)],
+                          dtype=torch.float64, device=ctx.device)
+    decoded, kept = reduce_sums(ctx, counts)
+    return dict(images_decoded=int(decoded), images_kept=int(kept))
+
+
+# ----------------------------------------------------------------------------
+# --cache-features: the backbone once, then the head trains on its features
+
+
+def cached_features(model, datasets_, args, ctx):
+    """Run the frozen backbone once (BatchNorm in eval mode) and return TensorDatasets of features.
+
+    Each rank embeds its share of the images; an all_gather gives every rank the whole set, so
+    the training sampler draws exactly the batches it would draw from the images.
+    """
+    head, model.fc = model.fc, torch.nn.Identity()
+    model.eval()
+    rank, world, device = ctx.rank, ctx.world_size, ctx.device
+    features = {}
+    for split, data in datasets_.items():
+        shard = range(rank, len(data), world)
+        loader = DataLoader(data, batch_size=32, sampler=shard, num_workers=resolve_workers(args, device))
+        with torch.no_grad(), backbone_autocast(args.precision, device):
+            chunks = [model(prepare_images(images, device)).float() for images, _ in loader]
+        local = torch.cat(chunks) if chunks else torch.empty(0, head.pre_net.in_features, device=device)
+        feats = gather_shards(local, len(data), world, rank)
+        labels = torch.tensor(data.targets)
+        features[split] = TensorDataset(feats.cpu(), labels)
+    model.fc = head
+    return features

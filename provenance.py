@@ -1,0 +1,79 @@
+"""What a run used and measured, beyond its options: package versions, hosts, Slurm ids, GPU software,
+OpenMP settings, where the circuit ran, each rank's weights digest, and the metrics JSON (--metrics-json)."""
+
+import hashlib
+import json
+import os
+from importlib import metadata
+
+import numpy as np
+import torch
+
+import checkpoints
+from process_group import gather_objects
+
+PACKAGES = ("torch", "torchvision", "pennylane", "pennylane_lightning", "pennylane_lightning_kokkos", "mpi4py")
+
+
+def package_versions():
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def run_provenance(ctx, qdevice):
+    """What this run really used, beyond its options: hosts, Slurm ids, GPU software, OpenMP settings, simulator."""
+    collectives = None
+    if ctx.backend == "nccl":
+        version = torch.cuda.nccl.version()
+        collectives = ("RCCL " if torch.version.hip else "NCCL ") + ".".join(map(str, np.atleast_1d(version)))
+    master = f"{ctx.master_addr}:{ctx.master_port}" if ctx.distributed else None
+    return dict(hosts=sorted({fact["host"] for fact in ctx.rank_facts}), master=master,
+                slurm_job_id=os.environ.get("SLURM_JOB_ID"), slurm_step_id=os.environ.get("SLURM_STEP_ID"),
+                torch=torch.__version__, cuda=torch.version.cuda, hip=torch.version.hip, collectives=collectives,
+                qdevice=qdevice,
+                omp={var: os.environ.get(var) for var in ("OMP_NUM_THREADS", "OMP_PROC_BIND", "OMP_PLACES")})
+
+
+def provenance_line(ctx):
+    """Rank 0's first line: ranks and hosts, device, backend and where the circuit runs."""
+    run, me = ctx.provenance, ctx.rank_facts[0]
+    device = f"{ctx.device}, CPUs {me['cpus']}"
+    if "gpu" in me:
+        runtime = f"HIP {run['hip']}" if run["hip"] else f"CUDA {run['cuda']}"
+        device = f"{ctx.device} ({me['gpu']['name']}, {runtime})"
+    backend = f"{ctx.backend} ({run['collectives']})" if run["collectives"] else ctx.backend
+    slurm = f" | Slurm job {run['slurm_job_id']}.{run['slurm_step_id']}" if run["slurm_job_id"] else ""
+    return (f"Ranks: {ctx.world_size} ({ctx.source}) on {','.join(run['hosts'])} | device: {device} | "
+            f"backend: {backend} | qdevice: {run['qdevice']['name']} ({run['qdevice']['summary']}){slurm}")
+
+
+def head_digest(head):
+    """SHA-256 of the dressed head's weights: equal on every rank when DDP kept them in step."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(head.state_dict().items()):
+        digest.update(name.encode() + tensor.detach().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def record_digests(ctx, model):
+    """Every rank's head digest, in ctx.rank_facts (the metrics JSON's "ranks")."""
+    for fact, digest in zip(ctx.rank_facts, gather_objects(ctx, head_digest(model.fc)), strict=True):
+        fact["head_sha256"] = digest
+
+
+def write_metrics(path, state, config, ctx):
+    best = {k: state[k] for k in ("best_acc", "best_loss", "best_acc_train", "best_loss_train")}
+    report = dict(config=config, world_size=ctx.world_size, rank_source=ctx.source,
+                  device=str(ctx.device), backend=ctx.backend, versions=package_versions(),
+                  batch_size=config["batch_size"], global_batch_size=config["batch_size"] * ctx.world_size,
+                  lr=config["lr"], provenance=ctx.provenance, ranks=ctx.rank_facts,
+                  epochs=state["history"], training_seconds=state["seconds"],
+                  best_val_acc=best["best_acc"], best_val_loss=best["best_loss"],
+                  best_train_acc=best["best_acc_train"], best_train_loss=best["best_loss_train"])
+    text = json.dumps(report, indent=2) + "\n"
+    checkpoints.atomic_write(path, lambda file: file.write(text.encode()))
