@@ -554,9 +554,11 @@ main() {
     fi
     echo "== done: the environment is ready (the sources in $BUILD_DIR are no longer needed)"
     echo "QML_CONDA_ENV=$PREFIX"
-    echo "sbatch --export=ALL,QML_CONDA_ENV=$PREFIX submit_qml.sbatch 1,2,4,8"
-    echo "-- the job must load the modules of this build: export QML_MODULES='$MODULES' before sbatch" \
-        "where submit_qml.sbatch's default list is another one"
+    if [ "$MODULES" = "$DEFAULT_MODULES" ]; then
+        echo "sbatch --export=QML_CONDA_ENV=$PREFIX submit_qml.sbatch 1,2,4,8"
+    else # the job must load the modules this environment was built with, not the launcher's default list
+        echo "sbatch --export=QML_CONDA_ENV=$PREFIX,QML_MODULES='$MODULES' submit_qml.sbatch 1,2,4,8"
+    fi
 }
 
 main "$@"

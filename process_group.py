@@ -6,6 +6,7 @@ import gc
 import os
 import socket
 import subprocess
+import sys
 import time
 
 import torch
@@ -37,6 +38,29 @@ def scontrol_hostnames(nodelist):
         raise UsageError(f"cannot expand the Slurm node list {nodelist!r} ({err}); pip install python-hostlist "
                          f"or set MASTER_ADDR") from None
     return out.split()
+
+
+def step_master(given, nodes, warn):
+    """An srun step's MASTER_ADDR: `given` (the environment's) when it is one of the step's `nodes`, else their
+    first, else None. A MASTER_ADDR from a login shell (OLCF's pages suggest `export MASTER_ADDR=$(hostname -i)`)
+    names a host outside the step, where the ranks would wait until the timeout; `warn`: say so on stderr."""
+    if not nodes or given is None or names_one_of(given, nodes):
+        return given or (nodes[0] if nodes else None)
+    if warn:
+        print(f"qml.py: warning: MASTER_ADDR={given} is none of this step's nodes ({', '.join(nodes[:4])}"
+              f"{', ...' if len(nodes) > 4 else ''}); using {nodes[0]}", file=sys.stderr, flush=True)
+    return nodes[0]
+
+
+def names_one_of(addr, hosts):
+    """Whether addr (a host name, short or full, or an IP address) is one of hosts, by name or by address."""
+    if addr in hosts or addr.split(".")[0] in hosts:
+        return True
+    try:
+        wanted = {info[4][0] for info in socket.getaddrinfo(addr, None)}
+        return any(wanted & {info[4][0] for info in socket.getaddrinfo(host, None)} for host in hosts)
+    except OSError:  # a name that does not resolve is none of the hosts
+        return False
 
 
 def join_process_group(ctx, seconds):

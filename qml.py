@@ -75,7 +75,7 @@ try:  # the machinery beside this file
     from errors import RunFailed, UsageError, drop_frames, failure_line, raise_interrupt
     from options import DIST_TIMEOUT_MAX, SEEDS, ArgumentParser, cache_size, number, positive, qubit_count
     from process_group import (check_one_gpu_per_rank, expand_nodelist, gather_objects, join_process_group,
-                               leave_process_group, rank_facts, reduce_sums, sync_buffers)
+                               leave_process_group, rank_facts, reduce_sums, step_master, sync_buffers)
     from simulators import (ADJOINT_QDEVICES, KOKKOS_QDEVICE, TORCH_QDEVICE, AdjointCircuit, TorchCircuit,
                             available_qdevices, describe_qdevice, lazy_import, qdevice_options, start_kokkos)
     from timing import close_epoch, time_split
@@ -225,8 +225,9 @@ class DistContext:
 
 
 # (rank, size, local rank, local size) variables of the MPI launchers that set all four:
-# MPICH's and Cray MPICH's mpiexec (Hydra, PALS), and Open MPI's mpirun.
+# MPICH's mpiexec (Hydra), Cray MPICH's (PALS), and Open MPI's mpirun.
 MPI_RANK_VARS = (("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
+                 ("PMI_RANK", "PMI_SIZE", "PMI_LOCAL_RANK", "PMI_LOCAL_SIZE"),  # Cray PALS
                  ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
                   "OMPI_COMM_WORLD_LOCAL_SIZE"))
 
@@ -268,13 +269,13 @@ def discover_ranks(env=None):
         ctx = DistContext(rank, world, local, "mpi", master_addr=rank0_host or "127.0.0.1")
     else:
         ctx = DistContext()
-    if "MASTER_ADDR" in env:
-        ctx.master_addr = env["MASTER_ADDR"]
-    elif ctx.source == "slurm":
+    if ctx.source == "slurm":
         # The step's own nodes: in a sweep a small step may not run on the allocation's first node.
         nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
-        if nodelist:
-            ctx.master_addr = expand_nodelist(nodelist)[0]
+        nodes = expand_nodelist(nodelist) if nodelist else []
+        ctx.master_addr = step_master(env.get("MASTER_ADDR"), nodes, warn=ctx.is_main) or ctx.master_addr
+    elif "MASTER_ADDR" in env:
+        ctx.master_addr = env["MASTER_ADDR"]
     ctx.master_port = master_port(env)
     return ctx
 

@@ -50,9 +50,11 @@ def available_qdevices():
 
 def qdevice_options(qdevice, device_id, nqubits):
     """lightning.kokkos' settings: no OMP_PROC_BIND warning (binding threads would shrink the rank's CPU mask);
-    on a GPU build this rank's GPU, since Kokkos does not read LOCAL_RANK; on a CPU rank one thread for a
-    small state (see KOKKOS_ONE_THREAD_QUBITS). Only a process's first lightning.kokkos device initialises
-    Kokkos, so these hold for the whole run."""
+    this rank's GPU (device_id), since Kokkos does not read LOCAL_RANK; one thread for a small state (see
+    KOKKOS_ONE_THREAD_QUBITS). Which build is installed is known only once Kokkos has started, so a GPU rank
+    gets both: a HIP or CUDA build simulates on the GPU (the thread count is its host space's), an OpenMP-only
+    build (the registry's wheel) ignores the GPU and keeps to one thread. Only a process's first
+    lightning.kokkos device initialises Kokkos, so these hold for the whole run."""
     if qdevice != KOKKOS_QDEVICE:
         return {}
     from pennylane_lightning.lightning_kokkos_ops import InitializationSettings
@@ -60,7 +62,7 @@ def qdevice_options(qdevice, device_id, nqubits):
     settings = InitializationSettings().set_disable_warnings(True)
     if device_id is not None:
         settings = settings.set_device_id(device_id)
-    elif nqubits <= KOKKOS_ONE_THREAD_QUBITS:
+    if nqubits <= KOKKOS_ONE_THREAD_QUBITS:
         settings = settings.set_num_threads(1)
     return {"kokkos_args": settings}
 

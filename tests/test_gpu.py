@@ -101,10 +101,17 @@ def test_kokkos_on_a_cpu_rank_simulates_a_small_circuit_on_one_thread():
     assert settings.has_num_threads() and settings.get_num_threads() == 1
 
 
-@pytest.mark.parametrize("device_id, nqubits", [(None, simulators.KOKKOS_ONE_THREAD_QUBITS + 1), (0, 4)],
-                         ids=["large-circuit-on-cpu", "small-circuit-on-gpu"])
-def test_kokkos_keeps_its_own_thread_count_for_large_circuits_and_gpu_ranks(device_id, nqubits):
+@pytest.mark.parametrize("device_id", [None, 0], ids=["cpu-rank", "gpu-rank"])
+def test_kokkos_keeps_its_own_thread_count_for_large_circuits(device_id):
+    nqubits = simulators.KOKKOS_ONE_THREAD_QUBITS + 1
     assert not simulators.qdevice_options("lightning.kokkos", device_id, nqubits)["kokkos_args"].has_num_threads()
+
+
+def test_kokkos_on_a_gpu_rank_gets_its_gpu_and_one_thread_for_a_small_circuit():
+    # An OpenMP-only build (the registry's wheel) ignores the GPU: without the thread setting it would take
+    # every CPU of the task for 16 amplitudes.
+    settings = simulators.qdevice_options("lightning.kokkos", 2, 4)["kokkos_args"]
+    assert settings.get_device_id() == 2 and settings.has_num_threads() and settings.get_num_threads() == 1
 
 
 # A fresh process, so that this circuit is the one that starts Kokkos.

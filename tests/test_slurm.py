@@ -313,6 +313,7 @@ echo "PY $*"
     # sourced by `source activate ENV` (bash looks the name up on PATH)
     "activate": """[ "$1" != /missing/env ] || return 1
 CONDA_PREFIX=/fake/conda-env; export CONDA_PREFIX
+echo "ACTIVATED $1"
 """,
 }
 
@@ -361,22 +362,42 @@ def test_sbatch_header_keeps_the_originals_facts():
     header = [line.split("#", 2)[1].split()[1:] for line in SBATCH_SCRIPT.read_text().splitlines()
               if line.startswith("#SBATCH")]
     for option in (["-A", "TRN001"], ["-J", "qml_basics"], ["-o", "%x-%j.out"], ["-N", "1"], ["-t", "20"],
-                   ["-p", "batch"], ["--exclusive"]):
+                   ["--exclusive"]):
         assert option in header, f"#SBATCH {' '.join(option)} missing: {header}"
 
 
-TUTORIAL_MODULES = ["PrgEnv-gnu/8.5.0", "rocm/6.1.3", "craype-accel-amd-gfx90a", "kokkos/4.3.00-omp", "miniforge3"]
-FRONTIER_NODE = {"QML_SITE": "frontier", "SLURM_CPUS_ON_NODE": "56"}  # 64 cores less 8 for the system
+def test_sbatch_header_names_no_partition():
+    # Frontier's default partition is batch anyway; a cluster without one would refuse the job.
+    header = [line.split() for line in SBATCH_SCRIPT.read_text().splitlines() if line.startswith("#SBATCH")]
+    assert not [line for line in header if line[1] in ("-p", "--partition") or line[1].startswith("--partition=")]
+
+
+# OLCF's PyTorch stack in 2026 ("PyTorch on Frontier"); the tutorial's (PrgEnv-gnu/8.5.0, rocm/6.1.3,
+# kokkos/4.3.00-omp) was removed with CPE 23.12.
+FRONTIER_MODULES = ["PrgEnv-gnu/8.7.0", "cpe/26.03", "miniforge3/23.11.0-0", "rocm/7.1.1", "craype-accel-amd-gfx90a"]
+FRONTIER_NODE = {"QML_SITE": "frontier", "SLURM_CPUS_ON_NODE": "56",  # 64 cores less 8 for the system
+                 "QML_CONDA_ENV": "/my/qml-env"}
 
 
 def modules_loaded(out):
     return [line.split()[2] for line in out.splitlines() if line.startswith("MODULE load ")]
 
 
+def step_envs(out):
+    """{tasks: (srun arguments, environment)} of every training step: the fake srun prints both."""
+    steps = {}
+    for block in out.split("\nSRUN ")[1:]:
+        args = block.splitlines()[0].split()
+        if "-u" in args:
+            env = dict(line.split("=", 1) for line in block.splitlines()[1:] if re.match(r"^[A-Za-z_]+=", line))
+            steps[int(args[0].removeprefix("-n"))] = (args, env)
+    return steps
+
+
 def test_frontier_step_is_the_tutorials_srun_line(fake_job):
     proc = fake_job(4, "--epochs", "3", **FRONTIER_NODE)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert modules_loaded(proc.stdout) == TUTORIAL_MODULES
+    assert modules_loaded(proc.stdout) == FRONTIER_MODULES
     (step,) = srun_lines(proc.stdout)
     assert step[:7] == ["-n4", "-N1", "--ntasks-per-node=4", "-c7", "--kill-on-bad-exit=1", "--gpus-per-task=1",
                         "--gpu-bind=closest"], step
@@ -464,37 +485,55 @@ def test_frontier_puts_cray_libraries_first(fake_job):
     assert env_of(proc.stdout)["LD_LIBRARY_PATH"] == "/opt/cray/lib64:/mine"
 
 
+@pytest.mark.parametrize("cray, expected", [("/opt/cray/lib64", "/opt/cray/lib64"), ("", None)],
+                         ids=["cray-only", "neither"])
+def test_frontier_library_path_gains_no_empty_entry(fake_job, cray, expected):
+    # An empty entry (a leading or trailing colon) makes the loader search the current directory.
+    proc = fake_job(1, CRAY_LD_LIBRARY_PATH=cray, **FRONTIER_NODE)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert env_of(proc.stdout).get("LD_LIBRARY_PATH") == expected
+
+
 def test_frontier_module_list_and_conda_env_can_be_overridden(fake_job):
-    proc = fake_job(1, QML_MODULES="PrgEnv-gnu/8.7.0 rocm/6.4.2 miniforge3", QML_CONDA_ENV="/my/env", **FRONTIER_NODE)
+    proc = fake_job(1, QML_MODULES="PrgEnv-gnu/8.7.0 rocm/6.4.2 miniforge3",
+                    **dict(FRONTIER_NODE, QML_CONDA_ENV="/my/env"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert modules_loaded(proc.stdout) == ["PrgEnv-gnu/8.7.0", "rocm/6.4.2", "miniforge3"]
+    assert "ACTIVATED /my/env" in proc.stdout
 
 
 def test_frontier_module_that_does_not_load_ends_the_job_naming_it(fake_job):
-    proc = fake_job(1, FAKE_MODULE_MISSING="kokkos/4.3.00-omp", **FRONTIER_NODE)
+    proc = fake_job(1, FAKE_MODULE_MISSING="rocm/7.1.1", **FRONTIER_NODE)
     assert proc.returncode == 1 and not srun_lines(proc.stdout)
     (line,) = proc.stderr.strip().splitlines()
-    assert "module load kokkos/4.3.00-omp failed" in line and "module avail kokkos" in line and "QML_MODULES" in line
+    assert "module load rocm/7.1.1 failed" in line and "module avail rocm" in line and "QML_MODULES" in line
+
+
+def test_frontier_without_a_conda_env_says_how_to_build_one(fake_job):
+    proc = fake_job(1, **dict(FRONTIER_NODE, QML_CONDA_ENV=""))
+    assert proc.returncode == 2 and not srun_lines(proc.stdout) and "MODULE" not in proc.stdout
+    (line,) = proc.stderr.strip().splitlines()
+    assert "bash build_frontier_env.sh PREFIX" in line and "--export=QML_CONDA_ENV=PREFIX" in line, line
 
 
 def test_frontier_conda_env_that_does_not_activate_ends_the_job_naming_it(fake_job):
-    proc = fake_job(1, QML_CONDA_ENV="/missing/env", **FRONTIER_NODE)
+    proc = fake_job(1, **dict(FRONTIER_NODE, QML_CONDA_ENV="/missing/env"))
     assert proc.returncode == 1 and not srun_lines(proc.stdout)
     (line,) = proc.stderr.strip().splitlines()
     assert "/missing/env" in line and "QML_CONDA_ENV" in line
 
 
 def test_frontier_without_the_module_command_says_how_to_submit(fake_job, tmp_path):
-    (tmp_path / "bin" / "module").unlink()  # as under sbatch --export=VAR (no login environment)
+    (tmp_path / "bin" / "module").unlink()  # as in a job not started from a Frontier login node
     proc = fake_job(1, **FRONTIER_NODE)
     assert proc.returncode == 2 and not srun_lines(proc.stdout)
     (line,) = proc.stderr.strip().splitlines()
-    assert "--export=ALL," in line
+    assert "login node" in line and "--export=NONE" in line and "--export=QML_CONDA_ENV=" in line, line
 
 
 def test_frontier_detection_and_overrides(fake_job):
     proc = fake_job(2, LMOD_SYSTEM_NAME="frontier", QML_CPUS_PER_TASK="3", QML_GPUS_PER_TASK="0",
-                    QML_DATA_DIR="/my/data", MASTER_PORT="23456", OMP_PROC_BIND="close")
+                    QML_DATA_DIR="/my/data", MASTER_PORT="23456", OMP_PROC_BIND="close", QML_CONDA_ENV="/my/env")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "MODULE load" in proc.stdout
     (step,) = srun_lines(proc.stdout)
@@ -508,13 +547,27 @@ def test_frontier_detection_and_overrides(fake_job):
 def test_frontier_multi_node_step_packs_8_tasks_per_node_with_olcfs_rccl_settings(fake_job):
     proc = fake_job(16, SLURM_JOB_NUM_NODES="2", NCCL_CROSS_NIC="0", **FRONTIER_NODE)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert modules_loaded(proc.stdout) == [*TUTORIAL_MODULES, "rccl-net-plugin"]
+    assert modules_loaded(proc.stdout) == [*FRONTIER_MODULES, "rccl-net-plugin"]
     (step,) = srun_lines(proc.stdout)
     assert step[:4] == ["-n16", "-N2", "--ntasks-per-node=8", "-c7"], step
+    assert "--network=disable_rdzv_get" in step  # what FI_CXI_RDZV_PROTO=alt_read needs (OLCF)
     env = env_of(proc.stdout)
     assert (env["NCCL_NET_GDR_LEVEL"], env["FI_MR_CACHE_MONITOR"], env["FI_CXI_DEFAULT_CQ_SIZE"]) == (
         "PHB", "kdreg2", "131072")
+    assert (env["FI_CXI_RDZV_PROTO"], env["FI_CXI_RDZV_THRESHOLD"]) == ("alt_read", "0")
     assert env["NCCL_CROSS_NIC"] == "0"  # the user's value wins
+
+
+def test_frontier_sweep_gives_the_network_plugin_only_to_steps_over_several_nodes(fake_job):
+    # In a two-node job the 8-task step fits one node, where the plugin does not initialise (OLCF).
+    proc = fake_job("8,16", SLURM_JOB_NUM_NODES="2", **FRONTIER_NODE)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    steps = step_envs(proc.stdout)
+    (one_node, one_env), (two_nodes, two_env) = steps[8], steps[16]
+    assert "-N1" in one_node and "--network=disable_rdzv_get" not in one_node, one_node
+    assert not any(var.startswith(("FI_", "NCCL_NET_GDR")) for var in one_env), one_env
+    assert "-N2" in two_nodes and "--network=disable_rdzv_get" in two_nodes, two_nodes
+    assert two_env["FI_CXI_RDZV_PROTO"] == "alt_read" and two_env["NCCL_NET_GDR_LEVEL"] == "PHB"
 
 
 def test_frontier_single_node_job_loads_no_network_plugin(fake_job):
@@ -535,6 +588,21 @@ def test_task_count_beyond_the_allocation_ends_the_job_before_any_step(fake_job,
     assert proc.returncode == 2 and not srun_lines(proc.stdout)
     (line,) = proc.stderr.strip().splitlines()
     assert f"sbatch {fix} submit_qml.sbatch {counts}" in line, line
+
+
+@pytest.mark.parametrize("counts, fix", [("16", "-N 2"), ("4,17", "-N 3")])
+def test_cpu_tasks_beyond_the_allocations_cpus_end_the_job_before_any_step(fake_job, counts, fix):
+    proc = fake_job(counts, QML_SITE="generic", SLURM_CPUS_ON_NODE="8")  # one node of 8 CPUs
+    assert proc.returncode == 2 and not srun_lines(proc.stdout)
+    (line,) = proc.stderr.strip().splitlines()
+    assert f"sbatch {fix} submit_qml.sbatch {counts}" in line, line
+
+
+def test_frontier_counts_cpus_per_task_in_physical_cores(fake_job):
+    # srun -c counts cores on Frontier (56 a node); SLURM_CPUS_ON_NODE may count 2 threads a core.
+    proc = fake_job(8, QML_CPUS_PER_TASK="8", QML_GPUS_PER_TASK="0", **dict(FRONTIER_NODE, SLURM_CPUS_ON_NODE="112"))
+    assert proc.returncode == 2 and not srun_lines(proc.stdout)
+    assert "sbatch -N 2 submit_qml.sbatch 8" in proc.stderr, proc.stderr
 
 
 def test_generic_cpu_tasks_spread_over_the_jobs_nodes(fake_job):
@@ -568,11 +636,31 @@ def test_generic_gpu_detection(fake_job, gpu_env, gpu_flags):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "MODULE" not in proc.stdout
     (step,) = srun_lines(proc.stdout)
-    assert ("--gpus-per-task=1" in step and "--gpu-bind=closest" in step) == gpu_flags, step
+    assert ("--gpus-per-task=1" in step) == gpu_flags, step
+    # --gpu-bind=closest may give a task every GPU of its NUMA domain off Frontier: --gpus-per-task binds alone.
+    assert not any(arg.startswith("--gpu-bind") for arg in step), step
+
+
+def test_job_level_gpu_requests_do_not_reach_a_step_of_another_shape(fake_job):
+    # sbatch --gpus-per-node=4 --gpus-per-task=2 leaves these behind; srun reads them as its own options.
+    proc = fake_job(2, QML_SITE="generic", SLURM_GPUS_ON_NODE="4", SLURM_GPUS_PER_NODE="4", SLURM_GPUS_PER_TASK="2",
+                    SLURM_TRES_PER_TASK="gres/gpu:2", SLURM_GPUS="4")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (step,) = srun_lines(proc.stdout)
+    assert "--gpus-per-task=1" in step, step
+    env = step_envs(proc.stdout)[2][1]
+    assert not {"SLURM_GPUS_PER_NODE", "SLURM_GPUS_PER_TASK", "SLURM_TRES_PER_TASK", "SLURM_GPUS"} & set(env), env
+
+
+def test_a_master_addr_from_the_login_shell_does_not_reach_the_steps(fake_job):
+    proc = fake_job("1,2", QML_SITE="generic", MASTER_ADDR="10.0.0.7")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert all("MASTER_ADDR" not in env for _, env in step_envs(proc.stdout).values())
+    assert "warning: ignoring MASTER_ADDR=10.0.0.7" in proc.stderr
 
 
 @pytest.mark.parametrize("tasks, cpus_on_node, nodes, expected", [
-    (1, "8", "1", 8), (3, "8", "1", 2), (16, "8", "1", 1), (4, "8", "2", 4), (2, None, "1", 1)])
+    (1, "8", "1", 8), (3, "8", "1", 2), (8, "8", "1", 1), (4, "8", "2", 4), (2, None, "1", 1)])
 def test_generic_cpus_fit_the_allocation(fake_job, tasks, cpus_on_node, nodes, expected):
     env = {"QML_SITE": "generic", "SLURM_JOB_NUM_NODES": nodes}
     if cpus_on_node is None:
