@@ -22,11 +22,25 @@ TIME_TIE = 0.05
 REPEATS_FOR_NOISE = 3  # the runs per count suggested when there are none to estimate the noise from
 CHANCE = 0.5  # accuracy of guessing between two classes (ants and bees): the accuracy axis starts here ...
 ACCURACY_PAD = 0.02  # ... and ends at 1, each end padded so that a point or line there stays in sight
+WHERE_METRICS_COME_FROM = ("submit_qml.sbatch 1,2,4,8 writes them to runs/<jobid>; without Slurm, run qml.py with "
+                           "--metrics-json DIR/tasks-N.json at each task count N, then report DIR")
+
+
+def check_rundir(rundir):
+    """Refuse a RUNDIR that does not exist or is a file, saying which."""
+    if not os.path.exists(rundir):
+        raise UsageError(f"{rundir} does not exist; give the folder of a sweep's metrics JSON files "
+                         f"({WHERE_METRICS_COME_FROM})")
+    if not os.path.isdir(rundir):
+        parent = os.path.dirname(rundir) or "."
+        raise UsageError(f"{rundir} is a file, not a folder; give the folder that holds the metrics JSON files "
+                         f"(this file's: {parent}); {WHERE_METRICS_COME_FROM}")
 
 
 def load_runs(rundir):
     """One dict per metrics JSON in rundir (tasks, global batch, backbone weights, training seconds, best val
     accuracy and loss, final-epoch val accuracy), sorted by task count."""
+    check_rundir(rundir)
     runs = []
     for path in sorted(glob.glob(os.path.join(rundir, "*.json"))):
         try:
@@ -39,7 +53,7 @@ def load_runs(rundir):
         except (OSError, ValueError, KeyError, TypeError, IndexError):
             raise UsageError(f"{path} is not a metrics JSON written by qml.py --metrics-json; move it away") from None
     if not runs:
-        raise UsageError(f"no metrics JSON files in {rundir}; run the sweep with submit_qml.sbatch 1,2,4,8")
+        raise UsageError(f"no metrics JSON files (*.json) in {rundir}; {WHERE_METRICS_COME_FROM}")
     return sorted(runs, key=lambda run: run["tasks"])
 
 
@@ -253,7 +267,8 @@ def report_main(argv):
     parser = ArgumentParser(prog="qml.py report", description="Scaling table, CSV and plot of a sweep's "
                             "metrics JSON files (runs/<jobid>/tasks-N.json, or tasks-N-seed-S.json with repeats): "
                             "per task count the runs' means and sample standard deviations, and the answer.")
-    parser.add_argument("rundir", help="folder with the sweep's metrics JSON files")
+    parser.add_argument("rundir", help="folder with the metrics JSON files: runs/<jobid> of submit_qml.sbatch, or "
+                        "any folder the runs wrote with qml.py --metrics-json DIR/tasks-N.json")
     rundir = parser.parse_args(argv).rundir
     runs = load_runs(rundir)
     rows, random_counts = scaling_rows(runs), random_backbone_counts(runs)
