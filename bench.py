@@ -1,6 +1,6 @@
 """The speed benchmark of qml.py: epochs, the cached run and the circuit, timed in fresh processes.
 
-    python bench.py [--data-dir DIR] [--weights none] [--cached-epochs 30] [--rounds 1]
+    python bench.py [--data-dir DIR] [--weights none] [--epochs 3] [--cached-epochs 30] [--rounds 1]
 
 prints a table of times and ratios (the first row of each group is 1.00x) and a table of where an epoch's
 time goes (qml.py --time-split: data loading, backbone, dressed head, all-reduce, optimizer), on whatever
@@ -125,16 +125,24 @@ def machine_description():
             f"torch {torch.__version__}, pennylane {provenance.package_versions()['pennylane']}")
 
 
-def main(argv=None):
+def get_args_parser():
     parser = options.ArgumentParser(prog="bench.py", description="Time qml.py's epoch, cached run and circuit.")
-    parser.add_argument("--data-dir", default=os.environ.get("QML_DATA_DIR", qml.DEFAULT_DATA_DIR))
-    parser.add_argument("--weights", default="none", help="backbone weights for the timed runs (default: none)")
+    parser.add_argument("--data-dir", default=os.environ.get("QML_DATA_DIR", qml.DEFAULT_DATA_DIR),
+                        help="ImageFolder root with train/ and val/, not downloaded here (default: $QML_DATA_DIR, "
+                        "else data/hymenoptera_data beside qml.py, which python qml.py downloads when missing)")
+    parser.add_argument("--weights", default="none", help="backbone weights for the timed runs, as qml.py's "
+                        "--weights (default: %(default)s: a random backbone, the same compute as ImageNet's)")
     parser.add_argument("--epochs", type=at_least_2, default=3, help="epochs of each timed setup; the fastest "
                         "after the first is compared (default: %(default)s)")
-    parser.add_argument("--cached-epochs", type=options.positive(int), default=30)
+    parser.add_argument("--cached-epochs", type=options.positive(int), default=30, help="epochs of each "
+                        "--cache-features run, timed from process start to exit (default: %(default)s)")
     parser.add_argument("--rounds", type=options.positive(int), default=1, help="time every setup this many times and "
                         "keep its fastest (on a machine shared with other work) (default: %(default)s)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
     images.check_layout(args.data_dir)
     with tempfile.TemporaryDirectory() as tmp:
         epochs = epoch_rows(args, tmp)

@@ -65,8 +65,7 @@ def check_layout(data_dir, expected_counts=None):
     for split in ("train", "val"):
         folder = os.path.join(data_dir, split)
         if not os.path.isdir(folder):
-            raise UsageError(f"data directory {data_dir} has no {split}/ folder; it needs train/ and val/, "
-                             f"each with one sub-folder of images per class")
+            raise UsageError(f"data directory {data_dir} has no {split}/ folder; {layout_fix(data_dir)}")
         layout[split] = list_images(folder)
         for name, paths in layout[split].items():
             if not paths:
@@ -84,6 +83,17 @@ def check_layout(data_dir, expected_counts=None):
             raise UsageError(f"{data_dir} has {counts} images, expected {expected_counts}; "
                              f"delete it and run again with --download")
     return layout
+
+
+def layout_fix(data_dir):
+    """How to fix a data folder without train/ or val/: its single sub-folder that has both (the folder a zip
+    was extracted into, e.g. hymenoptera_data), else what the layout needs."""
+    entries = os.scandir(data_dir) if os.path.isdir(data_dir) else []  # bench.py checks a folder that may be missing
+    inner = [entry.path for entry in entries
+             if all(os.path.isdir(os.path.join(entry.path, split)) for split in ("train", "val"))]
+    if len(inner) == 1:
+        return f"its sub-folder {inner[0]} has train/ and val/: pass --data-dir {inner[0]}"
+    return "it needs train/ and val/, each with one sub-folder of images per class"
 
 
 def check_images_decode(layout):

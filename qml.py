@@ -536,13 +536,14 @@ def get_args_parser():
     add = parser.add_argument
     add("--data-dir", default=None, help="ImageFolder root with train/ and val/ (default: $QML_DATA_DIR, "
         "else data/hymenoptera_data beside qml.py, downloaded when missing)")
-    add("--download", action="store_true", help="download the ants/bees data set when --data-dir is missing")
+    add("--download", action="store_true", help="download the ants/bees data set when the data folder "
+        "(--data-dir or $QML_DATA_DIR) is missing (the default folder is downloaded without it)")
     add("--data-url", default=images.DATA_URL, help="where --download fetches the zip (default: %(default)s)")
     add("--epochs", type=positive(int), default=30, help="training epochs (default: %(default)s)")
     add("--batch-size", type=positive(int), default=None, help=f"images per batch per rank (default: "
         f"{DEFAULT_BATCH_SIZE})")
     add("--global-batch-size", type=positive(int), default=None, help="images per optimizer step over all ranks, "
-        "whatever their number: each rank takes G / ranks (instead of --batch-size)")
+        "whatever their number: each rank takes G / ranks (default: unset, each rank takes --batch-size)")
     add("--lr", type=positive(float), default=0.0004, help="Adam learning rate (default: %(default)s)")
     add("--lr-scaling", choices=("none", "linear"), default="none", help="linear: multiply --lr by the global "
         f"batch / {REFERENCE_GLOBAL_BATCH} (the tutorial's images per step at one task) (default: %(default)s)")
@@ -567,8 +568,9 @@ def get_args_parser():
     add("--cache-features", action="store_true", help="run the backbone once and train on cached features "
         "(needs --bn-mode eval)")
     add("--image-cache", type=cache_size, default="auto", help="keep decoded images (uint8, on the rank's device) "
-        "so that later epochs read no file: auto (a quarter of the available GPU or host memory, shared by the "
-        "host's ranks), off, or a budget in MiB per rank (default: %(default)s)")
+        "so that later epochs read no file: auto (a quarter of the rank's GPU's free memory; on CPUs a quarter of "
+        "the host's available memory, split between the host's ranks), off, or a budget in MiB per rank "
+        "(default: %(default)s)")
     add("--precision", choices=tuple(PRECISIONS), default="fp32", help="the frozen backbone's forward under "
         "autocast to bf16, or fp16 (GPUs only); the dressed head and the circuit stay fp32/float64 "
         "(default: %(default)s, the tutorial's)")
@@ -579,9 +581,10 @@ def get_args_parser():
     add("--dist-timeout", type=number(int, 1, DIST_TIMEOUT_MAX), default=300, help="seconds before a stuck "
         "rendezvous or collective fails (default: %(default)s)")
     add("--workers", type=number(int, 0), default=None, help="image-decoding processes per rank (default on "
-        "GPUs: SLURM_CPUS_PER_TASK or CPU count, minus 1, at most 3; on CPUs: 0)")
+        "GPUs: one fewer than the CPUs this process may run on (its CPU affinity mask: under srun the task's "
+        "CPUs), at most 3; on CPUs: 0, as the OpenMP threads use every core)")
     add("--print-freq", type=number(int, 0), default=None, help="progress line every N batches; 0: never "
-        "(default: each batch on a terminal, every 10 in a log)")
+        "(default: each batch when stdout is a terminal, else every 10)")
     add("--save", default=None, help="write the best dressed-head weights (state_dict) to this file")
     add("--checkpoint", default=None, help="write a resumable checkpoint to this file after every epoch")
     add("--resume", default=None, help="continue from a --checkpoint file")

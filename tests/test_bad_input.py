@@ -527,3 +527,44 @@ def test_bench_with_a_missing_data_set_exits_2_with_one_line(tmp_path):
     assert result.returncode == 2
     line = one_stderr_line(result.stderr)
     assert line.startswith("bench.py: error:") and "no train/ folder" in line, line
+
+
+# ----------------------------------------------------------------------------
+# `qml.py report` on a path that holds no sweep, and a data folder one level too high
+
+
+def report_path(tmp_path, case):
+    """The RUNDIR of a report case: a missing path, a metrics file instead of its folder, an empty folder."""
+    if case == "missing":
+        return tmp_path / "runs" / "4242"
+    if case == "file":
+        (tmp_path / "tasks-1.json").write_text("{}")
+        return tmp_path / "tasks-1.json"
+    return tmp_path
+
+
+REPORT_CASES = [
+    ("missing", ["runs/4242 does not exist", "--metrics-json DIR/tasks-N.json"]),
+    ("file", ["tasks-1.json is a file, not a folder", "the folder that holds the metrics JSON files (this file's: "
+              "{tmp})", "--metrics-json"]),
+    ("empty-folder", ["no metrics JSON files (*.json) in {tmp}", "submit_qml.sbatch", "--metrics-json"]),
+]
+
+
+@pytest.mark.parametrize("case, expected", REPORT_CASES, ids=[case[0] for case in REPORT_CASES])
+def test_report_on_a_path_without_metrics_exits_2_with_one_line_saying_which(capfd, tmp_path, case, expected):
+    line = main_error(capfd, ["report", str(report_path(tmp_path, case))])
+    assert_mentions(line, *(part.format(tmp=tmp_path) for part in expected))
+
+
+def test_data_dir_above_the_data_set_suggests_its_sub_folder(capfd, tiny_data, tmp_path):
+    inner = shutil.copytree(tiny_data, tmp_path / "download" / "hymenoptera_data")
+    line = main_error(capfd, ["--data-dir", str(tmp_path / "download"), *BASE])
+    assert_mentions(line, "has no train/ folder", f"pass --data-dir {inner}")
+
+
+def test_data_dir_with_two_data_sets_inside_suggests_neither(capfd, tiny_data, tmp_path):
+    for name in ("ants_bees", "wasps_flies"):
+        shutil.copytree(tiny_data, tmp_path / "download" / name)
+    line = main_error(capfd, ["--data-dir", str(tmp_path / "download"), *BASE])
+    assert_mentions(line, "has no train/ folder", "it needs train/ and val/")

@@ -195,3 +195,23 @@ def test_bench_table_keeps_each_setups_fastest_later_epoch_over_the_rounds(monke
     assert len(calls) == 2 * len(bench.bench_setups(qml.pick_device("auto", 0)))
     assert [row[2:4] for row in rows[:2]] == [("6.00", "1.00x"), ("3.00", "0.50x")]
     assert rows[1][4:9] == ("0.60",) * 5 and rows[1][9] == "0.7000/0.5000/0.6000/0.5000"
+
+
+# ----------------------------------------------------------------------------
+# --help of qml.py and bench.py says what the code does
+
+
+def test_every_bench_option_has_help():
+    actions = bench.get_args_parser()._actions
+    assert [action.dest for action in actions if not action.help] == []
+
+
+def test_every_qml_option_with_a_default_value_shows_it_in_help():
+    parser = qml.get_args_parser()
+    shown = [action for action in parser._actions if action.dest != "help" and action.default not in (None, False, [])]
+    assert [action.dest for action in shown if "%(default)s" not in action.help] == []
+
+
+def test_workers_help_gives_the_affinity_mask_default_of_default_workers():
+    (workers,) = [action for action in qml.get_args_parser()._actions if action.dest == "workers"]
+    assert "CPU affinity mask" in workers.help and "SLURM_CPUS_PER_TASK" not in workers.help, workers.help
