@@ -127,7 +127,7 @@ def machine_description():
 
 def get_args_parser():
     parser = options.ArgumentParser(prog="bench.py", description="Time qml.py's epoch, cached run and circuit.")
-    parser.add_argument("--data-dir", default=os.environ.get("QML_DATA_DIR", qml.DEFAULT_DATA_DIR),
+    parser.add_argument("--data-dir", default=os.environ.get("QML_DATA_DIR", images.DEFAULT_DATA_DIR),
                         help="ImageFolder root with train/ and val/, not downloaded here (default: $QML_DATA_DIR, "
                         "else data/hymenoptera_data beside qml.py, which python qml.py downloads when missing)")
     parser.add_argument("--weights", default="none", help="backbone weights for the timed runs, as qml.py's "

@@ -153,4 +153,4 @@ def restore_checkpoint(checkpoint, model, optimizer, scheduler):
     torch.set_rng_state(checkpoint["rng"]["torch"])
     kind, keys, pos, has_gauss, cached = checkpoint["rng"]["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    return checkpoint["state"]
+    return dict(checkpoint["state"], resumed=checkpoint["state"].get("resumed", 0) + 1)

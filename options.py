@@ -1,9 +1,13 @@
-"""The command line's value checks: argparse types that refuse a bad value in one line, at once."""
+"""The command line's checks: argparse types that refuse a bad value in one line, at once, and validate_args,
+which refuses impossible combinations before any work starts."""
 
 import argparse
 import math
+import os
 
 from errors import UsageError
+from images import DEFAULT_DATA_DIR
+from simulators import available_qdevices
 
 SEEDS = dict(low=0, high=2**32 - 1)  # what np.random.seed accepts
 DIST_TIMEOUT_MAX = 2**31 // 1000  # 24.8 days, whose milliseconds fit 32 bits; far more overflows torch's timers
@@ -63,3 +67,17 @@ def qubit_count(text):
         raise argparse.ArgumentTypeError(f"must be 1..{MAX_QUBITS} (a state of {text} qubits is too large to "
                                          f"simulate here)")
     return value
+
+
+def validate_args(args):
+    """Resolve the defaults that depend on the environment and refuse impossible combinations."""
+    args.data_dir_is_default = args.data_dir is None and "QML_DATA_DIR" not in os.environ
+    args.data_dir = args.data_dir or os.environ.get("QML_DATA_DIR") or DEFAULT_DATA_DIR
+    if args.cache_features and args.bn_mode == "train":
+        raise UsageError("--cache-features needs --bn-mode eval: with batch statistics the backbone's "
+                         "features change every batch and cannot be cached")
+    if args.global_batch_size is not None and args.batch_size is not None:
+        raise UsageError("--global-batch-size and --batch-size both set the batch size: give one of them "
+                         "(--global-batch-size G gives each of N ranks G/N images)")
+    if args.qdevice not in available_qdevices():
+        raise UsageError(f"--qdevice {args.qdevice}: not installed; choose one of {', '.join(available_qdevices())}")

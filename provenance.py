@@ -74,6 +74,7 @@ def write_metrics(path, state, config, ctx):
                   lr=config["lr"], provenance=ctx.provenance, ranks=ctx.rank_facts,
                   epochs=state["history"], training_seconds=state["seconds"],
                   best_val_acc=best["best_acc"], best_val_loss=best["best_loss"],
-                  best_train_acc=best["best_acc_train"], best_train_loss=best["best_loss_train"])
+                  best_train_acc=best["best_acc_train"], best_train_loss=best["best_loss_train"],
+                  resumed=state.get("resumed", 0), complete=True)  # written only when the last epoch is done
     text = json.dumps(report, indent=2) + "\n"
     checkpoints.atomic_write(path, lambda file: file.write(text.encode()))

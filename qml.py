@@ -73,12 +73,14 @@ try:  # the machinery beside this file
     from backbone import (PRECISIONS, backbone_autocast, cast_frozen_convolutions, check_precision,
                           fetch_weights_once, load_backbone)
     from errors import RunFailed, UsageError, drop_frames, failure_line, raise_interrupt
-    from options import DIST_TIMEOUT_MAX, SEEDS, ArgumentParser, cache_size, number, positive, qubit_count
+    from interruption import RESUMABLE, Interrupted, catch_wall_time_warning, stop_between_batches
+    from options import (DIST_TIMEOUT_MAX, SEEDS, ArgumentParser, cache_size, number, positive, qubit_count,
+                         validate_args)
     from process_group import (check_one_gpu_per_rank, expand_nodelist, gather_objects, join_process_group,
                                leave_process_group, rank_facts, reduce_sums, step_master, sync_buffers)
     from simulators import (ADJOINT_QDEVICES, KOKKOS_QDEVICE, TORCH_QDEVICE, AdjointCircuit, TorchCircuit,
-                            available_qdevices, describe_qdevice, lazy_import, qdevice_options, start_kokkos)
-    from timing import close_epoch, time_split
+                            describe_qdevice, lazy_import, qdevice_options, start_kokkos)
+    from timing import close_epoch, progress_every, time_split
 except ModuleNotFoundError as err:  # qml.py copied alone: README's "Layout" lists what it needs
     print(f"qml.py: error: no module {err.name}; keep qml.py with the other .py files of its folder", file=sys.stderr)
     sys.exit(2)
@@ -93,7 +95,6 @@ q_depth = 6  # Depth of the quantum circuit (number of variational layers)
 q_delta = 0.01  # Initial spread of random quantum weights
 
 DEFAULT_QDEVICE = KOKKOS_QDEVICE  # the tutorial's
-DEFAULT_DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "hymenoptera_data")
 DEFAULT_BATCH_SIZE = 4  # the tutorial's images per batch per rank
 # --lr-scaling linear multiplies --lr by global batch / this: the tutorial's images per step, one task.
 REFERENCE_GLOBAL_BATCH = DEFAULT_BATCH_SIZE
@@ -385,20 +386,13 @@ def record_best(state, phase, loss, acc, model):
         state["best_loss_train"] = loss
 
 
-def progress_every(args):
-    """Print the per-batch progress line every N batches: each batch on a terminal, else every 10."""
-    if args.print_freq is not None:
-        return args.print_freq
-    return 1 if sys.stdout.isatty() else 10
-
-
 def run_phase(phase, run, ctx, args, epoch):
     """One pass over the phase's loader; returns (average loss, accuracy, images) summed over all ranks."""
     training = phase == "train"
     # The dressed head has no mode-dependent layers: this only picks BatchNorm's statistics.
     run.net.train(training and args.bn_mode == "train")
     criterion = nn.CrossEntropyLoss()
-    device, every, loader = ctx.device, progress_every(args), run.loaders[phase]
+    device, every, loader = ctx.device, progress_every(args.print_freq), run.loaders[phase]
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
     for it, (inputs, labels) in enumerate(loader, 1):
         since_batch = time.time()
@@ -413,6 +407,7 @@ def run_phase(phase, run, ctx, args, epoch):
             run.optimizer.zero_grad()
             loss.backward()
             run.optimizer.step()
+            stop_between_batches(ctx, epoch, args.checkpoint)  # on Slurm's wall-time warning, all ranks at once
         totals[0] += loss.detach().double() * len(labels)
         totals[1] += (outputs.argmax(1) == labels).sum()
         totals[2] += len(labels)
@@ -598,22 +593,6 @@ def get_args_parser():
     return parser
 
 
-def validate_args(args):
-    """Resolve defaults that depend on the environment and refuse impossible combinations."""
-    args.data_dir_is_default = args.data_dir is None and "QML_DATA_DIR" not in os.environ
-    args.data_dir = args.data_dir or os.environ.get("QML_DATA_DIR") or DEFAULT_DATA_DIR
-    if args.cache_features and args.bn_mode == "train":
-        raise UsageError("--cache-features needs --bn-mode eval: with batch statistics the backbone's "
-                         "features change every batch and cannot be cached")
-    if args.global_batch_size is not None and args.batch_size is not None:
-        raise UsageError("--global-batch-size and --batch-size both set the batch size: give one of them "
-                         "(--global-batch-size G gives each of N ranks G/N images)")
-    if args.global_batch_size is None and args.batch_size is None:
-        args.batch_size = DEFAULT_BATCH_SIZE
-    if args.qdevice not in available_qdevices():
-        raise UsageError(f"--qdevice {args.qdevice}: not installed; choose one of {', '.join(available_qdevices())}")
-
-
 def resolve_batch_and_lr(args, world_size):
     """Set args.batch_size (per rank) and args.lr for this world size, which is known only after rank discovery.
 
@@ -626,6 +605,8 @@ def resolve_batch_and_lr(args, world_size):
                              f"{world_size} ranks; give a multiple of {world_size} (e.g. {multiple}) "
                              f"or a task count that divides {args.global_batch_size}")
         args.batch_size = args.global_batch_size // world_size
+    elif args.batch_size is None:
+        args.batch_size = DEFAULT_BATCH_SIZE
     if args.lr_scaling == "linear":
         args.lr *= args.batch_size * world_size / REFERENCE_GLOBAL_BATCH
 
@@ -684,10 +665,14 @@ def main(argv=None):
             print(draw_circuit(args))
             return 0
         signal.signal(signal.SIGTERM, raise_interrupt)  # Slurm's time limit sends SIGTERM first
+        catch_wall_time_warning()  # its warning (sbatch --signal=B:USR1@120) asks for a stop between batches
         return setup(args)
     except (UsageError, RunFailed) as err:
         print("qml.py: error:", " ".join(str(err).split()), file=sys.stderr)  # one line, whatever err holds
         return 2 if isinstance(err, UsageError) else 1
+    except Interrupted as err:
+        print(f"qml.py: {err}", file=sys.stderr)
+        return RESUMABLE
     except KeyboardInterrupt as err:
         print(f"qml.py: stopped by {err or 'Ctrl-C'}; the last --checkpoint file (if any) is complete: "
               f"continue with --resume", file=sys.stderr)

@@ -1,5 +1,7 @@
-"""Where an epoch's time goes (--time-split), and what each epoch records beside its metrics."""
+"""Where an epoch's time goes (--time-split), what each epoch records beside its metrics, and how often the
+progress line is printed."""
 
+import sys
 import time
 
 import torch
@@ -72,3 +74,10 @@ def close_epoch(record, timer, ctx, loaders):
     if timer.enabled:
         record["time_split"] = timer.seconds
     return record
+
+
+def progress_every(print_freq):
+    """Print the per-batch progress line every N batches (--print-freq): each batch on a terminal, else every 10."""
+    if print_freq is not None:
+        return print_freq
+    return 1 if sys.stdout.isatty() else 10

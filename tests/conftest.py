@@ -55,10 +55,11 @@ def run_qml(*args, env=None, timeout=300, cwd=None):
 
 @pytest.fixture(autouse=True)
 def restore_sigterm():
-    """qml.main installs a SIGTERM handler; give pytest its own back."""
-    handler = signal.getsignal(signal.SIGTERM)
+    """qml.main installs SIGTERM and SIGUSR1 handlers; give pytest its own back."""
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGUSR1)}
     yield
-    signal.signal(signal.SIGTERM, handler)
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)
 
 
 def free_port():

@@ -41,7 +41,7 @@ HANG_GUARD = 60  # seconds: a run that takes longer is stuck, not slow
 FIRST_CALL_OF_EPOCH_2 = 7
 
 WRAPPER = f"""
-import gc, os, sys, time
+import gc, os, signal, sys, time
 sys.path.insert(0, {ROOT!r})
 import checkpoints
 import qml
@@ -61,6 +61,8 @@ def fault_injecting_forward(self, inputs):
             os.remove(os.environ["FAULT_FILE"])
         elif fault == "truncate":
             os.truncate(os.environ["FAULT_FILE"], os.path.getsize(os.environ["FAULT_FILE"]) // 2)
+        elif fault == "usr1":  # Slurm's wall-time warning, mid-batch; training goes on to the batch's end
+            os.kill(os.getpid(), signal.SIGUSR1)
         else:
             print("FAULT: waiting for a signal", flush=True)
             time.sleep(120)
@@ -140,6 +142,19 @@ def test_rank_whose_peer_raised_exits_1_with_one_line_naming_it(rank_1_raises):
     line = one_stderr_line(stderr)
     assert "rank 0: rank 1 is gone" in line and "its own output" in line
     assert f"--resume {tmp / 'run.pt'}" in line
+
+
+def test_wall_time_warning_to_one_rank_stops_both_between_the_same_batches(tiny_data, wrapper, tmp_path):
+    # srun passes the warning to every task, but not at the same instant: the ranks agree before stopping.
+    # Rank 1 of two: 6 training images (2 batches) and 4 validation images (1 batch) an epoch; call 4 is epoch 2's.
+    procs = start_two_ranks(wrapper, tiny_data, tmp_path, "--epochs", "3", FAULT="usr1", FAULT_RANK="1",
+                            FAULT_AT_CALL="4")
+    for rank, proc in enumerate(procs):
+        status, _, stderr = finish(proc, tmp_path, f"rank{rank}")
+        assert status == 75, (rank, stderr)  # none left waiting in a collective
+        assert "request in epoch 2, between batches" in one_stderr_line(stderr), rank
+    saved = torch.load(tmp_path / "run.pt", map_location="cpu", weights_only=True)
+    assert saved["state"]["epoch"] == 1
 
 
 def test_ranks_stopped_by_an_error_free_ddp_before_python_exits(rank_1_raises):
@@ -303,6 +318,32 @@ def sigkill_run(tiny_data, wrapper, tmp_path_factory):
     return interrupted_run(tiny_data, wrapper, tmp_path_factory.mktemp("sigkill"), signal.SIGKILL)
 
 
+@pytest.fixture(scope="module")
+def warned_run(tiny_data, wrapper, tmp_path_factory):
+    """3 epochs with --checkpoint; SIGUSR1 (Slurm's wall-time warning) arrives in epoch 2's first batch."""
+    tmp = tmp_path_factory.mktemp("usr1")
+    checkpoint = tmp / "run.pt"
+    argv = [sys.executable, wrapper, "--data-dir", tiny_data, *BASE, "--epochs", "3", "--checkpoint", str(checkpoint)]
+    proc = start(argv, dict(FAULT="usr1", FAULT_AT_CALL=str(FIRST_CALL_OF_EPOCH_2)), tmp, "run")
+    status, stdout, stderr = finish(proc, tmp, "run")
+    return status, stdout, stderr, checkpoint
+
+
+def test_wall_time_warning_stops_between_batches_with_status_75_and_one_line(warned_run):
+    status, stdout, stderr, checkpoint = warned_run
+    assert status == 75, stderr  # "interrupted, resumable": the launcher requeues the job
+    line = one_stderr_line(stderr)
+    assert "stopped by SIGUSR1's request in epoch 2, between batches" in line and f"--resume {checkpoint}" in line
+    assert "Epoch: 2/3 Ave." not in stdout  # epoch 2 was not finished
+
+
+def test_wall_time_warning_keeps_the_checkpoint_of_the_last_complete_epoch(warned_run):
+    *_, checkpoint = warned_run
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    assert saved["state"]["epoch"] == 1 and [record["epoch"] for record in saved["state"]["history"]] == [1]
+    assert sorted(os.listdir(checkpoint.parent)) == ["run.err", "run.out", "run.pt"]  # no temporary file left
+
+
 def test_sigterm_stops_with_one_line_pointing_to_resume(sigterm_run):
     status, stderr, _ = sigterm_run
     assert status == 130, stderr
@@ -327,10 +368,10 @@ def comparable(report):
     return epochs, best
 
 
-@pytest.mark.parametrize("killed", ["sigterm_run", "sigkill_run"])
+@pytest.mark.parametrize("killed", ["sigterm_run", "sigkill_run", "warned_run"])
 def test_resume_after_kill_ends_with_the_uninterrupted_metrics(request, killed, tiny_data, uninterrupted, tmp_path):
-    status, _, checkpoint = request.getfixturevalue(killed)
-    assert status in (130, -signal.SIGKILL)  # stopped by the signal, in epoch 2
+    status, *_, checkpoint = request.getfixturevalue(killed)
+    assert status in (130, -signal.SIGKILL, 75)  # stopped by the signal, in epoch 2
     assert torch.load(checkpoint, map_location="cpu", weights_only=True)["state"]["epoch"] == 1
     resumed = metrics_run(tiny_data, tmp_path / "metrics.json", "--resume", str(checkpoint),
                           "--checkpoint", str(tmp_path / "again.pt"))
@@ -341,6 +382,7 @@ def test_resume_after_kill_ends_with_the_uninterrupted_metrics(request, killed, 
     for got, want in zip(epochs, expected_epochs, strict=True):
         assert got == pytest.approx(want, rel=0, abs=1e-9)
     assert best == pytest.approx(expected_best, rel=0, abs=1e-9)
+    assert (resumed["complete"], resumed["resumed"], uninterrupted["resumed"]) == (True, 1, 0)
 
 
 @pytest.mark.parametrize("damage, workers", [("delete", "0"), ("truncate", "1")],

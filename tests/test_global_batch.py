@@ -9,6 +9,7 @@ import sys
 
 import pytest
 from conftest import QML, free_port, one_stderr_line
+from options import validate_args
 
 import errors
 import qml
@@ -22,7 +23,7 @@ HANG_GUARD = 120  # seconds: two ranks that take longer are stuck, not slow
 def options(*argv):
     """Parsed and validated options, as main() has them before rank discovery."""
     args = qml.get_args_parser().parse_args(["--qdevice", "torch", *argv])
-    qml.validate_args(args)
+    validate_args(args)
     return args
 
 

@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import PROGRAM_FILES, QML, ROOT, free_port
+import torch
+from conftest import PROGRAM_FILES, QML, ROOT, free_port, run_qml
 
 REPO = Path(ROOT)
 CLUSTER = REPO / "tests" / "slurm_cluster.sh"
@@ -212,6 +213,78 @@ def test_two_node_job_trains_with_ranks_on_both_nodes(slurm2_env, submit_dir, ti
     assert len({rank["head_sha256"] for rank in metrics["ranks"]}) == 1, metrics["ranks"]  # DDP kept them equal
 
 
+# Long enough (tiny data, the torch simulator) for a signal to land mid-step; one thread, as the Slurm runs have.
+LONG_RUN = ["--weights", "none", "--device", "cpu", "--qdevice", "torch", "--print-freq", "0", "--epochs", "8"]
+
+
+def start_job(env, cwd, *args):
+    """sbatch submit_qml.sbatch ARGS without waiting; returns (job id, log path)."""
+    proc = subprocess.run(["sbatch", "--parsable", "submit_qml.sbatch", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    jobid = proc.stdout.strip().split(";")[0]
+    return jobid, Path(cwd) / f"qml_basics-{jobid}.out"
+
+
+def wait_for(condition, what, deadline):
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def job_field(env, jobid, field):
+    shown = subprocess.run(["scontrol", "-o", "show", "job", jobid], env=env, capture_output=True, text=True,
+                           timeout=30).stdout
+    match = re.search(rf"\b{field}=(\S+)", shown)
+    return match and match.group(1)
+
+
+def log_text(log):
+    return log.read_text(errors="replace") if log.exists() else ""
+
+
+def test_wall_time_warning_requeues_the_sweep_which_ends_as_an_uninterrupted_one(slurm_env, submit_dir, tiny_data):
+    env = dict(slurm_env, MASTER_PORT=str(free_port()))
+    deadline = time.monotonic() + JOB_TIMEOUT
+    jobid, log = start_job(env, submit_dir, "1,2", "--data-dir", tiny_data, *LONG_RUN)
+    wait_for(lambda: "Epoch: 2/8 Ave." in log_text(log), "the first step's epoch 2", deadline)
+    # What Slurm does 120 s before the limit (#SBATCH --signal=B:USR1@120): signal the batch script.
+    subprocess.run(["scancel", "--signal=USR1", "--batch", jobid], env=env, check=True, timeout=30)
+    wait_for(lambda: job_field(env, jobid, "Restarts") == "1" and job_field(env, jobid, "JobState") == "PENDING",
+             "the requeue", deadline)
+    # A requeued job waits about 160 s for its begin time here: let it start at once.
+    subprocess.run(["scontrol", "update", f"JobId={jobid}", "StartTime=now"], env=env, check=True, timeout=30)
+    rc = wait_for_job(jobid, env, deadline)
+    text = log_text(log)
+    context = f"job {jobid}, exit {rc}\n---- job log ----\n{text}\n{cluster_logs(env)}"
+    assert rc == 0, context
+    assert "qml.py: stopped by SIGUSR1's request in epoch" in text and f"job {jobid} is requeued" in text, context
+    assert f"== continuing runs/{jobid} (restart 1" in text and text.count("== scaling report") == 1, context
+    rundir = submit_dir / "runs" / jobid
+    runs = {n: json.loads((rundir / f"tasks-{n}.json").read_text()) for n in (1, 2)}
+    assert [(runs[n]["complete"], runs[n]["resumed"]) for n in (1, 2)] == [(True, 1), (True, 0)], context
+    # The resumed run is the run that was never interrupted, to the last bit of its head.
+    direct = run_qml("--data-dir", tiny_data, *LONG_RUN, "--metrics-json", submit_dir / "direct.json",
+                     env={"OMP_NUM_THREADS": "1"})
+    assert direct.returncode == 0, direct.stderr
+    whole = json.loads((submit_dir / "direct.json").read_text())
+    measured = ("train_loss", "train_acc", "val_loss", "val_acc")
+    assert [[e[k] for k in measured] for e in runs[1]["epochs"]] == [[e[k] for k in measured] for e in whole["epochs"]]
+    assert runs[1]["ranks"][0]["head_sha256"] == whole["ranks"][0]["head_sha256"]
+
+
+def test_cancelled_step_leaves_a_loadable_checkpoint(slurm_env, submit_dir, tiny_data):
+    env = dict(slurm_env, MASTER_PORT=str(free_port()))
+    deadline = time.monotonic() + JOB_TIMEOUT
+    jobid, log = start_job(env, submit_dir, "1", "--data-dir", tiny_data, *LONG_RUN)
+    wait_for(lambda: "Epoch: 2/8 Ave." in log_text(log), "epoch 2", deadline)
+    subprocess.run(["scancel", jobid], env=env, check=True, timeout=30)  # SIGTERM, as a preemption sends
+    wait_for(lambda: job_field(env, jobid, "JobState") == "CANCELLED", "the cancellation", deadline)
+    saved = torch.load(submit_dir / "runs" / jobid / "tasks-1.pt", map_location="cpu", weights_only=True)
+    assert saved["state"]["epoch"] >= 1 and len(saved["state"]["history"]) == saved["state"]["epoch"]
+    assert not list((submit_dir / "runs" / jobid).glob(".*.tmp"))  # no half-written checkpoint beside it
+
+
 def test_sweep_writes_table_csv_png_and_answer(slurm_env, tmp_path, tiny_data):
     """A 1,2 sweep in one allocation, qml.py found through QML_SCRIPT, then the scaling report."""
     shutil.copy(SBATCH_SCRIPT, tmp_path / "submit_qml.sbatch")
@@ -299,6 +372,10 @@ env | sort
 exit "${FAKE_SRUN_EXIT:-0}"
 """,
     "scontrol": """#!/bin/bash
+if [ "$1" = requeue ]; then
+    echo "SCONTROL $*"
+    exit "${FAKE_REQUEUE_EXIT:-0}"
+fi
 [ "$1 $2" = "show hostnames" ] && printf 'node01\\nnode02\\n'
 """,
     "module": """#!/bin/bash
@@ -401,8 +478,8 @@ def test_frontier_step_is_the_tutorials_srun_line(fake_job):
     (step,) = srun_lines(proc.stdout)
     assert step[:7] == ["-n4", "-N1", "--ntasks-per-node=4", "-c7", "--kill-on-bad-exit=1", "--gpus-per-task=1",
                         "--gpu-bind=closest"], step
-    assert step[8:] == ["-W", "ignore", "-u", step[11], "--epochs", "3", "--metrics-json",
-                        "runs/4242/tasks-4.json"] and step[11].endswith("/submit/qml.py"), step
+    assert step[8:] == ["-W", "ignore", "-u", step[11], "--epochs", "3", "--checkpoint", "runs/4242/tasks-4.pt",
+                        "--metrics-json", "runs/4242/tasks-4.json"] and step[11].endswith("/submit/qml.py"), step
     env = env_of(proc.stdout)
     assert env["OMP_NUM_THREADS"] == "1"
     assert "MASTER_PORT" not in env  # qml.py derives it from the job id: one rule, in one place
@@ -620,7 +697,8 @@ def test_generic_cpus_per_task_beyond_a_node_ends_the_job(fake_job):
 def test_users_own_metrics_json_is_kept_beside_the_launchers(fake_job):
     proc = fake_job(2, "--metrics-json", "my.json", QML_SITE="generic")
     (step,) = srun_lines(proc.stdout)
-    assert step[-4:] == ["--metrics-json", "my.json", "--metrics-json", "runs/4242/tasks-2.json"], step
+    assert step[-6:] == ["--metrics-json", "my.json", "--checkpoint", "runs/4242/tasks-2.pt",
+                         "--metrics-json", "runs/4242/tasks-2.json"], step
 
 
 @pytest.mark.parametrize("gpu_env, gpu_flags", [
@@ -687,10 +765,81 @@ def test_sweep_steps_and_report(fake_job, tmp_path):
     steps = srun_lines(proc.stdout)
     assert [s[0] for s in steps] == ["-n1", "-n2", "-n4"], steps
     assert [s[-1] for s in steps] == [f"runs/4242/tasks-{n}.json" for n in (1, 2, 4)]
-    assert all(s[-4:-2] == ["--epochs", "2"] for s in steps), steps
+    assert all(s[-6:-4] == ["--epochs", "2"] for s in steps), steps
     report = [line for line in proc.stdout.splitlines() if line.startswith("PY ")]
     assert report == [f"PY -W ignore -u {tmp_path}/submit/qml.py report runs/4242"], proc.stdout
     assert (tmp_path / "submit" / "runs" / "4242").is_dir()
+
+
+def test_every_step_checkpoints_beside_its_metrics_and_the_folder_records_the_sweep(fake_job, tmp_path):
+    proc = fake_job("1,2", "--epochs", "2", QML_SITE="generic")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for step in srun_lines(proc.stdout):
+        n = step[0].removeprefix("-n")
+        assert option_values(step, "--checkpoint") == [f"runs/4242/tasks-{n}.pt"] and "--resume" not in step
+    saved = (tmp_path / "submit" / "runs" / "4242" / "sweep.args").read_bytes()
+    assert saved.split(b"\0")[:-1] == [b"1,2", b"--repeats=1", b"--epochs", b"2"]
+
+
+def test_interrupted_step_requeues_the_job_and_runs_no_further_step(fake_job):
+    proc = fake_job("1,2", QML_SITE="generic", FAKE_SRUN_EXIT="75")  # qml.py stopped on the wall-time warning
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "SCONTROL requeue 4242" in proc.stdout.splitlines()
+    assert len(srun_lines(proc.stdout)) == 1 and "report" not in proc.stdout
+
+
+def test_interrupted_step_that_cannot_be_requeued_says_how_to_continue(fake_job):
+    proc = fake_job("1,2", "--epochs", "2", QML_SITE="generic", FAKE_SRUN_EXIT="75", FAKE_REQUEUE_EXIT="1")
+    assert proc.returncode == 75 and len(srun_lines(proc.stdout)) == 1
+    (line,) = proc.stderr.strip().splitlines()
+    assert "sbatch submit_qml.sbatch 1,2 --repeats=1 --epochs 2 --continue runs/4242" in line, line
+
+
+def finished_sweep(folder, counts, *qml_args, complete=(), begun=()):
+    """A runs/<jobid> folder as an earlier job left it: its sweep.args, complete JSONs, begun checkpoints."""
+    folder.mkdir(parents=True)
+    (folder / "sweep.args").write_bytes(b"".join(f"{arg}\0".encode() for arg in (counts, "--repeats=1", *qml_args)))
+    for n in complete:
+        (folder / f"tasks-{n}.json").write_text(json.dumps({"complete": True}))
+    for n in begun:
+        (folder / f"tasks-{n}.pt").write_bytes(b"checkpoint")
+    return folder
+
+
+def test_requeued_job_skips_complete_runs_resumes_the_begun_one_and_reports(fake_job, tmp_path):
+    finished_sweep(tmp_path / "submit" / "runs" / "4242", "1,2,4", complete=(1,), begun=(2,))
+    proc = fake_job("1,2,4", QML_SITE="generic", SLURM_RESTART_COUNT="1")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    steps = srun_lines(proc.stdout)
+    assert [s[0] for s in steps] == ["-n2", "-n4"], steps  # the complete 1-task run is not run again
+    assert option_values(steps[0], "--resume") == ["runs/4242/tasks-2.pt"] and "--resume" not in steps[1]
+    assert "PY -W ignore -u" in proc.stdout and "report runs/4242" in proc.stdout
+
+
+def test_continue_of_a_finished_folder_runs_nothing_and_reports(fake_job, tmp_path):
+    finished_sweep(tmp_path / "submit" / "runs" / "77", "1,2", "--epochs", "2", complete=(1, 2))
+    proc = fake_job("1,2", "--epochs", "2", "--continue", "runs/77", QML_SITE="generic")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert not srun_lines(proc.stdout)
+    assert [line for line in proc.stdout.splitlines() if line.startswith("PY ")][-1].endswith("report runs/77")
+
+
+@pytest.mark.parametrize("args, theirs", [(("1,2", "--epochs", "3"), "1,2 --repeats=1 --epochs 2"),
+                                          (("1,4", "--epochs", "2"), "1,2 --repeats=1 --epochs 2"),
+                                          (("1,2", "--epochs", "2", "--repeats", "2"), "1,2 --repeats=1")],
+                         ids=["epochs", "counts", "repeats"])
+def test_continue_of_a_folder_of_other_settings_is_refused_naming_them(fake_job, tmp_path, args, theirs):
+    finished_sweep(tmp_path / "submit" / "runs" / "77", "1,2", "--epochs", "2", begun=(1,))
+    proc = fake_job(*args, "--continue", "runs/77/", QML_SITE="generic")
+    assert proc.returncode == 2 and not srun_lines(proc.stdout)
+    (line,) = proc.stderr.strip().splitlines()
+    assert f"its runs were started as 'submit_qml.sbatch {theirs}" in line, line
+
+
+def test_continue_of_a_folder_without_a_sweep_is_refused(fake_job):
+    proc = fake_job("1,2", "--continue", "runs/nothing", QML_SITE="generic")
+    assert proc.returncode == 2 and not srun_lines(proc.stdout)
+    assert "--continue runs/nothing: no sweep.args there" in proc.stderr
 
 
 def test_sweep_stops_with_the_failed_step_status(fake_job):
@@ -742,11 +891,11 @@ def test_repeats_of_a_single_count_end_with_the_report(fake_job, tmp_path):
     assert report == [f"PY -W ignore -u {tmp_path}/submit/qml.py report runs/4242"], proc.stdout
 
 
-def test_repeats_1_keeps_todays_file_names_and_arguments(fake_job):
+def test_repeats_1_keeps_file_names_and_arguments_without_seeds(fake_job):
     proc = fake_job("1,2", "--repeats", "1", "--epochs", "2", QML_SITE="generic")
     steps = srun_lines(proc.stdout)
-    assert [s[-4:] for s in steps] == [["--epochs", "2", "--metrics-json", f"runs/4242/tasks-{n}.json"]
-                                       for n in (1, 2)], steps
+    assert [s[-6:] for s in steps] == [["--epochs", "2", "--checkpoint", f"runs/4242/tasks-{n}.pt",
+                                        "--metrics-json", f"runs/4242/tasks-{n}.json"] for n in (1, 2)], steps
 
 
 def test_failed_repeat_stops_the_sweep(fake_job):
