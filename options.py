@@ -18,7 +18,7 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse that reports bad options as one line (no usage block) through UsageError."""
 
     def error(self, message):
-        raise UsageError(f"{message} (see: python qml.py --help)")
+        raise UsageError(f"{message} (see: python {self.prog} --help)")
 
 
 def number(kind, low, high=math.inf, above_low=False):

@@ -30,8 +30,8 @@ Reading this file beside the tutorial; its sections come in this order:
       gamma_lr_scheduler, manual_seed(42)      --seed (get_args_parser); setup: join, train, report, leave
 
 The machinery beyond the tutorial lives beside this file, one idea a module, none importing this one:
-simulators, backbone, images, process_group, checkpoints, provenance, timing, errors, options and report
-(README's "Layout" says what each holds).
+simulators, backbone, images, process_group, checkpoints, interruption, provenance, timing, errors, options and
+report (README's "Layout" says what each holds).
 """
 
 import dataclasses
@@ -525,7 +525,8 @@ def train_model(args, ctx):
 
 
 def get_args_parser():
-    parser = ArgumentParser(description="Hybrid quantum-classical transfer learning (OLCF Python_QML_Basics).",
+    parser = ArgumentParser(prog="qml.py",
+                            description="Hybrid quantum-classical transfer learning (OLCF Python_QML_Basics).",
                             epilog="Subcommand: 'python qml.py report RUNDIR', a sweep's scaling table. "
                                    "Speed: 'python bench.py'.")
     add = parser.add_argument

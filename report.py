@@ -15,8 +15,8 @@ from errors import UsageError
 from options import ArgumentParser
 
 SIGNIFICANCE = 0.05  # Welch's t-test: a p-value below this tells a count's mean best accuracy from the top one's
-# Times within 5% of the least are a tie: one setup timed twice on one machine differs by a few percent (README's
-# speed section: 0.78x and 0.80x of the same setup in two runs of one day), far more than the clock's resolution
+# Times within 5% of the least are a tie: one setup timed twice on one machine differs by a few percent (docs/speed.md:
+# 0.78x and 0.80x of the same setup in two runs of one day), far more than the clock's resolution
 # (time.time(), microseconds), so a smaller gap between single runs is no measured difference.
 TIME_TIE = 0.05
 REPEATS_FOR_NOISE = 3  # the runs per count suggested when there are none to estimate the noise from
