@@ -134,6 +134,14 @@ def free_port_block(count, low, high):
     raise RuntimeError(f"no {count} free consecutive ports in {low}..{high - 1}")
 
 
+def assert_ranks_agree(metrics):
+    """Every rank of a run (its metrics JSON) ended with the same dressed head and the same buffers."""
+    ranks = metrics["ranks"]
+    assert [rank["rank"] for rank in ranks] == list(range(metrics["world_size"])), ranks
+    for digest in ("head_sha256", "buffers_sha256"):
+        assert len({rank[digest] for rank in ranks}) == 1 and len(ranks[0][digest]) == 64, (digest, ranks)
+
+
 def one_stderr_line(stderr):
     """The single non-empty stderr line, after checking there is exactly one and no traceback."""
     lines = [line for line in stderr.splitlines() if line.strip()]

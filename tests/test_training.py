@@ -7,6 +7,7 @@ what one epoch cannot: that the bests and the saved head are the best epoch's, n
 learning rate's schedule.
 """
 
+import copy
 import json
 import math
 import os
@@ -19,11 +20,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torchvision
 from conftest import TINY_COUNTS, run_qml
 from PIL import Image
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import checkpoints
+import provenance
 import qml
 
 N_TRAIN = sum(TINY_COUNTS["train"].values())  # 12
@@ -171,7 +174,19 @@ def test_metrics_record_where_each_rank_ran(one_epoch):
     (rank,) = metrics["ranks"]
     assert (rank["rank"], rank["local_rank"], rank["host"]) == (0, 0, socket.gethostname())
     assert cpu_set(rank["cpus"]) == os.sched_getaffinity(0) and "gpu" not in rank
-    assert len(rank["head_sha256"]) == 64
+    assert len(rank["head_sha256"]) == 64 and len(rank["buffers_sha256"]) == 64
+
+
+def test_buffer_digest_tells_apart_models_whose_batchnorm_statistics_differ():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18()
+    same, other = copy.deepcopy(model), copy.deepcopy(model)
+    other.layer4[1].bn2.running_var[7] += 1e-3  # one statistic of one channel
+    assert provenance.buffers_digest(same) == provenance.buffers_digest(model)
+    assert provenance.buffers_digest(other) != provenance.buffers_digest(model)
+    other.load_state_dict(model.state_dict())
+    other.bn1.num_batches_tracked += 1
+    assert provenance.buffers_digest(other) != provenance.buffers_digest(model)
 
 
 def test_metrics_record_that_kokkos_simulated_the_circuit_with_openmp(one_epoch):
@@ -185,6 +200,7 @@ def test_metrics_record_the_software_and_environment_of_the_run(one_epoch):
     run = metrics["provenance"]
     assert (run["torch"], run["cuda"], run["hip"]) == (torch.__version__, torch.version.cuda, torch.version.hip)
     assert run["collectives"] is None and run["master"] is None  # gloo, one process
+    assert run["group_backends"] is None  # one process joins no process group
     assert run["omp"] == {var: os.environ.get(var) for var in ("OMP_NUM_THREADS", "OMP_PROC_BIND", "OMP_PLACES")}
     assert run["slurm_job_id"] is None and run["hosts"] == [socket.gethostname()]
 
