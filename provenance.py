@@ -1,5 +1,6 @@
-"""What a run used and measured, beyond its options: package versions, hosts, Slurm ids, GPU software,
-OpenMP settings, where the circuit ran, each rank's weights digest, and the metrics JSON (--metrics-json)."""
+"""What a run used and measured, beyond its options: package versions, hosts, Slurm ids, GPU software, the
+process group's backends, OpenMP settings, where the circuit ran, each rank's digests of its dressed head and of
+its BatchNorm statistics, and the metrics JSON (--metrics-json)."""
 
 import hashlib
 import json
@@ -8,6 +9,7 @@ from importlib import metadata
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 import checkpoints
 from process_group import gather_objects
@@ -35,8 +37,22 @@ def run_provenance(ctx, qdevice):
     return dict(hosts=sorted({fact["host"] for fact in ctx.rank_facts}), master=master,
                 slurm_job_id=os.environ.get("SLURM_JOB_ID"), slurm_step_id=os.environ.get("SLURM_STEP_ID"),
                 torch=torch.__version__, cuda=torch.version.cuda, hip=torch.version.hip, collectives=collectives,
-                qdevice=qdevice,
+                group_backends=group_backends(ctx.device), qdevice=qdevice,
                 omp={var: os.environ.get(var) for var in ("OMP_NUM_THREADS", "OMP_PROC_BIND", "OMP_PLACES")})
+
+
+def group_backends(device):
+    """{device type: backend} that the joined process group really uses for tensors on the CPU and on `device`
+    (what --backend asked for is ctx.backend), e.g. {"cpu": "gloo", "cuda": "nccl"}; None without a group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    backends = {}
+    for kind in sorted({"cpu", device.type}):
+        try:
+            backends[kind] = dist.group.WORLD._get_backend(torch.device(kind)).name()
+        except (AttributeError, RuntimeError):  # a torch without per-device backends: the group's own name
+            backends[kind] = str(dist.get_backend())
+    return backends
 
 
 def provenance_line(ctx):
@@ -52,18 +68,31 @@ def provenance_line(ctx):
             f"backend: {backend} | qdevice: {run['qdevice']['name']} ({run['qdevice']['summary']}){slurm}")
 
 
-def head_digest(head):
-    """SHA-256 of the dressed head's weights: equal on every rank when DDP kept them in step."""
+def tensors_digest(named_tensors):
+    """SHA-256 of (name, tensor) pairs, in name order: each name, then its values' bytes (any dtype, bf16 too)."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(head.state_dict().items()):
-        digest.update(name.encode() + tensor.detach().cpu().numpy().tobytes())
+    for name, tensor in sorted(named_tensors, key=lambda pair: pair[0]):
+        digest.update(name.encode() + tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
+def head_digest(head):
+    """SHA-256 of the dressed head's weights: equal on every rank when DDP kept them in step."""
+    return tensors_digest(head.state_dict().items())
+
+
+def buffers_digest(model):
+    """SHA-256 of the model's buffers (the frozen backbone's BatchNorm running statistics and batch counts):
+    equal on every rank when the statistics were synchronised (process_group.sync_buffers)."""
+    return tensors_digest(model.named_buffers())
+
+
 def record_digests(ctx, model):
-    """Every rank's head digest, in ctx.rank_facts (the metrics JSON's "ranks")."""
-    for fact, digest in zip(ctx.rank_facts, gather_objects(ctx, head_digest(model.fc)), strict=True):
-        fact["head_sha256"] = digest
+    """Every rank's digests of its dressed head and of its buffers, in ctx.rank_facts (the metrics JSON's
+    "ranks": head_sha256, buffers_sha256)."""
+    digests = gather_objects(ctx, dict(head_sha256=head_digest(model.fc), buffers_sha256=buffers_digest(model)))
+    for fact, mine in zip(ctx.rank_facts, digests, strict=True):
+        fact.update(mine)
 
 
 def write_metrics(path, state, config, ctx):

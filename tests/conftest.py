@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny generated ImageFolder data sets and a quiet, CPU-only environment."""
+"""Shared fixtures: tiny generated ImageFolder data sets, a quiet environment whose qml.py runs stay on the CPU
+(GPUs hidden from them) even on a GPU machine, ports reserved for the session, and skips that fail under CI=true."""
 
 import glob
 import os
@@ -23,6 +24,36 @@ for _var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "
              "SLURM_STEP_NUM_TASKS", "SLURM_JOB_ID", "QML_DATA_DIR", "OMP_PROC_BIND", "OMP_PLACES"):
     os.environ.pop(_var, None)
 
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+# Hides every GPU, CUDA's and ROCm's, from a process. The processes of tests that expect a CPU run get it, so the
+# suite stays a CPU suite on a machine with GPUs. This process keeps its GPUs: test_gpu.py runs in it, and its GPU
+# runs are started with the environment as it is.
+NO_GPUS = {"CUDA_VISIBLE_DEVICES": "", "HIP_VISIBLE_DEVICES": ""}
+
+
+def cpu_env(**extra):
+    """os.environ with the GPUs hidden (NO_GPUS), and `extra`."""
+    return dict(os.environ, **NO_GPUS, **extra)
+
+
+def unavailable(reason):
+    """Skip for `reason`, or fail under CI=true, where what is missing is there by design (.ci/run)."""
+    if IN_CI:
+        pytest.fail(f"{reason} (CI=true: this test must run, not skip)", pytrace=False)
+    pytest.skip(reason)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "needs(missing): skip when `missing` (a reason) is set, but fail under "
+                                       "CI=true, where every such test must run")
+
+
+def pytest_runtest_setup(item):
+    for mark in item.iter_markers("needs"):
+        if mark.args and mark.args[0]:
+            unavailable(mark.args[0])
+
 
 def make_image_folder(root, counts, size=(40, 48), seed=0):
     """Write random RGB JPEGs: counts = {split: {class: n}}. Returns root."""
@@ -46,9 +77,9 @@ def tiny_data(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp("tiny"), TINY_COUNTS)
 
 
-def run_qml(*args, env=None, timeout=300, cwd=None):
-    """Run qml.py in a fresh process; returns CompletedProcess with text output."""
-    full_env = dict(os.environ, **(env or {}))
+def run_qml(*args, env=None, timeout=300, cwd=None, gpus=False):
+    """Run qml.py in a fresh process, its GPUs hidden unless `gpus`; returns CompletedProcess with text output."""
+    full_env = dict(os.environ, **({} if gpus else NO_GPUS), **(env or {}))
     return subprocess.run([sys.executable, QML, *map(str, args)], capture_output=True, text=True,
                           env=full_env, timeout=timeout, cwd=cwd)
 
@@ -62,10 +93,53 @@ def restore_sigterm():
         signal.signal(signum, handler)
 
 
+_RESERVED_PORTS = []  # sockets that hold free_port()'s ports until the session ends
+
+
 def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A TCP port of 127.0.0.1 kept for the caller until the session ends, for MASTER_PORT or a closed port.
+
+    It stays bound here (SO_REUSEADDR, never listening), so no other bind() gets it, and a connection to it is
+    refused until the process that uses it listens there: rank 0's rendezvous binds it itself (with SO_REUSEADDR
+    too). A port picked free and released could be taken by another process before rank 0 binds it.
+    """
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    _RESERVED_PORTS.append(sock)
+    return sock.getsockname()[1]
+
+
+def ports_in_use():
+    """Local TCP ports of every socket of this machine's network namespace (IPv4 and IPv6), as /proc lists them."""
+    used = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as file:
+                rows = file.read().splitlines()[1:]
+        except OSError:
+            continue
+        used.update(int(row.split()[1].rsplit(":", 1)[1], 16) for row in rows)
+    return used
+
+
+def free_port_block(count, low, high):
+    """The first port of `count` consecutive ports in low..high-1 that no socket uses now, searched from a place
+    of this process's own (parallel sessions start apart): for daemons that bind fixed ports (test Slurm)."""
+    used, span = ports_in_use(), high - low - count + 1
+    for step in range(span):
+        first = low + (os.getpid() * count + step) % span
+        if not used.intersection(range(first, first + count)):
+            return first
+    raise RuntimeError(f"no {count} free consecutive ports in {low}..{high - 1}")
+
+
+def assert_ranks_agree(metrics):
+    """Every rank of a run (its metrics JSON) ended with the same dressed head and the same buffers."""
+    ranks = metrics["ranks"]
+    assert [rank["rank"] for rank in ranks] == list(range(metrics["world_size"])), ranks
+    for digest in ("head_sha256", "buffers_sha256"):
+        assert len({rank[digest] for rank in ranks}) == 1 and len(ranks[0][digest]) == 64, (digest, ranks)
 
 
 def one_stderr_line(stderr):

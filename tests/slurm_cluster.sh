@@ -20,7 +20,8 @@
 #   QML_SLURM_NODES      number of nodes (default 1: node "localhost"; N>1: nodes qmlnode1..qmlnodeN,
 #                        all in partition "batch", each a slurmd with its own port, spool and log)
 #   QML_SLURM_CPUS       CPUs each node advertises (default 8, whatever the machine has)
-#   QML_SLURM_PORT       slurmctld port; the slurmd of node i uses port+i (default 16817)
+#   QML_SLURM_PORT       slurmctld port; the slurmd of node i uses port+i (default 16817); `start` stops
+#                        at once, naming the port, when a program already listens on one of them
 #   QML_SLURM_WAIT       seconds to wait for the nodes to turn idle (default 60)
 #   QML_SLURM_KEEP=1     `stop` keeps the state dir (logs) instead of removing it
 set -euo pipefail
@@ -109,6 +110,19 @@ kill_pidfiles() { # pidfile...
         kill -KILL "$pid" 2>/dev/null || true
     done
     rm -f "$@"
+}
+
+# Whether a program listens on TCP port $1 of this machine (any address, IPv4 or IPv6), as /proc lists it.
+port_in_use() { # port
+    local hex tables=() t
+    hex=$(printf '%04X' "$1")
+    for t in /proc/net/tcp /proc/net/tcp6; do
+        [ -r "$t" ] && tables+=("$t")
+    done
+    [ ${#tables[@]} -gt 0 ] || return 1 # no /proc: let the daemons find out
+    # $2: local address:port in hex; $4: state, 0A = LISTEN
+    awk -v port="$hex" 'FNR > 1 { n = split($2, a, ":"); if (a[n] == port && $4 == "0A") found = 1 }
+        END { exit !found }' "${tables[@]}"
 }
 
 node_state() { # node
@@ -286,6 +300,12 @@ cmd_start() {
     install_packages
     ensure_hosts "${nodes[@]}"
     cmd_stop_daemons # leftovers from a half-started earlier run
+    local p
+    for ((p = CTLD_PORT; p <= CTLD_PORT + NNODES; p++)); do # slurmctld's, then each slurmd's
+        ! port_in_use "$p" ||
+            die "port $p (slurmctld uses QML_SLURM_PORT=$CTLD_PORT, the slurmds the next $NNODES) is in use by" \
+                "another program; choose another QML_SLURM_PORT"
+    done
     write_config "${nodes[@]}"
     # A failed start stops whatever it did start; the logs stay in $DIR/log.
     trap on_failed_start EXIT

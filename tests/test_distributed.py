@@ -10,7 +10,7 @@ import types
 
 import pytest
 import torch
-from conftest import QML, ROOT, TINY_COUNTS, free_port
+from conftest import NO_GPUS, QML, ROOT, TINY_COUNTS, assert_ranks_agree, free_port
 
 import errors
 import process_group
@@ -252,16 +252,17 @@ def test_mpi4py_is_not_consulted_without_mpi_launcher_variables(monkeypatch):
 # ----------------------------------------------------------------------------
 # pick_device
 
-cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+@pytest.fixture
+def no_gpu(monkeypatch):
+    """This process sees no GPU, whatever the machine has."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
 
-@cpu_only
-def test_auto_device_is_the_cpu_without_a_gpu():
+def test_auto_device_is_the_cpu_without_a_gpu(no_gpu):
     assert qml.pick_device("auto", 0) == torch.device("cpu")
 
 
-@cpu_only
-def test_cuda_device_without_a_gpu_is_a_usage_error():
+def test_cuda_device_without_a_gpu_is_a_usage_error(no_gpu):
     with pytest.raises(errors.UsageError, match="--device cuda"):
         qml.pick_device("cuda", 0)
 
@@ -273,7 +274,8 @@ def test_cpu_device_is_the_cpu():
 # ----------------------------------------------------------------------------
 # Real runs with two processes (gloo on the CPU)
 
-# Imports qml, records the dressed head of every rank after build_model and after train_model, then runs main.
+# Imports qml, records the dressed head and the buffers (BatchNorm statistics) of every rank after build_model and
+# after train_model, then runs main.
 WRAPPER = textwrap.dedent("""\
     import os, sys
     sys.path.insert(0, {root!r})
@@ -284,7 +286,10 @@ WRAPPER = textwrap.dedent("""\
     build_model, train_model = qml.build_model, qml.train_model
 
     def save_head(model, stage):
-        torch.save(model.fc.state_dict(), os.path.join(out_dir, f"head-{{stage}}-rank{{os.environ['RANK']}}.pt"))
+        rank = os.environ['RANK']
+        torch.save(model.fc.state_dict(), os.path.join(out_dir, f"head-{{stage}}-rank{{rank}}.pt"))
+        buffers = {{name: value.clone() for name, value in model.named_buffers()}}
+        torch.save(buffers, os.path.join(out_dir, f"buffers-{{stage}}-rank{{rank}}.pt"))
 
     def recording_build_model(*args, **kwargs):
         model = build_model(*args, **kwargs)
@@ -302,9 +307,9 @@ WRAPPER = textwrap.dedent("""\
 
 
 def launcher_free_env(**extra):
-    """os.environ without any launcher's variables, one thread per rank (two ranks share two cores)."""
+    """os.environ without any launcher's variables or GPUs, one thread per rank (two ranks share two cores)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(LAUNCHER_PREFIXES) and k not in LAUNCHER_VARS}
-    return dict(env, OMP_NUM_THREADS="1", **extra)
+    return dict(env, OMP_NUM_THREADS="1", **NO_GPUS, **extra)
 
 
 def check(result, what):
@@ -392,6 +397,23 @@ def test_two_ranks_end_with_identical_trained_heads(torchrun_run):
     assert not all(torch.equal(rank0[k], init[k]) for k in init)  # training moved the head ...
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), name  # ... in lockstep on both ranks
+
+
+def test_two_ranks_end_with_the_same_batchnorm_statistics(torchrun_run):
+    # DDP gives every rank rank 0's buffers at each training forward; each rank's last batch then moves its own,
+    # so the ranks agree at the end only because the statistics are synchronised before validation.
+    _, out = torchrun_run
+    init = torch.load(out / "buffers-init-rank0.pt", weights_only=True)
+    rank0, rank1 = (torch.load(out / f"buffers-final-rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert set(rank0) == set(rank1) == set(init) and any(name.endswith("running_mean") for name in init)
+    assert not all(torch.equal(rank0[k], init[k]) for k in init)  # training (--bn-mode train) moved them ...
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name  # ... to the same values on both ranks
+
+
+def test_two_ranks_record_the_backend_their_group_runs(torchrun_run):
+    metrics, _ = torchrun_run
+    assert metrics["provenance"]["group_backends"] == {"cpu": "gloo"}
 
 
 @pytest.fixture(scope="module")
@@ -486,14 +508,38 @@ def test_two_ranks_free_the_ddp_wrapper_before_python_exits(tiny_data, tmp_path)
 MPIEXEC = shutil.which("mpiexec", path=os.path.dirname(sys.executable))
 
 
-@pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec beside this Python (pip install mpich)")
-def test_mpiexec_run_takes_its_ranks_from_mpi(tiny_data, tmp_path):
-    metrics = tmp_path / "metrics.json"
+NO_MPIEXEC = None if MPIEXEC else "no mpiexec beside this Python (pip install mpich)"
+
+
+@pytest.fixture(scope="module")
+def mpiexec_run(tiny_data, tmp_path_factory):
+    """`mpiexec -n 2 python qml.py`, one epoch: the metrics JSON."""
+    if NO_MPIEXEC:
+        pytest.skip(NO_MPIEXEC)  # the tests that use this run carry needs(NO_MPIEXEC), which fails under CI=true
+    metrics = tmp_path_factory.mktemp("mpiexec") / "metrics.json"
     command = [MPIEXEC, "-n", "2", sys.executable, QML, "--data-dir", tiny_data, "--weights", "none",
                "--epochs", "1", "--print-freq", "0", "--workers", "0", "--metrics-json", str(metrics)]
     env = launcher_free_env(MASTER_PORT=str(free_port()))  # a port of our own; the address comes from MPI
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     check(result, "mpiexec")
-    report = json.loads(metrics.read_text())
-    assert (report["world_size"], report["rank_source"]) == (2, "mpi")
-    assert report["epochs"][0]["val_count"] == N_VAL
+    return json.loads(metrics.read_text())
+
+
+@pytest.mark.needs(NO_MPIEXEC)
+def test_mpiexec_run_takes_its_ranks_from_mpi(mpiexec_run):
+    assert (mpiexec_run["world_size"], mpiexec_run["rank_source"]) == (2, "mpi")
+    assert mpiexec_run["epochs"][0]["val_count"] == N_VAL
+
+
+# ----------------------------------------------------------------------------
+# Every two-rank run: the ranks end in step
+
+
+@pytest.mark.parametrize("run", ["torchrun_run", "uncached_run", "eval_bn_runs:images", "eval_bn_runs:cached",
+                                 pytest.param("mpiexec_run", marks=pytest.mark.needs(NO_MPIEXEC))])
+def test_every_rank_of_a_two_rank_run_ends_with_the_same_head_and_buffers(request, run):
+    fixture, _, name = run.partition(":")
+    metrics = request.getfixturevalue(fixture)
+    metrics = metrics[name] if name else metrics[0] if isinstance(metrics, tuple) else metrics
+    assert metrics["world_size"] == 2
+    assert_ranks_agree(metrics)

@@ -1,11 +1,13 @@
-"""Faults: a dying or killed rank, an unreachable rendezvous, SIGTERM/SIGKILL and resume, full disks, images that
-go bad mid-run, and safe downloads.
+"""Faults: a dying or killed rank, an unreachable rendezvous, SIGTERM/SIGKILL and resume (one rank and two),
+full disks, images that go bad mid-run, and safe downloads.
 
 Faults are injected by a wrapper script (WRAPPER) that imports qml, wraps DressedQuantumNet.forward to
-count its calls, and at a chosen call raises, deletes or truncates an image, or waits for the test to send
-a signal; so the fault always lands at the same point of training (e.g. mid-epoch 2, after epoch 1's
-checkpoint). The wrapper also prints "WROTE <path>" after each checkpoints.atomic_write, to show which rank
-writes files, and after main how many DDP wrappers are still alive.
+count its calls, and at a chosen call (FAULT_AT_CALL: one number, or one per rank) of the chosen rank
+(FAULT_RANK: a rank, or "all") raises, deletes or truncates an image, or waits for the test to send a signal;
+so the fault always lands at the same point of training (e.g. mid-epoch 2, after epoch 1's checkpoint).
+The wrapper also prints "WROTE <path>" after each checkpoints.atomic_write, to show which rank writes files,
+and after main how many DDP wrappers are still alive. The runs that are resumed use a StepLR schedule that
+decays within the run (SCHEDULE), so a resume that lost the scheduler's place would end elsewhere.
 """
 
 import builtins
@@ -15,6 +17,7 @@ import functools
 import http.server
 import io
 import json
+import math
 import os
 import shutil
 import signal
@@ -33,12 +36,22 @@ import checkpoints
 import errors
 import images
 import qml
-from conftest import QML, ROOT, free_port, one_stderr_line, run_qml
+from conftest import QML, ROOT, TINY_COUNTS, assert_ranks_agree, cpu_env, free_port, one_stderr_line, run_qml
 
 BASE = ["--weights", "none", "--qdevice", "torch", "--workers", "0", "--print-freq", "0", "--device", "cpu"]
-HANG_GUARD = 60  # seconds: a run that takes longer is stuck, not slow
+# The learning rate decays after epoch 2 of 3: a resume from epoch 1's checkpoint must restore the scheduler's
+# place (an unrestored StepLR would count epochs from the resume and not decay within the run).
+SCHEDULE = ["--step-size", "2", "--gamma", "0.1"]
+HANG_GUARD = 300  # seconds: a run that takes longer is stuck, not slow, even on a loaded 2-core machine
 # The tiny data set: 12 training and 9 validation images, batch 4 -> 3 + 3 head calls per epoch.
 FIRST_CALL_OF_EPOCH_2 = 7
+
+
+def first_call_of_epoch_2(rank, world):
+    """The head call that starts epoch 2 on `rank` of `world` ranks, batch 4: after epoch 1's training batches
+    (its share of the padded shuffle) and validation batches (images rank, rank + world, ...)."""
+    n_train, n_val = sum(TINY_COUNTS["train"].values()), sum(TINY_COUNTS["val"].values())
+    return math.ceil(math.ceil(n_train / world) / 4) + math.ceil(len(range(rank, n_val, world)) / 4) + 1
 
 WRAPPER = f"""
 import gc, os, signal, sys, time
@@ -52,8 +65,10 @@ forward, calls = qml.DressedQuantumNet.forward, [0]
 
 def fault_injecting_forward(self, inputs):
     calls[0] += 1
-    here = os.environ.get("RANK", "0") == os.environ.get("FAULT_RANK", "0")
-    if here and calls[0] == int(os.environ.get("FAULT_AT_CALL", "0")):
+    rank = int(os.environ.get("RANK", "0"))
+    here = os.environ.get("FAULT_RANK", "0") in ("all", str(rank))
+    at = os.environ.get("FAULT_AT_CALL", "0").split(",")  # one call for every rank, or one per rank
+    if here and calls[0] == int(at[min(rank, len(at) - 1)]):
         fault = os.environ["FAULT"]
         if fault == "raise":
             raise RuntimeError("injected fault")
@@ -65,7 +80,7 @@ def fault_injecting_forward(self, inputs):
             os.kill(os.getpid(), signal.SIGUSR1)
         else:
             print("FAULT: waiting for a signal", flush=True)
-            time.sleep(120)
+            time.sleep(600)
     return forward(self, inputs)
 
 
@@ -98,7 +113,7 @@ def start(command, env, out_dir, name):
     """Popen with stdout/stderr in files (a killed process must not block on a full pipe)."""
     out, err = open(out_dir / f"{name}.out", "w"), open(out_dir / f"{name}.err", "w")
     with out, err:
-        return subprocess.Popen(command, env=dict(os.environ, **env), stdout=out, stderr=err)
+        return subprocess.Popen(command, env=cpu_env(**env), stdout=out, stderr=err)
 
 
 def finish(proc, out_dir, name, timeout=HANG_GUARD):
@@ -163,14 +178,19 @@ def test_ranks_stopped_by_an_error_free_ddp_before_python_exits(rank_1_raises):
         assert "DDP wrappers alive after main: 0" in stdout, rank
 
 
+def wait_for_fault(proc, out_dir, name):
+    """Wait (bounded) until the wrapper in `proc` says it waits for a signal."""
+    deadline = time.monotonic() + HANG_GUARD
+    while "FAULT: waiting" not in (out_dir / f"{name}.out").read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, (out_dir / f"{name}.err").read_text()
+        time.sleep(0.1)
+
+
 def test_rank_whose_peer_was_killed_exits_1_with_one_line_naming_it(tiny_data, wrapper, tmp_path):
     rank0, rank1 = start_two_ranks(wrapper, tiny_data, tmp_path, FAULT="wait", FAULT_RANK="0", FAULT_AT_CALL="2")
-    deadline = time.monotonic() + HANG_GUARD
-    while "FAULT: waiting" not in (tmp_path / "rank0.out").read_text():
-        assert rank0.poll() is None and time.monotonic() < deadline, (tmp_path / "rank0.err").read_text()
-        time.sleep(0.1)
+    wait_for_fault(rank0, tmp_path, "rank0")
     rank0.kill()
-    status, _, stderr = finish(rank1, tmp_path, "rank1", timeout=30)
+    status, _, stderr = finish(rank1, tmp_path, "rank1")
     finish(rank0, tmp_path, "rank0")
     assert status == 1, stderr
     line = one_stderr_line(stderr)
@@ -179,29 +199,31 @@ def test_rank_whose_peer_was_killed_exits_1_with_one_line_naming_it(tiny_data, w
 
 @pytest.fixture(scope="module")
 def two_rank_run(tiny_data, wrapper, tmp_path_factory):
-    """A 2-epoch run of 2 ranks with --checkpoint: ([(status, stdout, stderr)] of ranks 0 and 1, checkpoint)."""
+    """A 3-epoch run of 2 ranks with --checkpoint and SCHEDULE, uninterrupted: ([(status, stdout, stderr)] of
+    ranks 0 and 1, checkpoint, metrics JSON path)."""
     tmp = tmp_path_factory.mktemp("two_ranks")
-    procs = start_two_ranks(wrapper, tiny_data, tmp, "--epochs", "2")
-    return [finish(proc, tmp, f"rank{rank}") for rank, proc in enumerate(procs)], tmp / "run.pt"
+    procs = start_two_ranks(wrapper, tiny_data, tmp, "--epochs", "3", *SCHEDULE, "--metrics-json",
+                            str(tmp / "metrics.json"))
+    return [finish(proc, tmp, f"rank{rank}") for rank, proc in enumerate(procs)], tmp / "run.pt", tmp / "metrics.json"
 
 
 def test_only_rank_0_writes_the_checkpoint_after_every_epoch(two_rank_run):
-    results, checkpoint = two_rank_run
+    results, checkpoint, metrics = two_rank_run
     assert [status for status, _, _ in results] == [0, 0], results
     writes = [[line for line in stdout.splitlines() if line.startswith("WROTE")] for _, stdout, _ in results]
-    assert writes == [[f"WROTE {checkpoint}"] * 2, []]
-    assert torch.load(checkpoint, map_location="cpu", weights_only=True)["state"]["epoch"] == 2
+    assert writes == [[f"WROTE {checkpoint}"] * 3 + [f"WROTE {metrics}"], []]
+    assert torch.load(checkpoint, map_location="cpu", weights_only=True)["state"]["epoch"] == 3
 
 
 def test_checkpoint_records_the_number_of_ranks_of_every_epoch(two_rank_run):
-    _, checkpoint = two_rank_run
+    _, checkpoint, _ = two_rank_run
     history = torch.load(checkpoint, map_location="cpu", weights_only=True)["state"]["history"]
-    assert [record["world_size"] for record in history] == [2, 2]
+    assert [record["world_size"] for record in history] == [2, 2, 2]
 
 
 def test_resume_on_another_number_of_ranks_exits_2_with_one_line(capfd, tiny_data, two_rank_run):
-    _, checkpoint = two_rank_run
-    status = qml.main(["--data-dir", tiny_data, *BASE, "--epochs", "3", "--resume", str(checkpoint)])
+    _, checkpoint, _ = two_rank_run
+    status = qml.main(["--data-dir", tiny_data, *BASE, *SCHEDULE, "--epochs", "4", "--resume", str(checkpoint)])
     out, err = capfd.readouterr()
     assert status == 2, err
     assert "Training started" not in out
@@ -211,33 +233,39 @@ def test_resume_on_another_number_of_ranks_exits_2_with_one_line(capfd, tiny_dat
 
 
 def test_resume_any_world_size_goes_on_and_the_metrics_record_each_epochs_ranks(tiny_data, two_rank_run, tmp_path):
-    _, checkpoint = two_rank_run
+    _, checkpoint, _ = two_rank_run
     metrics = tmp_path / "metrics.json"
-    assert qml.main(["--data-dir", tiny_data, *BASE, "--epochs", "3", "--resume", str(checkpoint),
+    assert qml.main(["--data-dir", tiny_data, *BASE, *SCHEDULE, "--epochs", "4", "--resume", str(checkpoint),
                      "--resume-any-world-size", "--metrics-json", str(metrics)]) == 0
     report = json.loads(metrics.read_text())
-    assert [(record["epoch"], record["world_size"]) for record in report["epochs"]] == [(1, 2), (2, 2), (3, 1)]
+    assert [(record["epoch"], record["world_size"]) for record in report["epochs"]] == [(1, 2), (2, 2), (3, 2),
+                                                                                        (4, 1)]
     assert report["config"]["resume_any_world_size"] is True
 
 
 def test_resume_of_a_finished_run_says_so_and_exits_0_without_training(capfd, tiny_data, two_rank_run, tmp_path):
-    _, checkpoint = two_rank_run
+    _, checkpoint, _ = two_rank_run
     before = checkpoint.read_bytes()
-    status = qml.main(["--data-dir", tiny_data, *BASE, "--epochs", "2", "--resume", str(checkpoint),
+    status = qml.main(["--data-dir", tiny_data, *BASE, *SCHEDULE, "--epochs", "3", "--resume", str(checkpoint),
                        "--checkpoint", str(checkpoint), "--metrics-json", str(tmp_path / "metrics.json")])
     out, err = capfd.readouterr()
     assert status == 0, err
-    assert f"--resume {checkpoint}: this run is finished (2 epochs trained, --epochs 2)" in out
+    assert f"--resume {checkpoint}: this run is finished (3 epochs trained, --epochs 3)" in out
     assert "Training started" not in out and "Training completed" not in out
     assert checkpoint.read_bytes() == before and not (tmp_path / "metrics.json").exists()
+
+
+# Seconds within which a lonely rank with --dist-timeout 3 must be done: far less than the default timeout
+# (300 s), far more than the 3 s with imports and torch's rounding up on a loaded 2-core machine.
+LONELY_RANK_GUARD = 150
 
 
 @pytest.fixture(scope="module")
 def rendezvous_failures(tiny_data, tmp_path_factory):
     """Three lonely ranks at once, --dist-timeout 3: rank 0 of 2 with no peer, rank 1 of 2 whose MASTER_PORT is
-    closed, rank 0 of 2 whose MASTER_ADDR names no host.
+    closed (held by free_port, listened to by nobody), rank 0 of 2 whose MASTER_ADDR names no host.
 
-    Each must be done within 30 s (imports, the 3 s timeout and torch's rounding up, with room for a busy machine).
+    Each must be done within LONELY_RANK_GUARD seconds.
     """
     tmp = tmp_path_factory.mktemp("rendezvous")
     cases = {"rank0-alone": ("0", "127.0.0.1"), "rank1-no-master": ("1", "127.0.0.1"),
@@ -247,7 +275,7 @@ def rendezvous_failures(tiny_data, tmp_path_factory):
                          dict(RANK=rank, LOCAL_RANK=rank, WORLD_SIZE="2", MASTER_ADDR=addr,
                               MASTER_PORT=str(free_port())), tmp, name)
              for name, (rank, addr) in cases.items()}
-    return {name: finish(proc, tmp, name, timeout=30) for name, proc in procs.items()}
+    return {name: finish(proc, tmp, name, timeout=LONELY_RANK_GUARD) for name, proc in procs.items()}
 
 
 def test_rank_0_without_its_peers_exits_2_with_one_line_after_dist_timeout(rendezvous_failures):
@@ -278,11 +306,10 @@ def test_rank_1_with_unreachable_master_exits_2_with_one_line_after_dist_timeout
 
 
 def metrics_run(data, metrics, *extra):
-    """Train 3 epochs in a fresh process, as the interrupted run does; returns the --metrics-json report.
-
-    (In this process, earlier tests may have changed torch's thread count, which moves the last float bits.)
+    """Train 3 epochs with SCHEDULE in a fresh process, as the interrupted run does; returns the --metrics-json
+    report. (In this process, earlier tests may have changed torch's thread count, which moves the last float bits.)
     """
-    result = run_qml("--data-dir", data, *BASE, "--epochs", "3", "--metrics-json", metrics, *extra)
+    result = run_qml("--data-dir", data, *BASE, *SCHEDULE, "--epochs", "3", "--metrics-json", metrics, *extra)
     assert result.returncode == 0, result.stderr
     with open(metrics) as file:
         return json.load(file)
@@ -294,14 +321,13 @@ def uninterrupted(tiny_data, tmp_path_factory):
 
 
 def interrupted_run(tiny_data, wrapper, tmp, signum):
-    """Run 3 epochs with --checkpoint, send `signum` once training waits in epoch 2; returns (status, stderr, ckpt)."""
+    """Run 3 epochs with SCHEDULE and --checkpoint, send `signum` once training waits in epoch 2; returns (status,
+    stderr, ckpt)."""
     checkpoint = tmp / "run.pt"
-    argv = [sys.executable, wrapper, "--data-dir", tiny_data, *BASE, "--epochs", "3", "--checkpoint", str(checkpoint)]
+    argv = [sys.executable, wrapper, "--data-dir", tiny_data, *BASE, *SCHEDULE, "--epochs", "3", "--checkpoint",
+            str(checkpoint)]
     proc = start(argv, dict(FAULT="wait", FAULT_AT_CALL=str(FIRST_CALL_OF_EPOCH_2)), tmp, "run")
-    deadline = time.monotonic() + HANG_GUARD
-    while "FAULT: waiting" not in (tmp / "run.out").read_text():
-        assert proc.poll() is None and time.monotonic() < deadline, (tmp / "run.err").read_text()
-        time.sleep(0.1)
+    wait_for_fault(proc, tmp, "run")
     assert "validation   Epoch: 1/3" in (tmp / "run.out").read_text()
     proc.send_signal(signum)
     status, _, stderr = finish(proc, tmp, "run")
@@ -320,10 +346,12 @@ def sigkill_run(tiny_data, wrapper, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def warned_run(tiny_data, wrapper, tmp_path_factory):
-    """3 epochs with --checkpoint; SIGUSR1 (Slurm's wall-time warning) arrives in epoch 2's first batch."""
+    """3 epochs with SCHEDULE and --checkpoint; SIGUSR1 (Slurm's wall-time warning) arrives in epoch 2's first
+    batch."""
     tmp = tmp_path_factory.mktemp("usr1")
     checkpoint = tmp / "run.pt"
-    argv = [sys.executable, wrapper, "--data-dir", tiny_data, *BASE, "--epochs", "3", "--checkpoint", str(checkpoint)]
+    argv = [sys.executable, wrapper, "--data-dir", tiny_data, *BASE, *SCHEDULE, "--epochs", "3", "--checkpoint",
+            str(checkpoint)]
     proc = start(argv, dict(FAULT="usr1", FAULT_AT_CALL=str(FIRST_CALL_OF_EPOCH_2)), tmp, "run")
     status, stdout, stderr = finish(proc, tmp, "run")
     return status, stdout, stderr, checkpoint
@@ -383,6 +411,48 @@ def test_resume_after_kill_ends_with_the_uninterrupted_metrics(request, killed, 
         assert got == pytest.approx(want, rel=0, abs=1e-9)
     assert best == pytest.approx(expected_best, rel=0, abs=1e-9)
     assert (resumed["complete"], resumed["resumed"], uninterrupted["resumed"]) == (True, 1, 0)
+
+
+@pytest.fixture(scope="module")
+def two_ranks_sigterm(tiny_data, wrapper, tmp_path_factory):
+    """two_rank_run's options, both ranks sent SIGTERM (as Slurm's time limit sends it to every task) once they
+    wait at the start of epoch 2: ([(status, stdout, stderr)] of ranks 0 and 1, the checkpoint left)."""
+    tmp = tmp_path_factory.mktemp("two_ranks_sigterm")
+    calls = ",".join(str(first_call_of_epoch_2(rank, 2)) for rank in range(2))
+    procs = start_two_ranks(wrapper, tiny_data, tmp, "--epochs", "3", *SCHEDULE, FAULT="wait", FAULT_RANK="all",
+                            FAULT_AT_CALL=calls)
+    for rank, proc in enumerate(procs):
+        wait_for_fault(proc, tmp, f"rank{rank}")
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
+    return [finish(proc, tmp, f"rank{rank}") for rank, proc in enumerate(procs)], tmp / "run.pt"
+
+
+def test_sigterm_stops_both_ranks_with_one_line_each_pointing_to_resume(two_ranks_sigterm):
+    results, checkpoint = two_ranks_sigterm
+    for rank, (status, _, stderr) in enumerate(results):
+        assert status == 130, (rank, stderr)
+        line = one_stderr_line(stderr)
+        assert "stopped by SIGTERM" in line and "--resume" in line, rank
+    assert torch.load(checkpoint, map_location="cpu", weights_only=True)["state"]["epoch"] == 1
+
+
+def test_two_ranks_resumed_after_sigterm_end_with_the_uninterrupted_metrics(tiny_data, wrapper, two_rank_run,
+                                                                            two_ranks_sigterm, tmp_path):
+    _, checkpoint = two_ranks_sigterm
+    metrics = tmp_path / "metrics.json"
+    procs = start_two_ranks(wrapper, tiny_data, tmp_path, "--epochs", "3", *SCHEDULE, "--resume", str(checkpoint),
+                            "--metrics-json", str(metrics))
+    results = [finish(proc, tmp_path, f"rank{rank}") for rank, proc in enumerate(procs)]
+    assert [status for status, _, _ in results] == [0, 0], results
+    resumed, uninterrupted = json.loads(metrics.read_text()), json.loads(two_rank_run[2].read_text())
+    assert_ranks_agree(resumed)
+    epochs, best = comparable(resumed)
+    expected_epochs, expected_best = comparable(uninterrupted)
+    assert [(record["epoch"], record["world_size"]) for record in epochs] == [(1, 2), (2, 2), (3, 2)]
+    for got, want in zip(epochs, expected_epochs, strict=True):
+        assert got == pytest.approx(want, rel=0, abs=1e-9)
+    assert best == pytest.approx(expected_best, rel=0, abs=1e-9)
 
 
 @pytest.mark.parametrize("damage, workers", [("delete", "0"), ("truncate", "1")],

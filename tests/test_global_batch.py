@@ -1,14 +1,16 @@
 """--global-batch-size and --lr-scaling: the per-rank batch and learning rate follow the world size, which
-is known only after rank discovery; bad combinations end in one line before training; resume still works."""
+is known only after rank discovery; bad combinations end in one line before training; resume still works; and
+the experiment stays the same whatever the number of ranks (with --bn-mode eval, where BatchNorm does not
+normalise each rank's share of a step on its own)."""
 
 import json
-import os
 import re
 import subprocess
 import sys
 
 import pytest
-from conftest import QML, free_port, one_stderr_line
+import torch
+from conftest import QML, assert_ranks_agree, cpu_env, free_port, one_stderr_line
 from options import validate_args
 
 import errors
@@ -17,7 +19,7 @@ import qml
 # Fast, CPU-only options (as tests/test_bad_input.py's).
 BASE = ["--weights", "none", "--qdevice", "torch", "--workers", "0", "--print-freq", "0", "--epochs", "1",
         "--device", "cpu"]
-HANG_GUARD = 120  # seconds: two ranks that take longer are stuck, not slow
+HANG_GUARD = 300  # seconds: two ranks that take longer are stuck, not slow, even on a loaded 2-core machine
 
 
 def options(*argv):
@@ -129,7 +131,7 @@ def test_resume_with_another_global_batch_is_refused(capfd, tiny_data, checkpoin
 
 def start_ranks(world, argv):
     """world processes of qml.py joined through RANK/WORLD_SIZE; returns [(stdout, stderr, status)]."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PMI_", "OMPI_"))}
+    env = {k: v for k, v in cpu_env().items() if not k.startswith(("SLURM_", "PMI_", "OMPI_"))}
     env.update(WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
     procs = [subprocess.Popen([sys.executable, QML, *argv], env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
                               text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for rank in range(world)]
@@ -148,11 +150,43 @@ def test_two_ranks_refuse_a_global_batch_they_cannot_split_before_training(tiny_
         assert "Training started" not in stdout, stdout
 
 
-def test_two_ranks_split_the_global_batch_and_scale_the_lr(tiny_data, tmp_path):
-    metrics_path = tmp_path / "metrics.json"
-    results = start_ranks(2, ["--data-dir", tiny_data, *BASE, "--global-batch-size", "8", "--lr-scaling", "linear",
-                              "--metrics-json", str(metrics_path)])
-    assert [status for _, _, status in results] == [0, 0], results
-    metrics = json.loads(metrics_path.read_text())
+@pytest.fixture(scope="module")
+def global_batch_8(tiny_data, tmp_path_factory):
+    """{ranks: (metrics JSON, saved head)} of 2-epoch runs of 1 and of 2 ranks with --global-batch-size 8,
+    --lr-scaling linear and --bn-mode eval."""
+    runs = {}
+    for world in (1, 2):
+        out = tmp_path_factory.mktemp(f"global_batch_8_on_{world}")
+        results = start_ranks(world, ["--data-dir", tiny_data, *BASE, "--epochs", "2", "--global-batch-size", "8",
+                                      "--lr-scaling", "linear", "--bn-mode", "eval",
+                                      "--metrics-json", str(out / "metrics.json"), "--save", str(out / "head.pt")])
+        assert [status for _, _, status in results] == [0] * world, results
+        runs[world] = json.loads((out / "metrics.json").read_text()), torch.load(out / "head.pt", weights_only=True)
+    return runs
+
+
+def test_two_ranks_split_the_global_batch_and_scale_the_lr(global_batch_8):
+    metrics, _ = global_batch_8[2]
     # 8 images per step over 2 ranks: 4 each; twice the tutorial's 4 images, so twice its lr
     assert (metrics["batch_size"], metrics["global_batch_size"], metrics["lr"]) == (4, 8, pytest.approx(0.0008))
+    assert_ranks_agree(metrics)
+
+
+def test_one_and_two_ranks_at_the_same_global_batch_give_the_same_metrics(global_batch_8):
+    (one, _), (two, _) = global_batch_8[1], global_batch_8[2]
+    assert (one["world_size"], one["batch_size"], two["world_size"], two["batch_size"]) == (1, 8, 2, 4)
+    assert len(one["epochs"]) == len(two["epochs"]) == 2
+    for alone, shared in zip(one["epochs"], two["epochs"], strict=True):
+        for key in ("train_count", "val_count"):
+            assert shared[key] == alone[key], key
+        for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
+            assert shared[key] == pytest.approx(alone[key], rel=0, abs=1e-6), key
+    for key in ("best_val_acc", "best_val_loss", "best_train_acc", "best_train_loss"):
+        assert two[key] == pytest.approx(one[key], rel=0, abs=1e-6), key
+
+
+def test_one_and_two_ranks_at_the_same_global_batch_train_the_same_head(global_batch_8):
+    (_, alone), (_, shared) = global_batch_8[1], global_batch_8[2]
+    assert set(alone) == set(shared)
+    for name in alone:
+        torch.testing.assert_close(shared[name], alone[name], rtol=0, atol=1e-6, msg=name)

@@ -2,7 +2,11 @@
 
 The rules are checked everywhere with faked GPUs. The runs at the end need a GPU visible to torch
 (CUDA or ROCm) and skip with the reason elsewhere; on a GPU machine `python -m pytest tests/test_gpu.py`
-runs them all.
+(or `bash tests/gpu_check.sh`) runs them all: one and two NCCL ranks (two need two GPUs), two gloo ranks on
+one GPU, reduced precision, the image cache and the feature cache against the CPU, and Kokkos on the GPU
+where its build is a GPU one. They start their runs with this process's environment, GPUs and all (the rest
+of the suite hides the GPUs from its runs, see conftest.NO_GPUS); a run meant for one GPU gets the first GPU
+this process sees, whichever physical GPU that is.
 """
 
 import json
@@ -14,7 +18,7 @@ import types
 
 import pytest
 import torch
-from conftest import QML, ROOT, free_port, make_image_folder, one_stderr_line, run_qml
+from conftest import QML, ROOT, assert_ranks_agree, free_port, make_image_folder, one_stderr_line, run_qml
 
 import errors
 import images
@@ -156,14 +160,23 @@ def test_other_qdevices_get_no_kokkos_settings():
 GPU_MISSING = None if torch.cuda.is_available() else (
     "no GPU visible to torch (torch.cuda.is_available() is False): run on a machine with a CUDA or ROCm GPU")
 needs_gpu = pytest.mark.skipif(GPU_MISSING is not None, reason=GPU_MISSING or "")
+TWO_GPUS_MISSING = GPU_MISSING or (None if torch.cuda.device_count() >= 2 else
+                                   f"two NCCL ranks need two GPUs; torch sees {torch.cuda.device_count()}")
+needs_two_gpus = pytest.mark.skipif(TWO_GPUS_MISSING is not None, reason=TWO_GPUS_MISSING or "")
 LIGHTNING_KOKKOS = "lightning.kokkos"
 RUN = ["--weights", "none", "--epochs", "1", "--print-freq", "0"]
+GPU_SPACES = ("Cuda", "HIP", "SYCL")  # Kokkos' execution spaces on a GPU
 
 
-def test_gpu_tests_say_why_they_skip_where_no_gpu_is_visible():
-    assert (GPU_MISSING is None) == torch.cuda.is_available()
-    if GPU_MISSING:
-        assert "torch.cuda.is_available()" in GPU_MISSING
+def one_gpu_env(**extra):
+    """os.environ narrowed to the first GPU this process sees, with `extra`: the first entry of the visible-devices
+    list that the runtime reads (CUDA: CUDA_VISIBLE_DEVICES; ROCm's HIP: HIP_VISIBLE_DEVICES, else
+    CUDA_VISIBLE_DEVICES, within ROCR_VISIBLE_DEVICES), or its index 0 when none is set, not physical GPU 0."""
+    env = dict(os.environ, **extra)
+    names = ("HIP_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES") if torch.version.hip else ("CUDA_VISIBLE_DEVICES",)
+    var = next((name for name in names if os.environ.get(name)), names[0])
+    env[var] = os.environ.get(var, "0").split(",")[0]
+    return env
 
 
 @pytest.fixture(scope="module")
@@ -174,10 +187,27 @@ def gpu_data(tmp_path_factory):
 
 
 def metrics_of(data, tmp_path, name, *args, env=None):
+    """qml.py in a fresh process that sees this one's GPUs: (stdout lines, metrics JSON)."""
     path = tmp_path / f"{name}.json"
-    result = run_qml("--data-dir", data, *RUN, "--metrics-json", path, *args, env=env)
+    result = run_qml("--data-dir", data, *RUN, "--metrics-json", path, *args, env=env, gpus=True, timeout=600)
     assert result.returncode == 0, f"{name}: {result.stdout}\n{result.stderr}"
     return result.stdout.splitlines(), json.loads(path.read_text())
+
+
+def torchrun_metrics(data, tmp_path, ranks, *args, env=None):
+    """`torchrun --nproc-per-node ranks qml.py --device cuda --time-split ...`: the metrics JSON."""
+    path = tmp_path / "metrics.json"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks), QML,
+               "--data-dir", data, *RUN, "--device", "cuda", "--time-split", "--metrics-json", str(path), *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return json.loads(path.read_text())
+
+
+def assert_gradients_were_all_reduced(metrics):
+    """--time-split saw DDP's all-reduce (timing.timed_allreduce) take time in every epoch: the group carried data."""
+    for epoch in metrics["epochs"]:
+        assert epoch["time_split"]["allreduce"] > 0, epoch
 
 
 def assert_same_first_epoch(gpu, cpu):
@@ -197,15 +227,36 @@ def test_one_gpu_epoch_prints_the_tutorials_lines(gpu_data, tmp_path):
 
 
 @needs_gpu
-def test_torchrun_runs_one_nccl_rank_on_the_gpu(gpu_data, tmp_path):
-    path = tmp_path / "nccl.json"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1", QML,
-               "--data-dir", gpu_data, *RUN, "--device", "cuda", "--metrics-json", str(path)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout + result.stderr
-    metrics = json.loads(path.read_text())
+def test_torchrun_runs_one_nccl_rank_whose_group_carries_the_gradients(gpu_data, tmp_path):
+    metrics = torchrun_metrics(gpu_data, tmp_path, 1, env=one_gpu_env())
     assert (metrics["world_size"], metrics["backend"], metrics["rank_source"]) == (1, "nccl", "torchrun")
+    assert metrics["provenance"]["group_backends"] == {"cpu": "gloo", "cuda": "nccl"}  # what the group really runs
     assert metrics["provenance"]["collectives"].split()[0] in ("NCCL", "RCCL")
+    assert_gradients_were_all_reduced(metrics)
+
+
+@needs_two_gpus
+def test_two_nccl_ranks_train_in_step_on_two_gpus(gpu_data, tmp_path):
+    metrics = torchrun_metrics(gpu_data, tmp_path, 2)
+    assert (metrics["world_size"], metrics["backend"]) == (2, "nccl")
+    assert metrics["provenance"]["group_backends"] == {"cpu": "gloo", "cuda": "nccl"}
+    gpus = [rank["gpu"] for rank in metrics["ranks"]]
+    assert [gpu["index"] for gpu in gpus] == [0, 1] and gpus[0]["id"] != gpus[1]["id"], gpus  # a GPU each
+    assert [epoch["val_count"] for epoch in metrics["epochs"]] == [8]
+    assert_gradients_were_all_reduced(metrics)
+    assert_ranks_agree(metrics)
+
+
+@needs_gpu
+def test_two_gloo_ranks_train_in_step_on_one_gpu(gpu_data, tmp_path):
+    metrics = torchrun_metrics(gpu_data, tmp_path, 2, "--backend", "gloo", env=one_gpu_env())
+    assert (metrics["world_size"], metrics["backend"], metrics["device"]) == (2, "gloo", "cuda:0")
+    assert metrics["provenance"]["group_backends"] == {"cpu": "gloo", "cuda": "gloo"}
+    gpus = [rank["gpu"] for rank in metrics["ranks"]]
+    assert [gpu["index"] for gpu in gpus] == [0, 0] and gpus[0]["id"] == gpus[1]["id"], gpus  # one GPU, shared
+    assert [epoch["val_count"] for epoch in metrics["epochs"]] == [8]
+    assert_gradients_were_all_reduced(metrics)
+    assert_ranks_agree(metrics)
 
 
 @needs_gpu
@@ -213,6 +264,7 @@ def test_torchrun_runs_one_nccl_rank_on_the_gpu(gpu_data, tmp_path):
 def test_gpu_and_cpu_give_the_same_first_epoch(gpu_data, tmp_path, qdevice):
     _, gpu = metrics_of(gpu_data, tmp_path, "gpu", "--device", "cuda", "--qdevice", qdevice)
     _, cpu = metrics_of(gpu_data, tmp_path, "cpu", "--device", "cpu", "--qdevice", qdevice)
+    assert (gpu["device"], cpu["device"]) == ("cuda:0", "cpu")
     assert_same_first_epoch(gpu, cpu)
 
 
@@ -236,23 +288,48 @@ def test_image_cache_on_the_gpu_changes_no_metric_and_decodes_nothing_after_the_
 
 @needs_gpu
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
-def test_reduced_precision_backbone_on_the_gpu_stays_within_a_hundredth_of_fp32(gpu_data, tmp_path, precision):
+def test_reduced_precision_backbone_on_the_gpu_differs_from_fp32_by_less_than_a_hundredth(gpu_data, tmp_path,
+                                                                                           precision):
     if precision == "bf16" and not torch.cuda.is_bf16_supported():
         pytest.skip("this GPU has no bfloat16")
     _, reduced = metrics_of(gpu_data, tmp_path, precision, "--device", "cuda", "--precision", precision)
     _, fp32 = metrics_of(gpu_data, tmp_path, "fp32", "--device", "cuda")
+    assert reduced["config"]["precision"] == precision
     for key in ("train_loss", "val_loss"):
-        assert reduced["epochs"][0][key] == pytest.approx(fp32["epochs"][0][key], abs=0.01), key
+        assert reduced["epochs"][0][key] != fp32["epochs"][0][key], key  # the backbone really ran in fp16/bf16 ...
+        assert reduced["epochs"][0][key] == pytest.approx(fp32["epochs"][0][key], abs=0.01), key  # ... close to fp32
+
+
+def kokkos_execution_space():
+    """Kokkos' default execution space in this lightning.kokkos build (OpenMP, Cuda, HIP, ...), asked in a fresh
+    process through PennyLane alone, so that neither qml.py nor this process starts Kokkos."""
+    probe = ("import re, pennylane\n"
+             "from pennylane_lightning.lightning_kokkos_ops import print_configuration\n"
+             "circuit = pennylane.QNode(lambda: pennylane.expval(pennylane.PauliZ(0)), "
+             "pennylane.device('lightning.kokkos', wires=1))\n"
+             "circuit()  # starts Kokkos\n"
+             "print(re.search(r'Default Device: (\\S+)', print_configuration()).group(1))\n")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split()[-1]
+
+
+@needs_gpu
+def test_kokkos_gpu_build_runs_the_circuit_on_the_gpu(gpu_data, tmp_path):
+    space = kokkos_execution_space()
+    if space not in GPU_SPACES:
+        pytest.skip(f"this lightning.kokkos is a {space} build: its circuit runs on the CPU whatever the device")
+    _, metrics = metrics_of(gpu_data, tmp_path, "kokkos", "--device", "cuda", "--qdevice", LIGHTNING_KOKKOS)
+    qdevice = metrics["provenance"]["qdevice"]
+    assert (qdevice["name"], qdevice["kokkos_device"], qdevice["runs_on"]) == (LIGHTNING_KOKKOS, space, "gpu")
 
 
 @needs_gpu
 def test_two_nccl_ranks_on_one_gpu_are_refused_in_one_line(gpu_data):
     # as torchrun --nproc-per-node 2 would start them on a one-GPU machine
-    port = str(free_port())
+    env = one_gpu_env(WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     procs = [subprocess.Popen([sys.executable, QML, "--data-dir", gpu_data, *RUN, "--device", "cuda"],
-                              env=dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=port, CUDA_VISIBLE_DEVICES="0",
-                                       HIP_VISIBLE_DEVICES="0"),
+                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
     for proc in procs:
         _, stderr = proc.communicate(timeout=600)

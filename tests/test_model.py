@@ -299,7 +299,7 @@ def test_load_backbone_imagenet_offline_fails_fast_naming_the_ways_out(tmp_path)
                https_proxy="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9")
     for var in ("no_proxy", "NO_PROXY"):
         env.pop(var, None)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60,
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
                             cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     messages = [line for line in result.stdout.splitlines() if line.startswith("UsageError:")]

@@ -2,13 +2,17 @@
 
 One qml.py run (one epoch, `--weights none`, `--workers 0`, `--print-freq 1`, `--save`, `--metrics-json`)
 is shared by the output, metrics and faithfulness tests; a second run with `--workers 2` and the default
-progress frequency covers the log format and the decoding workers.
+progress frequency covers the log format and the decoding workers. Three-epoch runs in this process check
+what one epoch cannot: that the bests and the saved head are the best epoch's, not the last one's, and the
+learning rate's schedule.
 """
 
+import copy
 import json
 import math
 import os
 import re
+import signal
 import socket
 from importlib import metadata
 
@@ -16,7 +20,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torchvision
 from conftest import TINY_COUNTS, run_qml
+from PIL import Image
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+import checkpoints
+import provenance
+import qml
 
 N_TRAIN = sum(TINY_COUNTS["train"].values())  # 12
 N_VAL = sum(TINY_COUNTS["val"].values())  # 9
@@ -163,7 +174,19 @@ def test_metrics_record_where_each_rank_ran(one_epoch):
     (rank,) = metrics["ranks"]
     assert (rank["rank"], rank["local_rank"], rank["host"]) == (0, 0, socket.gethostname())
     assert cpu_set(rank["cpus"]) == os.sched_getaffinity(0) and "gpu" not in rank
-    assert len(rank["head_sha256"]) == 64
+    assert len(rank["head_sha256"]) == 64 and len(rank["buffers_sha256"]) == 64
+
+
+def test_buffer_digest_tells_apart_models_whose_batchnorm_statistics_differ():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18()
+    same, other = copy.deepcopy(model), copy.deepcopy(model)
+    other.layer4[1].bn2.running_var[7] += 1e-3  # one statistic of one channel
+    assert provenance.buffers_digest(same) == provenance.buffers_digest(model)
+    assert provenance.buffers_digest(other) != provenance.buffers_digest(model)
+    other.load_state_dict(model.state_dict())
+    other.bn1.num_batches_tracked += 1
+    assert provenance.buffers_digest(other) != provenance.buffers_digest(model)
 
 
 def test_metrics_record_that_kokkos_simulated_the_circuit_with_openmp(one_epoch):
@@ -177,6 +200,7 @@ def test_metrics_record_the_software_and_environment_of_the_run(one_epoch):
     run = metrics["provenance"]
     assert (run["torch"], run["cuda"], run["hip"]) == (torch.__version__, torch.version.cuda, torch.version.hip)
     assert run["collectives"] is None and run["master"] is None  # gloo, one process
+    assert run["group_backends"] is None  # one process joins no process group
     assert run["omp"] == {var: os.environ.get(var) for var in ("OMP_NUM_THREADS", "OMP_PROC_BIND", "OMP_PLACES")}
     assert run["slurm_job_id"] is None and run["hosts"] == [socket.gethostname()]
 
@@ -322,3 +346,91 @@ def test_saved_head_matches_the_tutorial_head_after_one_epoch(one_epoch, tutoria
     saved, expected = torch.load(head, map_location="cpu", weights_only=True), tutorial_epoch[1]
     for name, value in expected.items():
         torch.testing.assert_close(saved[name], value, atol=1e-5, rtol=1e-4, msg=name)
+
+
+# ----------------------------------------------------------------------------
+# Several epochs: the bests are not the last epoch's, --save keeps the best head, the learning rate's schedule
+
+SEVERAL_EPOCHS = ["--weights", "none", "--qdevice", "torch", "--workers", "0", "--print-freq", "0", "--device", "cpu"]
+
+
+def tinted_image_folder(root, counts, seed=0):
+    """Random JPEGs whose class shows in their colour (the first class reddish, the second bluish), so that even
+    a random backbone tells them apart: accuracy can climb to 1 and fall back."""
+    rng = np.random.default_rng(seed)
+    for split, classes in counts.items():
+        for tint, (name, n) in enumerate(classes.items()):
+            folder = os.path.join(root, split, name)
+            os.makedirs(folder, exist_ok=True)
+            for i in range(n):
+                pixels = rng.integers(0, 128, (40, 48, 3), dtype=np.uint8)
+                pixels[..., 2 * tint] += 127
+                Image.fromarray(pixels).save(os.path.join(folder, f"{i}.jpg"))
+    return str(root)
+
+
+def in_process_run(argv, tmp, recording):
+    """qml.main(argv) in this process, with checkpoints.save_checkpoint (called after every epoch under
+    --checkpoint) also calling recording(run); the signal handlers main installs are given back."""
+    save_checkpoint = checkpoints.save_checkpoint
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGUSR1)}
+
+    def save_and_record(path, run):
+        save_checkpoint(path, run)
+        recording(run)
+
+    checkpoints.save_checkpoint = save_and_record
+    try:
+        assert qml.main([*argv, "--checkpoint", str(tmp / "run.pt")]) == 0
+    finally:
+        checkpoints.save_checkpoint = save_checkpoint
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
+@pytest.fixture(scope="module")
+def best_not_last(tmp_path_factory):
+    """Three epochs whose learning rate grows tenfold each epoch (--step-size 1 --gamma 10): the head learns the
+    tinted classes, then overshoots. Returns (metrics JSON, saved head, [the head after each epoch])."""
+    tmp = tmp_path_factory.mktemp("best_not_last")
+    data = tinted_image_folder(tmp / "data", TINY_COUNTS)
+    heads = []
+    in_process_run(["--data-dir", data, *SEVERAL_EPOCHS, "--epochs", "3", "--lr", "0.01", "--step-size", "1",
+                    "--gamma", "10", "--metrics-json", str(tmp / "metrics.json"), "--save", str(tmp / "head.pt")],
+                   tmp, lambda run: heads.append({k: v.detach().clone() for k, v in run.model.fc.state_dict().items()}))
+    return (json.loads((tmp / "metrics.json").read_text()), torch.load(tmp / "head.pt", weights_only=True), heads)
+
+
+@pytest.mark.parametrize("best, key, pick", [("best_val_acc", "val_acc", max), ("best_val_loss", "val_loss", min),
+                                             ("best_train_acc", "train_acc", max),
+                                             ("best_train_loss", "train_loss", min)],
+                         ids=["val-acc", "val-loss", "train-acc", "train-loss"])
+def test_best_of_several_epochs_is_the_best_epochs_value_not_the_last(best_not_last, best, key, pick):
+    metrics, _, _ = best_not_last
+    history = [epoch[key] for epoch in metrics["epochs"]]
+    assert len(history) == 3 and pick(history) != history[-1], history  # this run can tell best from last ...
+    assert metrics[best] == pick(history), (metrics[best], history)  # ... and keeps the best
+
+
+def test_save_writes_the_head_of_the_first_epoch_with_the_best_validation_accuracy(best_not_last):
+    metrics, saved, heads = best_not_last
+    accuracies = [epoch["val_acc"] for epoch in metrics["epochs"]]
+    best = accuracies.index(max(accuracies))  # the tutorial keeps the first epoch that reaches the best
+    assert len(heads) == 3 and best != 2, accuracies
+    assert set(saved) == set(heads[best]) == set(HEAD_SHAPES)
+    assert not all(torch.equal(heads[best][k], heads[-1][k]) for k in saved)  # the last head differs ...
+    for name in saved:
+        assert torch.equal(saved[name], heads[best][name]), name  # ... and the best epoch's is saved
+
+
+def test_learning_rate_decays_by_gamma_every_step_size_epochs(tiny_data, tmp_path):
+    """3 epochs of 3 optimizer steps each, --step-size 2 --gamma 0.1: the rate drops once, after epoch 2."""
+    lrs = []
+    hook = register_optimizer_step_pre_hook(
+        lambda optimizer, args, kwargs: lrs.append(optimizer.param_groups[0]["lr"]))
+    try:
+        in_process_run(["--data-dir", tiny_data, *SEVERAL_EPOCHS, "--epochs", "3", "--lr", "0.0004",
+                        "--step-size", "2", "--gamma", "0.1"], tmp_path, lambda run: None)
+    finally:
+        hook.remove()
+    assert lrs == pytest.approx([0.0004] * 2 * TRAIN_BATCHES + [0.00004] * TRAIN_BATCHES, rel=1e-12)
