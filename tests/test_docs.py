@@ -416,7 +416,7 @@ def test_readme_is_at_most_250_lines():
 
 def test_ci_runs_readme_s_test_command():
     ci_commands = [line for line in (ROOT / ".ci" / "run").read_text().split("\n")
-                   if line.strip() and not line.startswith(("#", "set ", "cd "))]
+                   if line.strip() and not line.startswith(("#", "set ", "cd ", "export "))]  # CI's own setup
     readme_lines = {line for _, _, body in fenced_blocks((ROOT / "README.md").read_text()) for line in body.split("\n")}
     assert ci_commands, ".ci/run runs no command"
     missing = [command for command in ci_commands if command not in readme_lines]
