@@ -258,8 +258,10 @@ def test_wall_time_warning_requeues_the_sweep_which_ends_as_an_uninterrupted_one
     wait_for(lambda: job_field(env, jobid, "Restarts") == "1" and job_field(env, jobid, "JobState") == "PENDING",
              "the requeue", deadline)
     # A requeued job waits about 160 s for its begin time here: let it start at once, once its first run has left
-    # the node (a launch while slurmd still cleans up the killed batch script is refused: "already killed").
+    # the node, and a few seconds later: slurmd refuses ("Job credential revoked") a credential made in the same
+    # second as it revoked the old one (it compares whole seconds).
     wait_for(lambda: nodes_idle(env), "the node to be free again", deadline)
+    time.sleep(3)
     subprocess.run(["scontrol", "update", f"JobId={jobid}", "StartTime=now"], env=env, check=True, timeout=30)
     rc = wait_for_job(jobid, env, deadline)
     text = log_text(log)
@@ -376,6 +378,11 @@ FAKE_TOOLS = {
     "srun": """#!/bin/bash
 printf 'SRUN'; printf ' %s' "$@"; echo
 env | sort
+if [ -n "${FAKE_SRUN_WARN:-}" ]; then  # Slurm's wall-time warning reaches the batch script as this step ends
+    trap '' USR1  # the script passes it on; the step's tasks have finished
+    kill -USR1 "$PPID"
+    sleep 0.5
+fi
 exit "${FAKE_SRUN_EXIT:-0}"
 """,
     "scontrol": """#!/bin/bash
@@ -792,6 +799,13 @@ def test_interrupted_step_requeues_the_job_and_runs_no_further_step(fake_job):
     proc = fake_job("1,2", QML_SITE="generic", FAKE_SRUN_EXIT="75")  # qml.py stopped on the wall-time warning
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "SCONTROL requeue 4242" in proc.stdout.splitlines()
+    assert len(srun_lines(proc.stdout)) == 1 and "report" not in proc.stdout
+
+
+def test_warning_as_a_step_ends_requeues_before_the_next_step(fake_job):
+    proc = fake_job("1,2", QML_SITE="generic", FAKE_SRUN_WARN="1")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "== wall-time warning" in proc.stdout and "SCONTROL requeue 4242" in proc.stdout.splitlines()
     assert len(srun_lines(proc.stdout)) == 1 and "report" not in proc.stdout
 
 
