@@ -414,30 +414,28 @@ build_kokkos() {
 
 lightning_src() { echo "$BUILD_DIR/pennylane-lightning-$LIGHTNING_TAG"; }
 
+configure_lightning() { # PL_BACKEND compiler what-provides-it: the tag's clone, set up to build that backend
+    need "$2" "$3"
+    fresh_clone "$LIGHTNING_URL" "$LIGHTNING_TAG" "$(lightning_src)"
+    run env PL_BACKEND="$1" "$PY" "$(lightning_src)/scripts/configure_pyproject_toml.py"
+}
+
 build_lightning() {
-    local src
-    src=$(lightning_src)
-    need CC "the PrgEnv module (Cray compiler wrappers)"
-    fresh_clone "$LIGHTNING_URL" "$LIGHTNING_TAG" "$src"
-    run env PL_BACKEND=lightning_qubit "$PY" "$src/scripts/configure_pyproject_toml.py"
+    configure_lightning lightning_qubit CC "the PrgEnv module (Cray compiler wrappers)"
     # PennyLane in the same resolve: it requires pennylane-lightning, which the clone then provides, so no
     # other Lightning comes from PyPI.
-    run env CMAKE_ARGS=-DCMAKE_CXX_COMPILER=CC "$PY" -m pip install "$PENNYLANE_SPEC" "$src"
+    run env CMAKE_ARGS=-DCMAKE_CXX_COMPILER=CC "$PY" -m pip install "$PENNYLANE_SPEC" "$(lightning_src)"
 }
 
 build_lightning_kokkos() {
-    local src
-    src=$(lightning_src)
-    need hipcc "the rocm module"
-    fresh_clone "$LIGHTNING_URL" "$LIGHTNING_TAG" "$src"
-    run env PL_BACKEND=lightning_kokkos "$PY" "$src/scripts/configure_pyproject_toml.py"
+    configure_lightning lightning_kokkos hipcc "the rocm module"
     # Kokkos_ROOT and CMAKE_PREFIX_PATH both point at our Kokkos: found nowhere, Lightning would quietly
     # fetch and build a Serial-only Kokkos instead (cmake/support_kokkos.cmake), which the HIP check catches.
     # No -DENABLE_MPI: each rank of qml.py simulates its own circuits, none is distributed over ranks.
     local prefix_path=$KOKKOS_PREFIX${CMAKE_PREFIX_PATH:+:$CMAKE_PREFIX_PATH}
     run env "CMAKE_PREFIX_PATH=$prefix_path" \
         "CMAKE_ARGS=-DCMAKE_CXX_COMPILER=hipcc -DKokkos_ROOT=$KOKKOS_PREFIX" \
-        "$PY" -m pip install "$src"
+        "$PY" -m pip install "$(lightning_src)"
 }
 
 build_mpi4py() {

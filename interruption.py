@@ -10,9 +10,9 @@ to say how to continue it. A second SIGUSR1 stops at once, as SIGTERM and Ctrl-C
 import signal
 
 import torch
-import torch.distributed as dist
 
 from errors import raise_interrupt
+from process_group import reduce_sums
 
 RESUMABLE = 75  # sysexits' EX_TEMPFAIL, "try again later": interrupted, continue with --resume
 STOP_SIGNAL = signal.SIGUSR1
@@ -40,13 +40,11 @@ def catch_wall_time_warning():
 
 
 def stop_between_batches(ctx, epoch, checkpoint):
-    """Raise Interrupted on every rank when any rank was asked to stop: one all-reduce of a flag (on the CPU, so
-    gloo carries it beside NCCL). Every rank must call this at the same points: after each training batch, which
-    DistributedSampler makes equal in number on every rank (validation's shards may differ by one)."""
-    asked = torch.tensor([requested is not None], dtype=torch.int32)
-    if ctx.world_size > 1:
-        dist.all_reduce(asked, op=dist.ReduceOp.MAX)
-    if asked.item():
+    """Raise Interrupted on every rank when any rank was asked to stop: one all-reduce of the ranks' requests (on
+    the CPU, so gloo carries it beside NCCL). Every rank must call this at the same points: after each training
+    batch, which DistributedSampler makes equal in number on every rank (validation's shards may differ by one)."""
+    (asked,) = reduce_sums(ctx, torch.tensor([requested is not None], dtype=torch.int32))
+    if asked:
         kept = (f"--checkpoint {checkpoint} holds every complete epoch: continue with --resume {checkpoint}"
                 if checkpoint else "nothing was saved: give --checkpoint PATH to make a run resumable")
         raise Interrupted(f"stopped by {requested or 'another rank'}'s request in epoch {epoch + 1}, between "
