@@ -15,7 +15,7 @@ from process_group import broadcast_error
 
 # Options that must match for a checkpoint to be resumed.
 RESUME_KEYS = ("n_qubits", "q_depth", "q_delta", "weights", "bn_mode", "cache_features", "batch_size",
-               "lr", "gamma", "step_size", "seed", "shuffle_seed", "n_classes", "classes", "precision")
+               "lr", "gamma", "step_size", "seed", "shuffle_seed", "n_classes", "classes", "precision", "circuit")
 
 
 def atomic_write(path, write):
@@ -88,10 +88,11 @@ def check_outputs(ctx, args):
     broadcast_error(ctx, message)
 
 
-def run_config(args, classes):
-    """The options that define a run, as stored in checkpoints and the metrics JSON."""
+def run_config(args, classes, circuit):
+    """The options that define a run, as stored in checkpoints and the metrics JSON; `circuit`: the digest of
+    what quantum_net records (simulators.CircuitTrace), so that an edited circuit is not resumed."""
     config = {k: v for k, v in vars(args).items() if not k.startswith("data_dir_is")}
-    return dict(config, n_classes=len(classes), classes=list(classes))
+    return dict(config, n_classes=len(classes), classes=list(classes), circuit=circuit)
 
 
 def save_checkpoint(path, run):
@@ -119,6 +120,10 @@ def load_checkpoint(path, config):
         raise UsageError(f"--resume {path}: not a readable qml.py checkpoint ({type(err).__name__}); "
                          f"give a file written by --checkpoint") from None
     for key in RESUME_KEYS:
+        if key == "circuit" and saved.get(key) != config.get(key):
+            raise UsageError(f"--resume {path}: the checkpoint trained another circuit (quantum_net, or a gate it "
+                             f"calls, records other gates, wires or parameters than when it was saved); restore "
+                             f"that circuit, or drop --resume to train this one")
         if saved.get(key) != config.get(key):
             raise UsageError(f"--resume {path}: the checkpoint has {key}={saved.get(key)!r} but this run "
                              f"{key}={config.get(key)!r}; use the checkpoint's options or drop --resume")

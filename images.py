@@ -268,16 +268,23 @@ class ImageLoader:
 
 def image_cache_budget(setting, ctx):
     """Bytes of decoded images this rank may keep (--image-cache): off 0, a number of MiB, or auto:
-    IMAGE_CACHE_SHARE of what its GPU has free, or of the host's available memory shared by its ranks."""
+    IMAGE_CACHE_SHARE of what the rank has (rank_memory)."""
     if setting == "off":
         return 0
     if setting != "auto":
         return int(setting * 2**20)
-    if ctx.device.type == "cuda":
-        return int(torch.cuda.mem_get_info(ctx.device)[0] * IMAGE_CACHE_SHARE)
+    return int(rank_memory(ctx, ctx.device.type == "cuda")[0] * IMAGE_CACHE_SHARE)
+
+
+def rank_memory(ctx, on_gpu):
+    """(bytes, where they are) this rank may still use: what its GPU has free, or the host's available memory
+    shared by the host's ranks."""
+    if on_gpu:
+        return torch.cuda.mem_get_info(ctx.device)[0], f"GPU {ctx.device.index} (free memory)"
     host = ctx.rank_facts[ctx.rank]["host"]
     ranks_here = sum(fact["host"] == host for fact in ctx.rank_facts)
-    return int(available_host_memory() * IMAGE_CACHE_SHARE / ranks_here)
+    shared = f", shared by its {ranks_here} ranks" if ranks_here > 1 else ""
+    return available_host_memory() // ranks_here, f"this rank (the host's available memory{shared})"
 
 
 def available_host_memory():

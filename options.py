@@ -7,11 +7,10 @@ import os
 
 from errors import UsageError
 from images import DEFAULT_DATA_DIR
-from simulators import available_qdevices
+from simulators import MAX_QUBITS, available_qdevices
 
 SEEDS = dict(low=0, high=2**32 - 1)  # what np.random.seed accepts
 DIST_TIMEOUT_MAX = 2**31 // 1000  # 24.8 days, whose milliseconds fit 32 bits; far more overflows torch's timers
-MAX_QUBITS = 20  # a larger state is too large to simulate here
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -64,8 +63,7 @@ def cache_size(text):
 def qubit_count(text):
     value = positive(int)(text)
     if value > MAX_QUBITS:
-        raise argparse.ArgumentTypeError(f"must be 1..{MAX_QUBITS} (a state of {text} qubits is too large to "
-                                         f"simulate here)")
+        raise argparse.ArgumentTypeError(f"must be 1..{MAX_QUBITS}, got {text}")
     return value
 
 

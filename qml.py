@@ -78,8 +78,9 @@ try:  # the machinery beside this file
                          validate_args)
     from process_group import (check_one_gpu_per_rank, expand_nodelist, gather_objects, join_process_group,
                                leave_process_group, rank_facts, reduce_sums, step_master, sync_buffers)
-    from simulators import (ADJOINT_QDEVICES, KOKKOS_QDEVICE, TORCH_QDEVICE, AdjointCircuit, TorchCircuit,
-                            describe_qdevice, lazy_import, qdevice_options, start_kokkos)
+    from simulators import (ADJOINT_QDEVICES, KOKKOS_QDEVICE, TORCH_QDEVICE, AdjointCircuit, CircuitTrace, NoAdjoint,
+                            TorchCircuit, check_memory, decomposed_templates, describe_qdevice, lazy_import,
+                            qdevice_options, start_kokkos)
     from timing import close_epoch, progress_every, time_split
 except ModuleNotFoundError as err:  # qml.py copied alone: README's "Layout" lists what it needs
     print(f"qml.py: error: no module {err.name}; keep qml.py with the other .py files of its folder", file=sys.stderr)
@@ -138,24 +139,31 @@ def quantum_net(q_input_features, q_weights_flat, nqubits=n_qubits, depth=q_dept
     return [qml.expval(qml.PauliZ(position)) for position in range(nqubits)]
 
 
-def make_quantum_net(nqubits=n_qubits, depth=q_depth, qdevice=DEFAULT_QDEVICE, device_id=None, qnode=False):
-    """quantum_net on `qdevice` as a callable (q_input_features, q_weights_flat) -> list of <Z>: the
-    tutorial's `dev = qml.device(...)` and `@qml.qnode(dev, interface="torch")`, for these sizes.
+def make_quantum_net(nqubits, depth, n_weights, qdevice=DEFAULT_QDEVICE, device_id=None, qnode=False):
+    """quantum_net on `qdevice` as a callable (q_input_features, q_weights_flat) -> list of expectation values:
+    the tutorial's `dev = qml.device(...)` and `@qml.qnode(dev, interface="torch")`, for these sizes.
 
-    device_id: the rank's GPU, for a GPU build of lightning.kokkos (None: Kokkos' own choice).
-    qnode: a QNode even on ADJOINT_QDEVICES (the tutorial's way: --per-sample, and drawing); otherwise those
-    devices run the circuit through AdjointCircuit. qdevice "torch" is not PennyLane's: see TorchCircuit.
+    Every path runs what quantum_net records when traced (its `trace`), so an edit of the circuit reaches them
+    all. n_weights: the size of q_weights_flat. device_id: the rank's GPU, for a GPU build of lightning.kokkos
+    (None: Kokkos' own choice). qnode: a QNode even on ADJOINT_QDEVICES (the tutorial's way: --per-sample);
+    otherwise those devices run a batch through AdjointCircuit, or a QNode where it cannot (`qnode_reason`).
+    qdevice "torch" is not PennyLane's: see TorchCircuit.
     """
-    if qdevice == TORCH_QDEVICE:
-        return TorchCircuit(nqubits, depth)
-    dev = qml.device(qdevice, wires=nqubits, **qdevice_options(qdevice, device_id, nqubits))
     circuit = functools.partial(quantum_net, nqubits=nqubits, depth=depth)
-    if qdevice in ADJOINT_QDEVICES and not qnode:
-        net = AdjointCircuit(circuit, dev)
-    else:
-        net = qml.QNode(circuit, dev, interface="torch")
+    if qdevice == TORCH_QDEVICE:
+        return TorchCircuit(circuit, nqubits, n_weights)
+    options = qdevice_options(qdevice, device_id, nqubits)
     if qdevice == KOKKOS_QDEVICE:
-        start_kokkos(net, nqubits, depth)
+        start_kokkos(options)
+    dev = qml.device(qdevice, wires=nqubits, **options)
+    reason = None
+    if qdevice in ADJOINT_QDEVICES and not qnode:
+        try:
+            return AdjointCircuit(circuit, nqubits, n_weights, dev)
+        except NoAdjoint as err:
+            reason = str(err)
+    net = qml.QNode(circuit, dev, interface="torch")
+    net.trace, net.qnode_reason = CircuitTrace(circuit, nqubits, n_weights, expand=decomposed_templates), reason
     return net
 
 
@@ -164,7 +172,7 @@ def make_quantum_net(nqubits=n_qubits, depth=q_depth, qdevice=DEFAULT_QDEVICE, d
 
 
 class DressedQuantumNet(nn.Module):
-    """Linear(512 -> n_qubits), the circuit, Linear(n_qubits -> n_classes): the *dressed* quantum net."""
+    """Linear(512 -> n_qubits), the circuit, Linear(its outputs -> n_classes): the *dressed* quantum net."""
 
     def __init__(self, n_qubits=n_qubits, q_depth=q_depth, q_delta=q_delta, n_classes=2,
                  qdevice=DEFAULT_QDEVICE, per_sample=False, in_features=512, device_id=None):
@@ -172,9 +180,12 @@ class DressedQuantumNet(nn.Module):
         # Parameter creation order (pre_net, q_params, post_net) is the tutorial's: same seed, same numbers.
         self.pre_net = nn.Linear(in_features, n_qubits)
         self.q_params = nn.Parameter(q_delta * torch.randn(q_depth * n_qubits))
-        self.post_net = nn.Linear(n_qubits, n_classes)
+        self.quantum_net = make_quantum_net(n_qubits, q_depth, self.q_params.numel(), qdevice, device_id,
+                                            qnode=per_sample)
+        self.post_net = nn.Linear(self.quantum_net.trace.outputs, n_classes)  # one input per measured value
         self.per_sample = per_sample
-        self.quantum_net = make_quantum_net(n_qubits, q_depth, qdevice, device_id, qnode=per_sample)
+        # What the circuit is, whichever simulator runs it: checkpoints record its digest.
+        self.circuit = CircuitTrace(self.quantum_net.func, n_qubits, self.q_params.numel(), decomposed_templates)
 
     def forward(self, input_features):
         with torch.autocast(input_features.device.type, enabled=False):  # fp32 after a --precision backbone
@@ -437,11 +448,24 @@ class Training:
     timer: object = None  # timing.TimeSplit, set by train_model
 
 
+def check_circuit_memory(args, ctx):
+    """Refuse, before any data are read, a circuit that the chosen simulator cannot hold in this rank's memory
+    (its GPU's, or its share of the host's); returns the circuit's trace. The head is built only to trace the
+    circuit (the seed is set after)."""
+    head = DressedQuantumNet(args.n_qubits, args.q_depth, args.q_delta, qdevice=args.qdevice,
+                             per_sample=args.per_sample, device_id=ctx.device.index)
+    on_gpu = ctx.device.type == "cuda" and (args.qdevice == TORCH_QDEVICE or
+                                            describe_qdevice(head, args.qdevice)["runs_on"] == "gpu")
+    check_memory(head.quantum_net, args.qdevice, args.batch_size, *images.rank_memory(ctx, on_gpu))
+    return head.circuit
+
+
 def prepare_training(args, ctx):
     """Data, model, optimizer, resume state, feature cache and DDP for train_model; None when --resume finds
     the run finished. Every check that can fail runs before the model is built."""
     checkpoints.check_outputs(ctx, args)
     check_precision(args.precision, ctx.device)
+    circuit = check_circuit_memory(args, ctx)
     images.prepare_data(args, ctx)
     datasets_ = load_datasets(args.data_dir)
     classes = datasets_["train"].classes
@@ -449,7 +473,7 @@ def prepare_training(args, ctx):
         raise UsageError(f"{ctx.world_size} ranks but only {len(datasets_['train'])} training images; "
                          f"start at most {len(datasets_['train'])} tasks")
     fetch_weights_once(args, ctx)
-    config = checkpoints.run_config(args, classes)
+    config = checkpoints.run_config(args, classes, circuit.digest())
     checkpoint = checkpoints.load_checkpoint(args.resume, config) if args.resume else None
     if checkpoint and checkpoints.finished(args, ctx, checkpoint):
         return None
@@ -545,7 +569,8 @@ def get_args_parser():
         f"batch / {REFERENCE_GLOBAL_BATCH} (the tutorial's images per step at one task) (default: %(default)s)")
     add("--gamma", type=positive(float), default=0.1, help="StepLR decay factor (default: %(default)s)")
     add("--step-size", type=positive(int), default=10, help="StepLR period in epochs (default: %(default)s)")
-    add("--n-qubits", type=qubit_count, default=n_qubits, help="qubits, 1..20 (default: %(default)s)")
+    add("--n-qubits", type=qubit_count, default=n_qubits, help="qubits, 1..30, as far as the "
+        "simulator's memory allows (checked before training) (default: %(default)s)")
     add("--q-depth", type=positive(int), default=q_depth, help="variational layers (default: %(default)s)")
     add("--q-delta", type=positive(float), default=q_delta, help="spread of initial circuit weights "
         "(default: %(default)s)")
@@ -613,11 +638,9 @@ def resolve_batch_and_lr(args, world_size):
 
 
 def draw_circuit(args):
-    drawable = "default.qubit" if args.qdevice == TORCH_QDEVICE else args.qdevice  # the drawer needs a QNode
-    qnode = make_quantum_net(args.n_qubits, args.q_depth, drawable, qnode=True)
-    inputs = torch.full((args.n_qubits,), 0.1)
-    weights = args.q_delta * torch.ones(args.q_depth * args.n_qubits)
-    return qml.draw(qnode)(inputs, weights)
+    """quantum_net as the dressed head records it, with the angles 0.1 and the weights --q-delta."""
+    head = DressedQuantumNet(args.n_qubits, args.q_depth, args.q_delta, qdevice="default.qubit")
+    return head.circuit.draw(torch.full((args.n_qubits,), 0.1), args.q_delta * torch.ones_like(head.q_params))
 
 
 def setup(args):

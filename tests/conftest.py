@@ -37,6 +37,27 @@ def cpu_env(**extra):
     return dict(os.environ, **NO_GPUS, **extra)
 
 
+GPU_SPACES = ("Cuda", "HIP", "SYCL")  # Kokkos' execution spaces on a GPU
+KOKKOS_SPACE_PROBE = ("import re, pennylane\n"
+                      "from pennylane_lightning.lightning_kokkos_ops import print_configuration\n"
+                      "pennylane.device('lightning.kokkos', wires=1).execute(pennylane.tape.QuantumScript(\n"
+                      "    [pennylane.Hadamard(0)], [pennylane.expval(pennylane.PauliZ(0))]))  # starts Kokkos\n"
+                      "config = print_configuration()\n"
+                      "pool = re.search(r'thread_pool_topology\\[ (.*?) \\]', config)\n"
+                      "print(re.search(r'Default Device: (\\S+)', config).group(1), pool.group(1) if pool else '-', sep='\\t')\n")
+
+
+def kokkos_build(env=None):
+    """(default execution space, host thread pool or "-") of the installed lightning.kokkos, started by PennyLane
+    alone in a fresh process with `env` (default: cpu_env()): OpenMP for PyPI's wheel, HIP on Frontier's build.
+    Tests read it instead of assuming the wheel."""
+    result = subprocess.run([sys.executable, "-c", KOKKOS_SPACE_PROBE], capture_output=True, text=True, timeout=300,
+                            env=env or cpu_env())
+    assert result.returncode == 0, result.stderr
+    space, pool = result.stdout.splitlines()[-1].split("\t")
+    return space, pool
+
+
 def unavailable(reason):
     """Skip for `reason`, or fail under CI=true, where what is missing is there by design (.ci/run)."""
     if IN_CI:

@@ -59,7 +59,7 @@ def data(tiny_data, tmp_path):
 OPTION_CASES = [
     ("n-qubits-0", ["--n-qubits", "0"], ["--n-qubits", "positive"]),
     ("n-qubits-negative", ["--n-qubits", "-3"], ["--n-qubits", "positive"]),
-    ("n-qubits-21", ["--n-qubits", "21"], ["--n-qubits", "1..20"]),
+    ("n-qubits-31", ["--n-qubits", "31"], ["--n-qubits", "1..30"]),
     ("n-qubits-not-a-number", ["--n-qubits", "four"], ["--n-qubits", "'four'"]),
     ("q-depth-0", ["--q-depth", "0"], ["--q-depth", "positive"]),
     ("batch-size-0", ["--batch-size", "0"], ["--batch-size", "positive"]),
@@ -427,7 +427,7 @@ def test_resume_from_a_file_that_is_not_a_checkpoint_exits_2_with_one_line(capfd
 SUBPROCESS_CASES = {
     "missing-data-dir": (["--data-dir", "{tmp}/nowhere"], {}, ["not found", "--data-dir DIR"]),
     "undecodable-image": (["--data-dir", "{broken}"], {}, ["broken.jpg", "not a readable image"]),
-    "n-qubits-21": (["--n-qubits", "21"], {}, ["--n-qubits", "1..20"]),
+    "n-qubits-31": (["--n-qubits", "31"], {}, ["--n-qubits", "1..30"]),
     "device-cuda-without-gpu": (["--device", "cuda"], {"CUDA_VISIBLE_DEVICES": "", "HIP_VISIBLE_DEVICES": ""},
                                 ["--device cuda", "no GPU"]),
 }

@@ -39,7 +39,7 @@ def run_circuit(net, inputs, weights):
 @pytest.mark.parametrize("depth", [2, 3])
 @pytest.mark.parametrize("nqubits", [1, 2, 3, 4, 5, 6])
 def test_circuit_matches_numpy_statevector(qdevice, nqubits, depth):
-    net = qml.make_quantum_net(nqubits, depth, qdevice)
+    net = qml.make_quantum_net(nqubits, depth, nqubits * depth, qdevice)
     inputs = random_angles(nqubits * 10 + depth, nqubits)
     weights = random_angles(nqubits * 100 + depth, depth * nqubits)
     np.testing.assert_allclose(run_circuit(net, inputs, weights), expvals(inputs, weights, nqubits, depth),
@@ -50,7 +50,7 @@ def test_circuit_matches_numpy_statevector(qdevice, nqubits, depth):
 @pytest.mark.parametrize("nqubits", [1, 3, 4])
 def test_batched_circuit_matches_numpy_row_by_row(qdevice, nqubits):
     depth = 2
-    net = qml.make_quantum_net(nqubits, depth, qdevice)
+    net = qml.make_quantum_net(nqubits, depth, nqubits * depth, qdevice)
     inputs = random_angles(7, 5, nqubits)
     weights = random_angles(8, depth * nqubits)
     np.testing.assert_allclose(run_circuit(net, inputs, weights), batched_expvals(inputs, weights, nqubits, depth),
@@ -61,7 +61,7 @@ def test_batched_circuit_matches_numpy_row_by_row(qdevice, nqubits):
 @pytest.mark.parametrize("batch_shape", [(), (3,)])
 def test_circuit_returns_one_expectation_per_wire(qdevice, batch_shape):
     nqubits, depth = 3, 2
-    net = qml.make_quantum_net(nqubits, depth, qdevice)
+    net = qml.make_quantum_net(nqubits, depth, nqubits * depth, qdevice)
     out = net(torch.zeros(*batch_shape, nqubits, dtype=torch.float64), torch.zeros(depth * nqubits))
     assert len(out) == nqubits
     assert all(tuple(z.shape) == batch_shape for z in out)
@@ -71,7 +71,7 @@ def test_circuit_returns_one_expectation_per_wire(qdevice, batch_shape):
 def test_single_qubit_circuit_is_minus_sine_of_total_rotation(qdevice):
     # |+> rotated about Y by x + w_1 + ... + w_depth: <Z> = cos(pi/2 + total) = -sin(total).
     x, weights = 0.7, [0.3, -1.1, 0.25]
-    net = qml.make_quantum_net(1, len(weights), qdevice)
+    net = qml.make_quantum_net(1, len(weights), len(weights), qdevice)
     value = run_circuit(net, [x], weights)
     np.testing.assert_allclose(value, [-np.sin(x + sum(weights))], rtol=0, atol=VALUE_ATOL)
 
@@ -80,14 +80,14 @@ def test_default_quantum_net_is_the_tutorials_four_qubits_depth_six():
     assert (qml.n_qubits, qml.q_depth) == (4, 6)
     inputs = random_angles(1, 4)
     weights = random_angles(2, 24)
-    np.testing.assert_allclose(run_circuit(qml.make_quantum_net(), inputs, weights), expvals(inputs, weights, 4, 6),
+    np.testing.assert_allclose(run_circuit(qml.make_quantum_net(4, 6, 24), inputs, weights), expvals(inputs, weights, 4, 6),
                                rtol=0, atol=VALUE_ATOL)
 
 
 def test_default_quantum_net_accepts_a_batch():
     inputs = random_angles(3, 2, 4)
     weights = random_angles(4, 24)
-    np.testing.assert_allclose(run_circuit(qml.make_quantum_net(), inputs, weights),
+    np.testing.assert_allclose(run_circuit(qml.make_quantum_net(4, 6, 24), inputs, weights),
                                batched_expvals(inputs, weights, 4, 6), rtol=0, atol=VALUE_ATOL)
 
 
@@ -98,7 +98,7 @@ def test_the_dressed_head_runs_the_tutorials_quantum_net(per_sample):
 
 
 def test_make_quantum_net_defaults_to_the_tutorials_circuit_on_lightning_kokkos():
-    net = qml.make_quantum_net()
+    net = qml.make_quantum_net(4, 6, 24)
     assert net.device.name == "lightning.kokkos"
     inputs, weights = random_angles(5, 4), random_angles(6, 24)
     np.testing.assert_allclose(run_circuit(net, inputs, weights), expvals(inputs, weights, 4, 6),
@@ -133,7 +133,7 @@ def central_differences(f, params, eps):
 @pytest.mark.parametrize("nqubits", [1, 2, 3, 4])
 def test_circuit_gradients_match_central_finite_differences(qdevice, nqubits, batch_shape):
     depth = 2
-    net = qml.make_quantum_net(nqubits, depth, qdevice)
+    net = qml.make_quantum_net(nqubits, depth, nqubits * depth, qdevice)
     inputs = torch.tensor(random_angles(11 + nqubits, *batch_shape, nqubits), requires_grad=True)
     weights = torch.tensor(random_angles(12 + nqubits, depth * nqubits), requires_grad=True)
     # A random linear functional of all outputs, so every <Z_i> contributes to the gradient.

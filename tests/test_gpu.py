@@ -18,7 +18,8 @@ import types
 
 import pytest
 import torch
-from conftest import QML, ROOT, assert_ranks_agree, free_port, make_image_folder, one_stderr_line, run_qml
+from conftest import (GPU_SPACES, QML, ROOT, assert_ranks_agree, free_port, kokkos_build, make_image_folder,
+                      one_stderr_line, run_qml)
 
 import errors
 import images
@@ -127,8 +128,9 @@ KOKKOS_THREADS_PROBE = textwrap.dedent("""\
     from pennylane_lightning.lightning_kokkos_ops import print_configuration
 
     torch.set_num_threads(2)
-    qml.make_quantum_net(4, 1, "lightning.kokkos")
-    print(torch.get_num_threads(), re.search(r"thread_pool_topology\\[ (.*?) \\]", print_configuration()).group(1))
+    qml.make_quantum_net(4, 1, 4, "lightning.kokkos")
+    pool = re.search(r"thread_pool_topology\\[ (.*?) \\]", print_configuration())
+    print(torch.get_num_threads(), pool.group(1) if pool else "-")
 """)
 
 
@@ -143,6 +145,9 @@ def kokkos_threads():
 
 
 def test_kokkos_starts_a_small_circuit_on_one_thread(kokkos_threads):
+    space, pool = kokkos_build()
+    if pool == "-":
+        pytest.skip(f"this lightning.kokkos build ({space}) has no OpenMP host thread pool to size")
     assert kokkos_threads[1] == "1 x 1 x 1"
 
 
@@ -165,7 +170,6 @@ TWO_GPUS_MISSING = GPU_MISSING or (None if torch.cuda.device_count() >= 2 else
 needs_two_gpus = pytest.mark.skipif(TWO_GPUS_MISSING is not None, reason=TWO_GPUS_MISSING or "")
 LIGHTNING_KOKKOS = "lightning.kokkos"
 RUN = ["--weights", "none", "--epochs", "1", "--print-freq", "0"]
-GPU_SPACES = ("Cuda", "HIP", "SYCL")  # Kokkos' execution spaces on a GPU
 
 
 def one_gpu_env(**extra):
@@ -300,23 +304,8 @@ def test_reduced_precision_backbone_on_the_gpu_differs_from_fp32_by_less_than_a_
         assert reduced["epochs"][0][key] == pytest.approx(fp32["epochs"][0][key], abs=0.01), key  # ... close to fp32
 
 
-def kokkos_execution_space():
-    """Kokkos' default execution space in this lightning.kokkos build (OpenMP, Cuda, HIP, ...), asked in a fresh
-    process through PennyLane alone, so that neither qml.py nor this process starts Kokkos."""
-    probe = ("import re, pennylane\n"
-             "from pennylane_lightning.lightning_kokkos_ops import print_configuration\n"
-             "circuit = pennylane.QNode(lambda: pennylane.expval(pennylane.PauliZ(0)), "
-             "pennylane.device('lightning.kokkos', wires=1))\n"
-             "circuit()  # starts Kokkos\n"
-             "print(re.search(r'Default Device: (\\S+)', print_configuration()).group(1))\n")
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    return result.stdout.split()[-1]
-
-
-@needs_gpu
 def test_kokkos_gpu_build_runs_the_circuit_on_the_gpu(gpu_data, tmp_path):
-    space = kokkos_execution_space()
+    space, _ = kokkos_build(env=dict(os.environ))  # this process's GPUs, not hidden
     if space not in GPU_SPACES:
         pytest.skip(f"this lightning.kokkos is a {space} build: its circuit runs on the CPU whatever the device")
     _, metrics = metrics_of(gpu_data, tmp_path, "kokkos", "--device", "cuda", "--qdevice", LIGHTNING_KOKKOS)

@@ -524,7 +524,7 @@ import torch
 import qml
 
 torch.ones(256, 256) @ torch.ones(256, 256)
-qml.make_quantum_net(2, 1)(torch.zeros(2), torch.zeros(2))
+qml.make_quantum_net(2, 1, 2, 'lightning.kokkos')(torch.zeros(2), torch.zeros(2))
 
 
 class Probe(torch.utils.data.Dataset):

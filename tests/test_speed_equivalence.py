@@ -43,9 +43,9 @@ def test_torch_simulator_matches_pennylane_values_and_gradients(nqubits, batch_s
     weights = (torch.rand(depth * nqubits, generator=gen, dtype=torch.float64) * 2 - 1) * np.pi
     cotangent = torch.randn(*batch_shape, nqubits, generator=gen, dtype=torch.float64)
 
-    torch_net = qml.make_quantum_net(nqubits, depth, simulators.TORCH_QDEVICE)
+    torch_net = qml.make_quantum_net(nqubits, depth, nqubits * depth, simulators.TORCH_QDEVICE)
     ours = values_and_gradients(torch_net, inputs, weights, cotangent)
-    pennylane = values_and_gradients(qml.make_quantum_net(nqubits, depth, "default.qubit"), inputs, weights, cotangent)
+    pennylane = values_and_gradients(qml.make_quantum_net(nqubits, depth, nqubits * depth, "default.qubit"), inputs, weights, cotangent)
     for name, mine, theirs in zip(("values", "input gradients", "weight gradients"), ours, pennylane, strict=True):
         assert mine.shape == theirs.shape, name
         torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-10, msg=lambda m, name=name: f"{name}: {m}")
@@ -61,10 +61,10 @@ def test_device_api_circuit_matches_pennylanes_qnode_values_and_gradients(qdevic
     weights = (torch.rand(depth * nqubits, generator=gen, dtype=torch.float64) * 2 - 1) * np.pi
     cotangent = torch.randn(*batch_shape, nqubits, generator=gen, dtype=torch.float64)
 
-    net = qml.make_quantum_net(nqubits, depth, qdevice)
+    net = qml.make_quantum_net(nqubits, depth, nqubits * depth, qdevice)
     assert isinstance(net, simulators.AdjointCircuit)
     ours = values_and_gradients(net, inputs, weights, cotangent)
-    pennylane = values_and_gradients(qml.make_quantum_net(nqubits, depth, "default.qubit"), inputs, weights, cotangent)
+    pennylane = values_and_gradients(qml.make_quantum_net(nqubits, depth, nqubits * depth, "default.qubit"), inputs, weights, cotangent)
     for name, mine, theirs in zip(("values", "input gradients", "weight gradients"), ours, pennylane, strict=True):
         assert mine.shape == theirs.shape, name
         torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-10, msg=lambda m, name=name: f"{name}: {m}")
@@ -73,7 +73,7 @@ def test_device_api_circuit_matches_pennylanes_qnode_values_and_gradients(qdevic
 def test_device_api_circuit_gives_float32_inputs_float32_gradients():
     inputs = torch.rand(3, 4, requires_grad=True)
     weights = torch.rand(24, requires_grad=True)
-    torch.stack(qml.make_quantum_net()(inputs, weights), dim=-1).sum().backward()
+    torch.stack(qml.make_quantum_net(4, 6, 24)(inputs, weights), dim=-1).sum().backward()
     assert (inputs.grad.dtype, weights.grad.dtype) == (torch.float32, torch.float32)
 
 
@@ -88,15 +88,15 @@ def test_torch_simulator_accepts_several_batch_dimensions():
     gen = torch.Generator().manual_seed(0)
     inputs = torch.rand(2, 3, nqubits, generator=gen, dtype=torch.float64) * np.pi
     weights = torch.rand(depth * nqubits, generator=gen, dtype=torch.float64) * np.pi
-    ours = torch.stack(simulators.TorchCircuit(nqubits, depth)(inputs, weights), dim=-1)
-    pennylane = qml.make_quantum_net(nqubits, depth, "default.qubit")
+    ours = torch.stack(qml.make_quantum_net(nqubits, depth, nqubits * depth, simulators.TORCH_QDEVICE)(inputs, weights), dim=-1)
+    pennylane = qml.make_quantum_net(nqubits, depth, nqubits * depth, "default.qubit")
     expected = torch.stack([torch.stack(list(pennylane(row, weights)), dim=-1) for row in inputs.reshape(-1, nqubits)])
     torch.testing.assert_close(ours, expected.reshape(2, 3, nqubits), rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_torch_simulator_returns_the_inputs_dtype(dtype):
-    out = simulators.TorchCircuit(2, 1)(torch.zeros(4, 2, dtype=dtype), torch.zeros(2))
+    out = qml.make_quantum_net(2, 1, 2, simulators.TORCH_QDEVICE)(torch.zeros(4, 2, dtype=dtype), torch.zeros(2))
     assert all(z.dtype == dtype for z in out)
 
 

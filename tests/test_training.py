@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torchvision
-from conftest import TINY_COUNTS, run_qml
+from conftest import GPU_SPACES, TINY_COUNTS, kokkos_build, run_qml
 from PIL import Image
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
@@ -90,8 +90,10 @@ def cpu_set(ranges):
 
 def test_first_line_says_where_the_ranks_device_and_circuit_run(one_epoch):
     lines, _, _ = one_epoch
+    space, _ = kokkos_build()
+    runs_on = "gpu" if space in GPU_SPACES else "cpu"
     first = re.fullmatch(r"Ranks: 1 \(single\) on (\S+) \| device: cpu, CPUs (\S+) \| backend: gloo \| "
-                         r"qdevice: lightning\.kokkos \(Kokkos OpenMP, on the cpu\)", lines[0])
+                         rf"qdevice: lightning\.kokkos \(Kokkos {space}, on the {runs_on}\)", lines[0])
     assert first, lines[0]
     assert first.group(1) == socket.gethostname()
     assert cpu_set(first.group(2)) == os.sched_getaffinity(0)
@@ -189,10 +191,12 @@ def test_buffer_digest_tells_apart_models_whose_batchnorm_statistics_differ():
     assert provenance.buffers_digest(other) != provenance.buffers_digest(model)
 
 
-def test_metrics_record_that_kokkos_simulated_the_circuit_with_openmp(one_epoch):
+def test_metrics_record_the_kokkos_execution_space_that_simulated_the_circuit(one_epoch):
     _, metrics, _ = one_epoch
     qdevice = metrics["provenance"]["qdevice"]
-    assert (qdevice["name"], qdevice["kokkos_device"], qdevice["runs_on"]) == ("lightning.kokkos", "OpenMP", "cpu")
+    space, _ = kokkos_build()
+    runs_on = "gpu" if space in GPU_SPACES else "cpu"
+    assert (qdevice["name"], qdevice["kokkos_device"], qdevice["runs_on"]) == ("lightning.kokkos", space, runs_on)
 
 
 def test_metrics_record_the_software_and_environment_of_the_run(one_epoch):
