@@ -263,12 +263,11 @@ class TorchCircuit:
                 gate.matrix = gate.matrix.to(self.dtype) if gate.matrix is not None else None
         self.measurements = [pauli_terms(m.obs) for m in self.trace.tape.measurements]
         self.z_table = z_table(self.measurements, nqubits)
-        # The fixed blocks before the first parameter prepare the same state for every image: prepare it once.
-        self.start = torch.zeros(1, 2**nqubits, dtype=self.dtype)
-        self.start[0, 0] = 1
+        # The fixed blocks before the first parameter prepare the same state for every image: prepared once, on
+        # the device of the first call (move_to), not here, where a state of 30 qubits would take 8 GiB.
+        self.preparation, self.start, self.device = [], None, torch.device("cpu")
         while self.blocks and self.blocks[0].kind == "fixed":
-            block = self.blocks.pop(0)
-            self.start = self.apply(block, block.matrix, self.start)
+            self.preparation.append(self.blocks.pop(0))
         # Where each variable parameter is in cat(inputs, weights); None: traced again at every call.
         self.gather = (torch.tensor([where + (nqubits if kind == "weight" else 0)
                                      for kind, where in (self.trace.sources[i] for i in self.variable)])
@@ -290,7 +289,7 @@ class TorchCircuit:
     def __call__(self, q_input_features, q_weights_flat):
         batch_shape = q_input_features.shape[:-1]
         inputs = q_input_features.to(torch.float64).reshape(-1, self.nqubits)
-        if inputs.device != self.start.device:
+        if self.start is None or inputs.device != self.device:
             self.move_to(inputs.device)
         values = self.parameters(inputs, q_weights_flat.to(torch.float64))
         shared = values[:1]  # a gate that depends on no input takes one matrix for the batch
@@ -337,23 +336,27 @@ class TorchCircuit:
         return torch.stack([expectation(state, probs, terms) for terms in self.measurements], -1)
 
     def move_to(self, device):
-        """Keep the circuit's constant tensors on the device of the inputs (the rank's)."""
-        self.start, self.gather = self.start.to(device), self.gather.to(device) if self.gather is not None else None
+        """Keep the circuit's constant tensors, and the prepared state, on the device of the inputs (the rank's)."""
+        self.device, self.gather = device, self.gather.to(device) if self.gather is not None else None
         self.z_table = self.z_table.to(device) if self.z_table is not None else None
         for block in self.blocks:
             block.matrix = block.matrix.to(device) if block.matrix is not None else None
             block.layer = (block.layer[0], block.layer[1].to(device)) if block.layer else None
             for gate in block.gates:
                 gate.matrix = gate.matrix.to(device) if gate.matrix is not None else None
+        self.start = torch.zeros(1, 2**self.nqubits, dtype=self.dtype, device=device)
+        self.start[0, 0] = 1
+        for block in self.preparation:
+            self.start = self.apply(block, block.matrix.to(device), self.start)
 
     def memory_bytes(self, batch, nqubits=None):
         """About what a batch's forward and backward pass keep at once: the states autograd saves (one per
-        block with parameters), the state being computed and its gradient, for nqubits (default: the circuit's;
+        block with parameters), the states being computed and their gradients (5, measured), for nqubits (default: the circuit's;
         another count scales the blocks with the width, as layered circuits grow)."""
         nqubits = nqubits or self.nqubits
         saved = sum(block.kind != "fixed" for block in self.blocks) * nqubits / self.nqubits
         itemsize = torch.empty(0, dtype=self.dtype).element_size()
-        return int((math.ceil(saved) + 4) * batch * 2**nqubits * itemsize)
+        return int((math.ceil(saved) + 5) * batch * 2**nqubits * itemsize)
 
 
 Z_TABLE_ENTRIES = 2**16  # up to this size a table of signs measures every <Z word> in one matmul
@@ -589,8 +592,8 @@ def memory_needed(net, qdevice, batch, nqubits=None):
     scale = n / net.trace.nqubits
     if isinstance(net, TorchCircuit):
         return net.memory_bytes(batch, n), f"a batch of {batch} states and those autograd keeps for the backward pass"
-    if qdevice.startswith("lightning."):  # adjoint: a state, its adjoint and one per measured observable
-        copies = math.ceil(net.trace.outputs * scale) + 3
+    if qdevice.startswith("lightning."):  # adjoint: the state, its adjoint, one per measured observable and work
+        copies = math.ceil(net.trace.outputs * scale) + 4
         return copies * state, f"{copies} states of the adjoint method"
     gates = math.ceil(len(net.trace.tape.operations) * scale) + 3
     return gates * batch * state, f"a batch of {batch} states for each of {gates} gates (backpropagation)"
