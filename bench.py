@@ -1,16 +1,19 @@
 """The speed benchmark of qml.py: epochs, the cached run and the circuit, timed in fresh processes.
 
     python bench.py [--data-dir DIR] [--weights none] [--epochs 3] [--cached-epochs 30] [--rounds 1]
+                    [--max-qubits 28] [--qubit-seconds 60] [--only all|qubits]
 
-prints a table of times and ratios (the first row of each group is 1.00x) and a table of where an epoch's
-time goes (qml.py --time-split: data loading, backbone, dressed head, all-reduce, optimizer), on whatever
-device qml.py picks (a GPU when one is visible). Compare ratios measured in one run, not times across runs.
+prints a table of times and ratios (the first row of each group is 1.00x), a table of where an epoch's
+time goes (qml.py --time-split: data loading, backbone, dressed head, all-reduce, optimizer), and the circuit's
+time by qubit count on every installed simulator, on whatever device qml.py picks (a GPU when one is visible).
+Compare ratios measured in one run, not times across runs.
 """
 
 import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -29,19 +32,25 @@ import simulators
 import timing
 
 QML = os.path.join(os.path.dirname(os.path.abspath(__file__)), "qml.py")
+QUBIT_COUNTS = (4, 8, 12, 16, 20, 24, 28)
 
 
-def time_circuit(qdevice, per_sample, batch=4, repeats=20):
-    """Median seconds of forward+backward of the dressed head's circuit for one batch."""
+def time_circuit(qdevice, per_sample, batch=4, nqubits=qml.n_qubits, budget=1.0):
+    """Median seconds of forward+backward of the dressed head's circuit for one batch, on the device qml.py picks
+    (a GPU when visible): a warm-up call, then as many as fit in `budget` seconds (at least one, at most 20)."""
+    device = qml.pick_device("auto", 0)
     torch.manual_seed(0)
-    head = qml.DressedQuantumNet(qdevice=qdevice, per_sample=per_sample)
-    features = torch.randn(batch, 512)
+    head = qml.DressedQuantumNet(n_qubits=nqubits, qdevice=qdevice, per_sample=per_sample,
+                                 device_id=device.index).to(device)
+    features = torch.randn(batch, 512, device=device)
     times = []
-    for _ in range(repeats + 2):  # two warm-up calls
+    while len(times) < 2 or (len(times) < 21 and sum(times[1:]) < budget):
         start = time.perf_counter()
         head(features).sum().backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return float(np.median(times[2:]))
+    return float(np.median(times[1:]))
 
 
 def time_run(extra, args, tmp, launcher=()):
@@ -108,15 +117,63 @@ def cached_rows(args, tmp):
     return rows
 
 
+def circuit_qdevices():
+    return [d for d in (simulators.TORCH_QDEVICE, simulators.KOKKOS_QDEVICE, "lightning.qubit", "lightning.gpu",
+                        "default.qubit") if d in simulators.available_qdevices()]
+
+
 def circuit_rows():
     rows = []
-    for qdevice in [d for d in (simulators.KOKKOS_QDEVICE, "lightning.qubit", "default.qubit", simulators.TORCH_QDEVICE)
-                    if d in simulators.available_qdevices()]:
+    for qdevice in circuit_qdevices():
         loop, batched = time_circuit(qdevice, True), time_circuit(qdevice, False)
         rows.append((f"circuit fwd+bwd, batch of 4, {qdevice}: per-sample", f"{loop * 1000:.1f} ms", "1.00x"))
         rows.append((f"circuit fwd+bwd, batch of 4, {qdevice}: broadcast", f"{batched * 1000:.1f} ms",
                      f"{batched / loop:.2f}x"))
     return rows
+
+
+def qubit_rows(args):
+    """Per installed path, the broadcast circuit's forward+backward for a batch of 4 at each of QUBIT_COUNTS, up to
+    --max-qubits: '-' where the memory check refuses the count (it says what it needs), or past a count that took
+    more than --qubit-seconds."""
+    rows = []
+    for qdevice in circuit_qdevices():
+        cells, stop = [], None
+        for nqubits in QUBIT_COUNTS:
+            if stop or nqubits > args.max_qubits:
+                cells.append(stop or "-")
+                continue
+            try:
+                qml.check_circuit_memory(argparse.Namespace(n_qubits=nqubits, q_depth=qml.q_depth, q_delta=qml.q_delta,
+                                                            qdevice=qdevice, per_sample=False, batch_size=4),
+                                         one_process())
+            except errors.UsageError as refused:
+                stop = f"needs {re.search(r'needs about (.*?) [(]', str(refused)).group(1)}"
+                cells.append(stop)
+                continue
+            seconds = time_circuit_alone(qdevice, nqubits)
+            cells.append(f"{seconds * 1000:.1f}" if seconds < 10 else f"{seconds:.1f} s")
+            stop = f"> {args.qubit_seconds:g} s" if seconds > args.qubit_seconds else None
+        rows.append((qdevice, *cells))
+    return rows
+
+
+def time_circuit_alone(qdevice, nqubits):
+    """time_circuit in a fresh process: lightning.kokkos keeps the threads it started with, which depend on the
+    qubit count (simulators.KOKKOS_ONE_THREAD_QUBITS)."""
+    code = f"import bench; print(bench.time_circuit({qdevice!r}, False, nqubits={nqubits}))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=os.path.dirname(QML))
+    if result.returncode != 0:
+        raise errors.UsageError(f"timing {qdevice} at {nqubits} qubits failed: {result.stderr.strip().splitlines()[-1:]}")
+    return float(result.stdout.split()[-1])
+
+
+def one_process():
+    """The DistContext of a benchmark process: one rank on this host, on the device qml.py picks."""
+    ctx = qml.DistContext(device=qml.pick_device("auto", 0))
+    ctx.rank_facts = [{"host": "here"}]
+    return ctx
 
 
 def machine_description():
@@ -138,21 +195,31 @@ def get_args_parser():
                         "--cache-features run, timed from process start to exit (default: %(default)s)")
     parser.add_argument("--rounds", type=options.positive(int), default=1, help="time every setup this many times and "
                         "keep its fastest (on a machine shared with other work) (default: %(default)s)")
+    parser.add_argument("--max-qubits", type=options.qubit_count, default=28, help="largest qubit count of the "
+                        "qubit-scaling table (default: %(default)s; counts the memory check refuses are left out)")
+    parser.add_argument("--qubit-seconds", type=options.positive(float), default=30.0, help="in the qubit-scaling "
+                        "table, a path that took longer than this for one batch runs no larger count (default: "
+                        "%(default)s)")
+    parser.add_argument("--only", choices=("all", "qubits"), default="all", help="qubits: only the qubit-scaling "
+                        "table, which needs no data set (default: %(default)s)")
     return parser
 
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    images.check_layout(args.data_dir)
-    with tempfile.TemporaryDirectory() as tmp:
-        epochs = epoch_rows(args, tmp)
-        rows = cached_rows(args, tmp) + circuit_rows()
     print(f"Machine: {machine_description()}")
-    print("\nWhere an epoch's time goes (seconds; ratio: the later epoch's to the tutorial-equivalent's):")
-    print(report.markdown_table(("run", "epoch 1", "later epoch", "ratio", *timing.TimeSplit.PARTS,
-                              "epoch 1 train loss/acc, val loss/acc"), epochs))
-    print()
-    print(report.markdown_table(("what", "time", "ratio"), rows))
+    if args.only == "all":
+        images.check_layout(args.data_dir)
+        with tempfile.TemporaryDirectory() as tmp:
+            epochs = epoch_rows(args, tmp)
+            rows = cached_rows(args, tmp) + circuit_rows()
+        print("\nWhere an epoch's time goes (seconds; ratio: the later epoch's to the tutorial-equivalent's):")
+        print(report.markdown_table(("run", "epoch 1", "later epoch", "ratio", *timing.TimeSplit.PARTS,
+                                  "epoch 1 train loss/acc, val loss/acc"), epochs))
+        print()
+        print(report.markdown_table(("what", "time", "ratio"), rows))
+    print(f"\nThe circuit's forward+backward for a batch of 4, ms, by qubit count (depth {qml.q_depth}):")
+    print(report.markdown_table(("qdevice", *map(str, QUBIT_COUNTS)), qubit_rows(args)))
     return 0
 
 

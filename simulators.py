@@ -188,15 +188,16 @@ def kron(factors):
     over wires w of factor w's entry (bit w of i, bit w of j), gathered in one index and multiplied in one
     product, which autograd records as two operations instead of 3 (k - 1)."""
     batch, k = factors.shape[:2]
-    return factors.reshape(batch, 4 * k)[:, kron_index(k, factors.device)].prod(1)
+    entries = factors.reshape(batch, 4 * k).index_select(1, kron_index(k, factors.device))
+    return entries.reshape(batch, k, 2**k, 2**k).prod(1)
 
 
 @functools.cache
 def kron_index(k, device):
-    """(k, 2^k, 2^k): where factor w's entry for (i, j) is in a (k x 2 x 2) flattening."""
+    """(k x 2^k x 2^k,): where factor w's entry for (i, j) is in a (k x 2 x 2) flattening."""
     bits = (np.arange(2**k)[:, None] >> np.arange(k - 1, -1, -1)) & 1  # bits[i, w], wire 0 the most significant
     index = 4 * np.arange(k)[:, None, None] + 2 * bits.T[:, :, None] + bits.T[:, None, :]
-    return torch.tensor(index, device=device)
+    return torch.tensor(index.reshape(-1), device=device)
 
 
 @dataclasses.dataclass
@@ -277,7 +278,7 @@ class TorchCircuit:
         """(batch, variable parameters) of this call: gathered once, or from a new trace."""
         if self.gather is not None:
             source = torch.cat((inputs, weights.expand(len(inputs), -1)), -1)
-            return source[:, self.gather]
+            return source.index_select(1, self.gather)  # (index_select: fancy indexing ran threads here)
         tape = self.trace.record(inputs, weights)
         if [(op.name, op.wires) for op in tape.operations] != [(op.name, op.wires) for op in self.trace.tape.operations]:
             raise RuntimeError("quantum_net's gates changed with its arguments' values; TorchCircuit needs the "
@@ -306,7 +307,7 @@ class TorchCircuit:
             return gate_matrix(block.gates[0], values, self.dtype)
         if block.layer is not None:  # one kernel for all its gates (a layer of RY, say)
             kernel, columns = block.layer
-            return kron(KERNELS[kernel](values[:, columns]).to(self.dtype))
+            return kron(KERNELS[kernel](values.index_select(1, columns)).to(self.dtype))
         return kron(torch.stack([gate_matrix(gate, values, self.dtype).expand(len(values), 2, 2)
                                  for gate in block.gates], 1))
 
@@ -549,7 +550,7 @@ class AdjointCircuit:
         if torch.is_grad_enabled() and (q_input_features.requires_grad or q_weights_flat.requires_grad):
             # The tapes' trainable parameters, from the arguments: autograd sums a reused one's gradients.
             source = torch.cat((inputs.double(), q_weights_flat.double().expand(len(inputs), -1)), -1)
-            values = source[:, self.gather.to(source.device)]
+            values = source.index_select(1, self.gather.to(source.device))
             expvals = AdjointExpvals.apply(values, self, tapes)
         else:
             expvals = torch.from_numpy(np.array(self.device.execute(tapes, self.config))).reshape(len(tapes), -1)
