@@ -97,17 +97,29 @@ def layout_fix(data_dir):
     return "it needs train/ and val/, each with one sub-folder of images per class"
 
 
+UNREADABLE_NAMED = 10  # the start-up check names this many unreadable images, then counts the others
+
+
 def check_images_decode(layout):
-    """Decode every image once as training will, so that a broken file is named now instead of crashing mid-epoch.
+    """Decode every image once as training will, so that broken files are named now instead of crashing mid-epoch:
+    all of them in one message (the first UNREADABLE_NAMED, then how many more), so that one run finds them all.
 
     (PIL's verify() passes a truncated JPEG: only a full decode finds it.)
     """
+    unreadable = []
     for paths in (p for split in layout.values() for p in split.values()):
         for path in paths:
             try:
                 load_rgb(path)
             except Exception:  # PIL raises many types for broken files
-                raise UsageError(f"{path} is not a readable image; delete or replace it") from None
+                unreadable.append(path)
+    if len(unreadable) == 1:
+        raise UsageError(f"{unreadable[0]} is not a readable image; delete or replace it")
+    if unreadable:
+        named = ", ".join(unreadable[:UNREADABLE_NAMED])
+        more = len(unreadable) - UNREADABLE_NAMED
+        raise UsageError(f"{len(unreadable)} files are not readable images: {named}"
+                         f"{f' ... and {more} more' if more > 0 else ''}; delete or replace them")
 
 
 def download_dataset(data_dir, url=DATA_URL):

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 import qml
-from conftest import QML, free_port, make_image_folder, one_stderr_line
+from conftest import QML, free_port, make_image_folder, one_stderr_line, run_qml
 
 # Fast, CPU-only options; cases override what they test (argparse keeps the last value).
 BASE = ["--weights", "none", "--qdevice", "torch", "--workers", "0", "--print-freq", "0", "--epochs", "1",
@@ -259,6 +259,47 @@ def test_bad_data_directory_exits_2_with_one_line(capfd, data, case, expected):
     named = break_data(case, data)
     line = main_error(capfd, ["--data-dir", str(data), *BASE])
     assert_mentions(line, *expected, *([named] if named else []))
+
+
+SMALL_COUNTS = {"train": {"ants": 2, "bees": 2}, "val": {"ants": 1, "bees": 1}}
+
+
+def unreadable_images_error(data):
+    """Run qml.py on `data` as a real process; assert status 2, one line, no traceback; return the line."""
+    result = run_qml("--data-dir", data, *BASE, timeout=HANG_GUARD)
+    assert result.returncode == 2, result.stderr
+    line = one_stderr_line(result.stderr)
+    assert line.startswith("qml.py: error: "), result.stderr
+    return line
+
+
+def test_three_unreadable_images_are_all_named_in_one_line(tmp_path):
+    data = make_image_folder(tmp_path / "data", SMALL_COUNTS)
+    broken = [os.path.join(data, "train", "ants", "empty.png"), os.path.join(data, "train", "ants", "text.jpg"),
+              os.path.join(data, "val", "bees", "truncated.jpg")]  # in the check's order: two in one folder
+    open(broken[0], "wb").close()
+    with open(broken[1], "w") as file:
+        file.write("this is not a JPEG")
+    with open(os.path.join(data, "val", "bees", "0.jpg"), "rb") as file:
+        whole = file.read()
+    with open(broken[2], "wb") as file:  # header intact: only a full decode finds it
+        file.write(whole[: len(whole) * 7 // 10])
+    line = unreadable_images_error(data)
+    assert_mentions(line, f"3 files are not readable images: {', '.join(broken)}; delete or replace them")
+    assert "more" not in line
+
+
+def test_thirteen_unreadable_images_name_the_first_ten_and_count_the_rest(tmp_path):
+    data = make_image_folder(tmp_path / "data", SMALL_COUNTS)
+    broken = [os.path.join(data, "val", "ants", f"bad{i:02}.jpg") for i in range(13)]
+    for path in broken:
+        with open(path, "w") as file:
+            file.write("this is not a JPEG")
+    line = unreadable_images_error(data)
+    assert_mentions(line, f"13 files are not readable images: {', '.join(broken[:10])} ... and 3 more; "
+                          f"delete or replace them")
+    for path in broken[10:]:
+        assert path not in line
 
 
 def test_missing_data_directory_exits_2_with_one_line(capfd, tmp_path):
