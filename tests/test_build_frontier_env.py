@@ -6,7 +6,8 @@ environment's python: `conda create` makes ENV_PREFIX/bin/python, which fakes `p
 pennylane and pennylane_lightning modules that report what the fake installs left. So a second run finds
 the first run's work and skips it, as on Frontier. Every fake appends its argv and the variables that
 matter (MPICC, CMAKE_ARGS, ...) as one JSON line to a log. FAKE_FAIL=text makes a fake whose command
-line contains text exit 1; FAKE_KOKKOS_DEVICE and FAKE_GPUS change what lightning.kokkos reports.
+line contains text exit 1; FAKE_PIP_IGNORE=name makes pip install succeed without installing that distribution;
+FAKE_KOKKOS_DEVICE and FAKE_GPUS change what lightning.kokkos reports.
 """
 
 import json
@@ -27,6 +28,7 @@ ME = "build_frontier_env.sh"
 OLCF_MODULES = ["PrgEnv-gnu/8.7.0", "cpe/26.03", "miniforge3/23.11.0-0", "rocm/7.1.1", "craype-accel-amd-gfx90a"]
 STEPS = ["env", "torch", "build-tools", "kokkos", "lightning", "lightning-kokkos", "mpi4py", "requirements"]
 REQUIREMENTS = REPO / "requirements-frontier.txt"
+MODULE_FILE = REPO / "frontier-modules.txt"
 
 # ---- the fakes ----
 
@@ -182,6 +184,8 @@ def pip(args):
             specs.append(args[i])
         i += 1
     for spec in specs:
+        if os.environ.get("FAKE_PIP_IGNORE") and spec.startswith(os.environ["FAKE_PIP_IGNORE"]):
+            continue
         if os.path.isdir(spec):  # a Lightning clone, configured for one backend
             backend = open(os.path.join(spec, ".fake_backend")).read()
             name = {"lightning_qubit": "pennylane_lightning", "lightning_kokkos": "pennylane_lightning_kokkos"}[backend]
@@ -274,10 +278,11 @@ def print_configuration():
 }
 
 
-def make_fakes(tmp_path):
-    """Fake tools on PATH under tmp_path; returns run(*args, **env) -> (CompletedProcess, log entries of that run)."""
+def make_fakes(tmp_path, script=SCRIPT):
+    """Fake tools on PATH under tmp_path; returns run(*args, **env) -> (CompletedProcess, log entries of that run)
+    of `bash script args` (the repository's build_frontier_env.sh unless told)."""
     bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
+    bin_dir.mkdir(parents=True)
     shebang = f"#!{sys.executable} -S\n"
     tools = {"module": SIMPLE_TOOL, "hipcc": SIMPLE_TOOL, "cc": SIMPLE_TOOL, "CC": SIMPLE_TOOL,
              "conda": CONDA, "git": GIT, "cmake": CMAKE}
@@ -298,7 +303,7 @@ def make_fakes(tmp_path):
 
     def run(*args, **env):
         start = log.stat().st_size if log.exists() else 0
-        proc = subprocess.run(["bash", str(SCRIPT), *map(str, args)], env=dict(base, **env), cwd=tmp_path,
+        proc = subprocess.run(["bash", str(script), *map(str, args)], env=dict(base, **env), cwd=tmp_path,
                               capture_output=True, text=True, timeout=120, check=False)
         entries = []
         if log.exists():
@@ -456,6 +461,16 @@ def test_dry_run_prints_every_command_and_runs_none(fakes):
     assert "QML_CONDA_ENV=" not in proc.stdout
 
 
+@pytest.mark.parametrize("build_dir", [["--build-dir", "src"], ["--build-dir=src/"]])
+def test_build_dir_holds_the_sources_and_paths_become_absolute(fakes, build_dir):
+    proc, entries = fakes("--dry-run", *build_dir, "env/")  # relative to the working directory, fakes.tmp
+    assert proc.returncode == 0 and entries == [], proc.stderr
+    commands = [shlex.split(line[2:]) for line in proc.stdout.splitlines() if line.startswith("+ ")]
+    assert ["conda", "create", "-y", "-p", f"{fakes.tmp}/env", "-c", "conda-forge", "python=3.12"] in commands
+    clones = [c[-1] for c in commands if c[:2] == ["git", "clone"]]
+    assert clones == [f"{fakes.tmp}/src/kokkos-5.1.0", *[f"{fakes.tmp}/src/pennylane-lightning-v0.45.0"] * 2]
+
+
 def test_run_with_fakes_calls_the_steps_in_order_with_the_pinned_versions(built):
     prefix, (proc, entries) = built.prefix, built.first
     assert actions(entries) == EXPECTED_ORDER
@@ -526,6 +541,41 @@ def test_mpi4py_from_a_wheel_is_rebuilt_and_a_failed_build_resumes_there(built, 
         "module unload rocm craype-accel-amd-gfx90a", "pip install mpi4py>=4.0",
         "module load rocm/7.1.1", "module load craype-accel-amd-gfx90a", "hip-check"]
     assert "--force-reinstall" in entry(entries, "pip install mpi4py>=4.0")["argv"]
+
+
+def test_a_step_that_runs_but_leaves_no_result_fails_in_one_line(built, fakes):
+    # pip "succeeds" but installs no mpi4py: the step checks what it did and stops, before the requirements.
+    prefix = finished_env(built, fakes)
+    (dist,) = site(prefix).glob("mpi4py-*.dist-info")
+    shutil.rmtree(dist)
+    proc, entries = fakes(prefix, FAKE_PIP_IGNORE="mpi4py")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    line = error_line(proc)
+    assert line.startswith(f"{ME}: error: step mpi4py failed: it ran, but ") and "not Cray MPICH" in line
+    assert "hip-check" not in actions(entries) and "QML_CONDA_ENV=" not in proc.stdout
+
+
+def kokkos_without_hip(prefix):
+    (prefix / "opt/kokkos-5.1.0/lib64/cmake/Kokkos/KokkosConfigCommon.cmake").write_text("set(Kokkos_DEVICES SERIAL)\n")
+
+
+def lightning_from_pypi(prefix):
+    (dist,) = site(prefix).glob("pennylane_lightning-*.dist-info")
+    (dist / "direct_url.json").unlink()  # as a wheel from the index leaves it
+
+
+@pytest.mark.parametrize("spoil, rebuilt", [
+    (kokkos_without_hip, ["git clone kokkos.git 5.1.0", "cmake configure", "cmake --build", "cmake --install"]),
+    (lightning_from_pypi, ["git clone pennylane-lightning.git v0.45.0", "configure lightning_qubit",
+                           "pip install pennylane==0.45.* pennylane-lightning-v0.45.0"]),
+])
+def test_a_result_that_is_not_the_steps_own_is_rebuilt(built, fakes, spoil, rebuilt):
+    # A Serial-only Kokkos, a Lightning wheel from PyPI: there, but not what the step builds.
+    prefix = finished_env(built, fakes)
+    spoil(prefix)
+    proc, entries = fakes(prefix)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert actions(entries)[len(OLCF_MODULES):] == [*rebuilt, "hip-check"]
 
 
 def test_torch_of_another_build_is_replaced(built, fakes):
@@ -601,8 +651,61 @@ def test_bad_usage_exits_2_with_one_line(fakes, args):
     assert line.startswith(f"{ME}: error: ") and "usage: bash build_frontier_env.sh" in line
 
 
-def test_the_builders_modules_are_the_launchers_default():
-    # The job must load the stack the environment was built with: one list, checked here to be the same.
-    build = re.search(r'^DEFAULT_MODULES="([^"]+)"', SCRIPT.read_text(), re.M)
-    launcher = re.search(r'^FRONTIER_MODULES="([^"]+)"', (REPO / "submit_qml.sbatch").read_text(), re.M)
-    assert build and launcher and build[1] == launcher[1]
+def file_modules(path):
+    """The modules a frontier-modules.txt names, in order: one a line, '#' starts a comment."""
+    return [word for line in path.read_text().splitlines() for word in line.split("#", 1)[0].split()]
+
+
+def modules_printed(proc):
+    return [line[2:] for line in proc.stdout.splitlines() if line.startswith("+ module ")]
+
+
+def script_copy(tmp_path, modules_text=None):
+    """build_frontier_env.sh copied alone into a folder, with frontier-modules.txt beside it when given."""
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    shutil.copy(SCRIPT, folder / ME)
+    if modules_text is not None:
+        (folder / "frontier-modules.txt").write_text(modules_text)
+    return folder / ME
+
+
+def test_the_builder_loads_frontier_modules_txt_in_order(fakes, tmp_path):
+    # The file is the one list (submit_qml.sbatch reads it too): OLCF's 2026 stack, which the tests above expect.
+    assert file_modules(MODULE_FILE) == OLCF_MODULES
+    proc, _ = fakes("--dry-run", fakes.tmp / "env")
+    assert proc.returncode == 0, proc.stderr
+    assert modules_printed(proc) == [*(f"module load {m}" for m in file_modules(MODULE_FILE)),
+                                     "module unload rocm craype-accel-amd-gfx90a",
+                                     "module load rocm/7.1.1", "module load craype-accel-amd-gfx90a"]
+    # Another list, with comments and blank lines, in the file beside the script: exactly it, in its order.
+    text = "# a site's own stack\n\nPrgEnv-gnu/8.6.0\n  cpe/25.09   # trailing comment\n#rocm/9.9.9\nrocm/6.4.2\n"
+    run = make_fakes(tmp_path / "fakes", script=script_copy(tmp_path, text))
+    proc, entries = run("--dry-run", tmp_path / "env")
+    assert proc.returncode == 0 and entries == [], proc.stderr
+    assert modules_printed(proc) == ["module load PrgEnv-gnu/8.6.0", "module load cpe/25.09", "module load rocm/6.4.2",
+                                     "module unload rocm craype-accel-amd-gfx90a", "module load rocm/6.4.2"]
+    assert "== modules: PrgEnv-gnu/8.6.0 cpe/25.09 rocm/6.4.2" in proc.stdout.splitlines()
+
+
+@pytest.mark.parametrize("text", [None, "# nothing but a comment\n\n"])
+def test_a_missing_or_empty_module_file_fails_in_one_line_unless_qml_modules_is_set(tmp_path, text):
+    run = make_fakes(tmp_path / "fakes", script=script_copy(tmp_path, text))
+    proc, entries = run(tmp_path / "env")
+    assert proc.returncode == 1 and entries == [], proc.stdout + proc.stderr
+    line = error_line(proc)
+    assert line.startswith(f"{ME}: error: step modules failed: ") and "frontier-modules.txt" in line
+    assert "QML_MODULES" in line
+    proc, _ = run("--dry-run", tmp_path / "env", QML_MODULES="rocm/7.1.1")
+    assert proc.returncode == 0, proc.stderr
+    assert modules_printed(proc)[0] == "module load rocm/7.1.1"
+
+
+def test_another_module_list_is_named_in_the_printed_sbatch_line(built, fakes):
+    # The job must load the modules the environment was built with, not frontier-modules.txt's.
+    prefix = finished_env(built, fakes)
+    proc, entries = fakes(prefix, QML_MODULES="PrgEnv-gnu/8.7.0 rocm/7.1.1")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert actions(entries) == ["module load PrgEnv-gnu/8.7.0", "module load rocm/7.1.1", "hip-check"]
+    assert (f"sbatch --export=QML_CONDA_ENV={prefix},QML_MODULES='PrgEnv-gnu/8.7.0 rocm/7.1.1' submit_qml.sbatch "
+            "1,2,4,8") in proc.stdout.splitlines()
