@@ -158,6 +158,20 @@ def test_lightning_runs_the_circuit_through_the_device_api_unless_quantum_net_co
         assert net.qnode_reason == "quantum_net computes gate parameters from its arguments"
 
 
+def test_a_circuit_the_devices_adjoint_method_refuses_runs_through_a_qnode_saying_why(monkeypatch):
+    def variance(q_input_features, q_weights_flat, nqubits, depth):
+        qml.RY_layer(q_input_features)
+        return [pennylane.var(pennylane.PauliZ(position)) for position in range(nqubits)]
+
+    monkeypatch.setattr(qml, "quantum_net", variance)
+    net = qml.make_quantum_net(2, DEPTH, 2 * DEPTH, "lightning.kokkos")
+    assert isinstance(net, pennylane.QNode)
+    assert net.qnode_reason.startswith("its adjoint method refuses quantum_net ("), net.qnode_reason
+    inputs = torch.tensor([0.3, -1.2], dtype=torch.float64, requires_grad=True)
+    torch.stack(list(net(inputs, torch.zeros(4)))).sum().backward()
+    torch.testing.assert_close(inputs.grad, 2 * torch.sin(inputs.detach()) * torch.cos(inputs.detach()))  # d sin^2
+
+
 @pytest.mark.parametrize("circuit", ["reuploading"])
 def test_the_first_line_says_why_lightning_runs_a_qnode(edited, circuit):
     torch.manual_seed(0)
