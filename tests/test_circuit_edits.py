@@ -180,10 +180,15 @@ def test_the_first_line_says_why_lightning_runs_a_qnode(edited, circuit):
     assert summary.endswith("; a QNode, since quantum_net computes gate parameters from its arguments"), summary
 
 
-@pytest.mark.parametrize("circuit", ["reuploading"])
-def test_the_dressed_head_takes_as_many_inputs_as_the_circuit_measures(edited, circuit):
+def test_the_dressed_head_takes_as_many_inputs_as_the_circuit_measures(monkeypatch):
+    def one_parity(q_input_features, q_weights_flat, nqubits, depth):
+        qml.RY_layer(q_input_features)
+        qml.RY_layer(q_weights_flat.reshape(depth, nqubits)[0])
+        return [pennylane.expval(pennylane.PauliZ(0) @ pennylane.PauliZ(1))]
+
+    monkeypatch.setattr(qml, "quantum_net", one_parity)
     torch.manual_seed(0)
-    head = qml.DressedQuantumNet(n_qubits=1, q_depth=DEPTH, qdevice=simulators.TORCH_QDEVICE)
+    head = qml.DressedQuantumNet(n_qubits=3, q_depth=DEPTH, qdevice=simulators.TORCH_QDEVICE)
     assert head.post_net.in_features == 1
     assert head(torch.randn(2, 512)).shape == (2, 2)
 
