@@ -12,10 +12,10 @@ The checks, each of which fails with every offending page:line listed:
    subcommand with one RUNDIR. `bench.py` arguments must parse with `bench.get_args_parser()`. After
    `submit_qml.sbatch`: an optional task count (4, 1,2,4,8, or a placeholder), the launcher's own options (those
    of sweep.py's parser, e.g. `--repeats K` with K a positive integer, `--continue DIR`, `--vary OPTION=V1,V2`
-   with OPTION a qml.py option), and the rest must parse as qml.py's. After `build_frontier_env.sh`, options must be in its `case` patterns.
-   Options must be spelled in full (argparse would take a prefix). Placeholders (an upper-case word such as DIR,
-   PATH, ENV, N; X for <...>; `...`) are accepted as any value: the check puts a valid value of that option in
-   their place. `[` and `]` around words are usage brackets, dropped.
+   with OPTION a qml.py option), and the rest must parse as qml.py's. After `build_frontier_env.sh`, options
+   must be in its `case` patterns. Options must be spelled in full (argparse would take a prefix). Placeholders
+   (an upper-case word such as DIR, PATH, ENV, N; X for <...>; `...`) are accepted as any value: the check puts a
+   valid value of that option in their place. `[` and `]` around words are usage brackets, dropped.
 2. Options named. An inline code span that starts with `--` names options; each `--name` in it must be an option
    of one of this project's programs (qml.py, bench.py, submit_qml.sbatch, build_frontier_env.sh) or one of the
    sbatch/srun/torchrun/python options listed in OTHER_PROGRAMS_OPTIONS (add a new one there, with its program).
@@ -54,7 +54,7 @@ BENCH_PARSER = bench.get_args_parser()
 
 # Options of other programs that the pages name in inline spans, by program.
 OTHER_PROGRAMS_OPTIONS = {
-    "sbatch": {"--export", "--exclusive", "--requeue", "--open-mode", "--signal", "--network"},
+    "sbatch": {"--export", "--exclusive", "--requeue", "--open-mode", "--signal", "--network", "--cpus-per-task"},
     "srun": {"--gpus-per-task", "--gpu-bind", "--ntasks-per-node", "--network", "--kill-on-bad-exit"},
     "torchrun": {"--nproc-per-node"},
     "python -m venv": {"--clear"},
