@@ -78,6 +78,8 @@ def test_runs_are_repeat_major_and_carry_the_value_and_the_repeat():
     assert len({run.stem for run in runs}) == len(runs) == 8
     assert names(sweep.plan_runs(sweep.parse_sweep(["4", "--repeats", "3"]), "r"))[2] == (
         4, ("--repeat", "2"), "tasks-4-repeat-2")
+    assert names(sweep.plan_runs(sweep.parse_sweep(["4", "--vary", "lr=0.1,0.01"]), "r")) == [
+        (4, ("--lr", "0.1"), "tasks-4-lr-0.1-repeat-0"), (4, ("--lr", "0.01"), "tasks-4-lr-0.01-repeat-0")]
 
 
 @pytest.mark.parametrize("files, state", [({}, "new"), ({".pt": b"x"}, "begun"),
