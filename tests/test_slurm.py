@@ -785,8 +785,8 @@ def test_frontier_without_its_module_list_says_what_to_copy(fake_job, tmp_path):
     (tmp_path / "submit" / "frontier-modules.txt").unlink()
     proc = fake_job(1, **FRONTIER_NODE)
     assert proc.returncode == 2 and not srun_lines(proc.stdout)
-    (line,) = [line for line in proc.stderr.splitlines() if "error" in line]
-    assert "frontier-modules.txt" in line and "QML_MODULES" in line, proc.stderr
+    line = one_stderr_line(proc.stderr)
+    assert "frontier-modules.txt" in line and "QML_MODULES" in line, line
 
 
 def test_the_module_hook_loads_qml_modules_on_any_site(fake_job):
@@ -1156,7 +1156,7 @@ def test_repeats_pass_the_users_seeds_as_given(fake_job):
 
 @pytest.mark.parametrize("argv, seeds", [(["--seed", "7", "--shuffle-seed", "5", "--repeat", "2"], (9, 7)),
                                          (["--see", "7", "--shuffle=5", "--repeat", "1"], (8, 6)),
-                                         ([], (42, 0)), (["--repeat", "3"], (45, 3))])
+                                         ([], (42, 0)), (["--repeat", "1"], (43, 1)), (["--repeat", "3"], (45, 3))])
 def test_repeat_r_trains_with_both_seeds_plus_r(argv, seeds):
     args = qml.get_args_parser().parse_args(argv)
     validate_args(args)
