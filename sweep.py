@@ -473,9 +473,10 @@ def set_up(sweep, env):
     script = env.get("QML_SCRIPT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "qml.py")
     if not os.path.isfile(script):
         raise RunFailed(f"training script {script} not found (copy qml.py next to sweep.py or set QML_SCRIPT)")
-    rundir, begun = find_rundir(sweep, env["SLURM_JOB_ID"])
-    check_qml_args(sys.executable, script, sweep)
-    if begun:
+    rundir, continuing = find_rundir(sweep, env["SLURM_JOB_ID"])
+    if not continuing or sweep.continue_dir:  # a requeued job's own folder: its arguments passed at its first start
+        check_qml_args(sys.executable, script, sweep)
+    if continuing:
         print(f"== continuing {rundir} (restart {env.get('SLURM_RESTART_COUNT', '0')} of job {env['SLURM_JOB_ID']})",
               flush=True)
     else:

@@ -495,10 +495,11 @@ CONDA_PREFIX=/fake/conda-env; export CONDA_PREFIX
 echo "ACTIVATED $1"
 """,
 }
-# Stands in for qml.py where a test needs no training: prints its arguments; --check passes unless told.
+# Stands in for qml.py where a test needs no training: prints its arguments; --check passes, but when
+# FAKE_CHECK_FAILS names one of the arguments it checks.
 FAKE_QML = """import os, sys
 print("QML", *sys.argv[1:], flush=True)
-if "--check" in sys.argv and os.environ.get("FAKE_CHECK_FAILS"):
+if "--check" in sys.argv and os.environ.get("FAKE_CHECK_FAILS", "--check") in sys.argv[1:-1]:
     sys.exit(print("qml.py: error: argument --n-qubits: must be 1..20", file=sys.stderr) or 2)
 """
 MODULE_LIST = REPO / "frontier-modules.txt"
@@ -1000,21 +1001,44 @@ def test_qml_py_checks_the_arguments_once_before_the_first_step(fake_job):
     assert proc.stdout.index("QML --epochs 2 --check") < proc.stdout.index("SRUN")
 
 
+def test_a_requeued_job_checks_no_more_but_a_continue_job_does(fake_job, tmp_path):
+    # The requeued job's own folder holds the sweep it checked at its first start; another job's may not fit this one.
+    finished_sweep(tmp_path / "submit" / "runs" / "4242", "1,2", complete=(1,))
+    requeued = fake_job("1,2", QML_SITE="generic", SLURM_RESTART_COUNT="1")
+    assert requeued.returncode == 0 and qml_lines(requeued.stdout) == [["report", "runs/4242"]], requeued.stdout
+    continued = fake_job("1,2", "--continue", "runs/4242", QML_SITE="generic", SLURM_JOB_ID="4343")
+    assert qml_lines(continued.stdout)[0] == ["--check"], continued.stdout
+
+
 def test_arguments_qml_py_refuses_end_the_job_before_any_step(fake_job, tmp_path):
-    proc = fake_job("1,2", "--n-qubits", "99", QML_SITE="generic", FAKE_CHECK_FAILS="1")
+    proc = fake_job("1,2", "--n-qubits", "99", QML_SITE="generic", FAKE_CHECK_FAILS="99")
     assert proc.returncode == 2 and not srun_lines(proc.stdout)
     assert proc.stderr.strip() == "qml.py: error: argument --n-qubits: must be 1..20"  # qml.py's line, once
     assert not (tmp_path / "submit" / "runs").exists()
 
 
+def test_every_varied_value_is_checked_before_the_first_step(fake_job, tmp_path):
+    proc = fake_job("1,2", "--vary", "n-qubits=2,99", QML_SITE="generic", FAKE_CHECK_FAILS="99")
+    assert proc.returncode == 2 and not srun_lines(proc.stdout) and not (tmp_path / "submit" / "runs").exists()
+    assert qml_lines(proc.stdout) == [["--n-qubits", "2", "--check"], ["--n-qubits", "99", "--check"]]
+    assert one_stderr_line(proc.stderr) == "qml.py: error: argument --n-qubits: must be 1..20"
+
+
 @pytest.mark.parametrize("args, refused", [(["--n-qubits", "99"], "--n-qubits"),
-                                           (["--seed", "4294967295", "--repeats", "2"], "--repeat 1 gives --seed"),
-                                           (["--vary", "n-qubits=2,99"], "--n-qubits")],
-                         ids=["qubits", "last-repeat-seed", "varied-value"])
+                                           (["--repeats", "2", "--seed", "abc"], "--seed"),
+                                           (["--repeats", "2", "--shuffle-seed=-3"], "--shuffle-seed")],
+                         ids=["qubits", "bad-seed", "negative-shuffle-seed"])
 def test_real_qml_py_refuses_bad_arguments_before_any_step_in_one_line(fake_job, tmp_path, args, refused):
-    proc = fake_job(1, *args, QML_SITE="generic", real_qml=True)
+    proc = fake_job("1,2", *args, QML_SITE="generic", real_qml=True)
     assert proc.returncode == 2 and not srun_lines(proc.stdout), proc.stderr
-    assert refused in one_stderr_line(proc.stderr) and not (tmp_path / "submit" / "runs").exists()
+    line = one_stderr_line(proc.stderr)
+    assert line.startswith("qml.py: error:") and refused in line and not (tmp_path / "submit" / "runs").exists()
+
+
+def test_the_last_repeats_seeds_are_checked_too():
+    args = qml.get_args_parser().parse_args(["--seed", "4294967295", "--repeat", "1"])
+    with pytest.raises(qml.UsageError, match="--repeat 1 gives --seed 4294967296"):
+        validate_args(args)
 
 
 def test_interrupted_step_requeues_the_job_and_runs_no_further_step(fake_job):
@@ -1241,15 +1265,6 @@ def test_bad_repeats_exit_2_with_one_line(fake_job, args):
     assert not srun_lines(proc.stdout)
 
 
-@pytest.mark.parametrize("args", [["--repeats", "2", "--seed", "abc"], ["--repeats", "2", "--shuffle-seed=-3"]],
-                         ids=["bad-seed", "negative-shuffle-seed"])
-def test_bad_seeds_exit_2_with_qml_pys_one_line(fake_job, args):
-    proc = fake_job("1,2", *args, QML_SITE="generic", real_qml=True)
-    assert proc.returncode == 2
-    assert "seed" in one_stderr_line(proc.stderr) and "error" in proc.stderr, proc.stderr
-    assert not srun_lines(proc.stdout)
-
-
 @pytest.mark.parametrize("first", ["0", "-2", "two", "1,,2", "1,0", "", "2.5", "--epochs", "1,2,1"])
 def test_bad_first_argument(fake_job, first):
     proc = fake_job(first, QML_SITE="generic")
@@ -1276,9 +1291,7 @@ def test_a_run_stopped_before_its_json_is_completed_from_its_checkpoint_and_repo
     have written from the checkpoint, and the report counts it."""
     rundir, args = tmp_path / "submit" / "runs" / "77", ["--data-dir", tiny_data, *TINY_RUN]
     stem = rundir / "tasks-1-repeat-1"
-    done = run_qml(*args, "--repeat", "1", "--checkpoint", f"{stem}.pt", "--metrics-json", f"{stem}.json",
-                   env={"OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr
+    assert qml.main([*args, "--repeat", "1", "--checkpoint", f"{stem}.pt", "--metrics-json", f"{stem}.json"]) == 0
     whole = json.loads(Path(f"{stem}.json").read_text())
     # Repeat 0 complete (a copy stands in for it), repeat 1 stopped after its last checkpoint: no JSON.
     Path(f"{stem}.json").rename(rundir / "tasks-1-repeat-0.json")
