@@ -218,9 +218,9 @@ class Step:
 
 def plan_step(tasks, alloc, counts):
     """The shape of a step of `tasks` tasks. GPU tasks pack onto as few nodes as hold them (collectives inside a node
-    are fastest); CPU tasks spread over the job's nodes, so that each gets more cores. A node holds at most one task
-    per GPU per task and per CPUs per task (1 when shared). A step the job cannot hold is refused in one line naming
-    the sbatch -N that fits (`counts`: the sweep's, for that line)."""
+    are fastest); CPU tasks spread over the job's nodes, so that each gets more cores. A node holds as many tasks as
+    both its GPUs and its CPUs allow (a task takes 1 CPU when they are shared). A step the job cannot hold is refused
+    in one line naming the sbatch -N that fits (`counts`: the sweep's, for that line)."""
     cpus_each, caps = alloc.cpus_per_task or 1, []
     if alloc.cpus_per_node:
         if cpus_each > alloc.cpus_per_node:
@@ -256,8 +256,8 @@ def srun_command(step, alloc, program):
 
 
 def omp_threads(step, alloc, env):
-    """Yours when set; 1 on Frontier's default 7 cores (Kokkos and torch each start a pool: OLCF's value); else
-    one thread per CPU of the task."""
+    """Yours when set; 1 on Frontier's default 7 cores (the value of OLCF's own script for the tutorial); else one
+    thread per CPU of the task."""
     if env.get("OMP_NUM_THREADS"):
         return env["OMP_NUM_THREADS"]
     return "1" if alloc.frontier and not alloc.cpus_from else str(step.cpus)
