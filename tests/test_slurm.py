@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import (NO_GPUS, PROGRAM_FILES, QML, ROOT, assert_ranks_agree, free_port, free_port_block,
-                      one_stderr_line, run_qml)
+                      one_stderr_line)
 
 import qml
 from options import validate_args
@@ -132,25 +132,21 @@ def wait_for_job(jobid, env, deadline):
     return None
 
 
-def submit(env, cwd, *args, sbatch_opts=(), extra_env=None, sbatch_wait=False):
-    """Submit submit_qml.sbatch ARGS from cwd and wait for it (bounded).
+def submit(env, cwd, *args, sbatch_opts=(), extra_env=None):
+    """Submit submit_qml.sbatch ARGS from cwd and wait for it (bounded), polling scontrol (sbatch --wait sleeps 2,
+    8, 32 s between its looks).
 
-    Returns (exit status, job id, log text, context for assertion messages). sbatch_wait=True waits with
-    `sbatch --wait` itself (its exit status is the job's), otherwise scontrol is polled, which is faster.
+    Returns (exit status, job id, log text, context for assertion messages).
     """
     run_env = dict(env, **(extra_env or {}))
-    cmd = ["timeout", str(JOB_TIMEOUT), "sbatch", "--parsable", *(["--wait"] if sbatch_wait else []),
-           *sbatch_opts, "submit_qml.sbatch", *map(str, args)]
+    cmd = ["timeout", str(JOB_TIMEOUT), "sbatch", "--parsable", *sbatch_opts, "submit_qml.sbatch", *map(str, args)]
     deadline = time.monotonic() + JOB_TIMEOUT
     proc = subprocess.run(cmd, cwd=cwd, env=run_env, capture_output=True, text=True, timeout=JOB_TIMEOUT + 30)
     match = re.match(r"\s*(\d+)", proc.stdout)
     assert match, f"sbatch printed no job id (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
     jobid = match.group(1)
-    if sbatch_wait:
-        rc = None if proc.returncode == 124 else proc.returncode
-    else:
-        assert proc.returncode == 0, f"sbatch failed ({proc.returncode}): {proc.stderr}"
-        rc = wait_for_job(jobid, run_env, deadline)
+    assert proc.returncode == 0, f"sbatch failed ({proc.returncode}): {proc.stderr}"
+    rc = wait_for_job(jobid, run_env, deadline)
     if rc is None:
         subprocess.run(["scancel", jobid], env=run_env, timeout=30)
     log_path = Path(cwd) / f"qml_basics-{jobid}.out"
@@ -271,6 +267,11 @@ def test_wall_time_warning_requeues_the_sweep_which_ends_as_an_uninterrupted_one
     # A requeued job waits about 160 s for its begin time here: let it start at once, once its first run has left
     # the node, and a few seconds later: slurmd refuses ("Job credential revoked") a credential made in the same
     # second as it revoked the old one (it compares whole seconds).
+    # Meanwhile, the run that was never interrupted, to compare with.
+    with open(submit_dir / "direct.err", "w") as err:
+        direct = subprocess.Popen([sys.executable, QML, "--data-dir", tiny_data, *LONG_RUN, "--metrics-json",
+                                   str(submit_dir / "direct.json")], stdout=subprocess.DEVNULL, stderr=err,
+                                  env=dict(os.environ, **NO_GPUS, OMP_NUM_THREADS="1"))
     wait_for(lambda: nodes_idle(env), "the node to be free again", deadline)
     time.sleep(3)
     subprocess.run(["scontrol", "update", f"JobId={jobid}", "StartTime=now"], env=env, check=True, timeout=30)
@@ -284,9 +285,7 @@ def test_wall_time_warning_requeues_the_sweep_which_ends_as_an_uninterrupted_one
     runs = {n: json.loads((rundir / f"tasks-{n}.json").read_text()) for n in (1, 2)}
     assert [(runs[n]["complete"], runs[n]["resumed"]) for n in (1, 2)] == [(True, 1), (True, 0)], context
     # The resumed run is the run that was never interrupted, to the last bit of its head.
-    direct = run_qml("--data-dir", tiny_data, *LONG_RUN, "--metrics-json", submit_dir / "direct.json",
-                     env={"OMP_NUM_THREADS": "1"})
-    assert direct.returncode == 0, direct.stderr
+    assert direct.wait(timeout=300) == 0, (submit_dir / "direct.err").read_text()
     whole = json.loads((submit_dir / "direct.json").read_text())
     measured = ("train_loss", "train_acc", "val_loss", "val_acc")
     assert [[e[k] for k in measured] for e in runs[1]["epochs"]] == [[e[k] for k in measured] for e in whole["epochs"]]
@@ -365,7 +364,7 @@ def test_sweep_stops_at_first_failed_step(slurm_env, submit_dir, tiny_data):
 
 
 def test_bad_task_count_fails_the_job_with_status_2(slurm_env, submit_dir):
-    rc, jobid, log, context = submit(slurm_env, submit_dir, "two", sbatch_wait=True)
+    rc, jobid, log, context = submit(slurm_env, submit_dir, "two")
     assert rc == 2, context
     errors = [line for line in log.splitlines() if "error" in line]
     assert len(errors) == 1 and "'two'" in errors[0], context
