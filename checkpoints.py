@@ -131,12 +131,19 @@ def load_checkpoint(path, config):
 
 
 def finished(args, ctx, checkpoint):
-    """Whether the --resume checkpoint already holds --epochs epochs; rank 0 then says so."""
+    """Whether the --resume checkpoint already holds --epochs epochs; rank 0 then says so. Its --metrics-json files
+    are then written from it (the run may have stopped after its last checkpoint, before its JSON), which record
+    this run's ranks: so they must be as many as the checkpoint's, unless --resume-any-world-size."""
     done = checkpoint["state"]["epoch"]
-    if done >= args.epochs and ctx.is_main:
+    if done < args.epochs:
+        return False
+    if args.metrics_json:
+        check_world_size(args, checkpoint, ctx.world_size)
+    if ctx.is_main:
+        written = "; its --metrics-json is written from the checkpoint" if args.metrics_json else ""
         print(f"--resume {args.resume}: this run is finished ({done} epochs trained, --epochs {args.epochs}); "
-              f"nothing to train (give a larger --epochs to train on)", flush=True)
-    return done >= args.epochs
+              f"nothing to train (give a larger --epochs to train on){written}", flush=True)
+    return True
 
 
 def check_world_size(args, checkpoint, world_size):

@@ -1,12 +1,15 @@
 """How a run of qml.py fails: one line on stderr, never a traceback, for what is not a bug here.
 
 UsageError is bad input or environment (exit status 2, found before the long work starts); RunFailed is a
-started run that cannot go on (exit status 1: a full disk, a rank gone, an image gone).
+started run that cannot go on (exit status 1: a full disk, a rank gone, an image gone). RESUMABLE is the exit status
+of a run stopped between batches on request (interruption.py), which the sweep driver (sweep.py) requeues.
 """
 
 import re
 import signal
 import traceback
+
+RESUMABLE = 75  # sysexits' EX_TEMPFAIL, "try again later": interrupted, continue with --resume
 
 
 class UsageError(Exception):

@@ -1,10 +1,10 @@
 """Stopping before the wall-time limit without losing work.
 
-Slurm's wall-time warning (`sbatch --signal=B:USR1@120`, which submit_qml.sbatch forwards to its step as SIGUSR1)
-asks every rank to stop at the next boundary between batches, all ranks together, so that none is left waiting in
+Slurm's wall-time warning (`sbatch --signal=B:USR1@120`, which sweep.py forwards to its step as SIGUSR1) asks
+every rank to stop at the next boundary between batches, all ranks together, so that none is left waiting in
 a collective. The epoch under way is dropped: the checkpoint of the last complete epoch stays as it is (it is
-written only between epochs, atomically), and the exit status RESUMABLE tells the launcher to requeue the job or
-to say how to continue it. A second SIGUSR1 stops at once, as SIGTERM and Ctrl-C do (errors.raise_interrupt).
+written only between epochs, atomically), and the exit status errors.RESUMABLE tells the launcher to requeue the
+job or to say how to continue it. A second SIGUSR1 stops at once, as SIGTERM and Ctrl-C do (errors.raise_interrupt).
 """
 
 import signal
@@ -14,14 +14,13 @@ import torch
 from errors import raise_interrupt
 from process_group import reduce_sums
 
-RESUMABLE = 75  # sysexits' EX_TEMPFAIL, "try again later": interrupted, continue with --resume
 STOP_SIGNAL = signal.SIGUSR1
 
 requested = None  # the name of the signal that asked this rank to stop, once one has
 
 
 class Interrupted(Exception):
-    """The run stopped between batches when asked to; main() prints its line and exits with RESUMABLE."""
+    """The run stopped between batches when asked to; main() prints its line and exits with errors.RESUMABLE."""
 
 
 def request_stop(signum, frame):

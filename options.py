@@ -71,6 +71,11 @@ def validate_args(args):
     """Resolve the defaults that depend on the environment and refuse impossible combinations."""
     args.data_dir_is_default = args.data_dir is None and "QML_DATA_DIR" not in os.environ
     args.data_dir = args.data_dir or os.environ.get("QML_DATA_DIR") or DEFAULT_DATA_DIR
+    if args.repeat:  # the R-th repeat trains with its own seeds, recorded as such in the checkpoint and metrics
+        args.seed, args.shuffle_seed = args.seed + args.repeat, args.shuffle_seed + args.repeat
+        if max(args.seed, args.shuffle_seed) > SEEDS["high"]:
+            raise UsageError(f"--repeat {args.repeat} gives --seed {args.seed} and --shuffle-seed {args.shuffle_seed}, "
+                             f"beyond {SEEDS['high']}; give smaller seeds or fewer repeats")
     if args.cache_features and args.bn_mode == "train":
         raise UsageError("--cache-features needs --bn-mode eval: with batch statistics the backbone's "
                          "features change every batch and cannot be cached")

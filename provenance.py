@@ -107,3 +107,20 @@ def write_metrics(path, state, config, ctx):
                   resumed=state.get("resumed", 0), complete=True)  # written only when the last epoch is done
     text = json.dumps(report, indent=2) + "\n"
     checkpoints.atomic_write(path, lambda file: file.write(text.encode()))
+
+
+def write_finished_metrics(args, ctx, checkpoint, config):
+    """The --metrics-json files of a run that --resume finds finished, from its checkpoint, as the run itself would
+    have written them (it stopped after its last checkpoint, before its JSON): its epochs, bests and seconds, and
+    the digests of the head it would have ended with (that of the best validation accuracy, else the last) and of
+    its last buffers, which every rank held. No circuit is built, so `qdevice` names the device only."""
+    state = checkpoint["state"]
+    head = state["best_head"] if state["best_head"] is not None else checkpoint["head"]
+    digests = dict(head_sha256=tensors_digest(head.items()),
+                   buffers_sha256=tensors_digest(checkpoint["buffers"].items()))
+    for fact in ctx.rank_facts:
+        fact.update(digests)
+    ctx.provenance = run_provenance(ctx, dict(name=args.qdevice, summary="not started: the run was finished"))
+    if ctx.is_main:
+        for path in args.metrics_json:
+            write_metrics(path, state, config, ctx)

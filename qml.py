@@ -72,8 +72,8 @@ try:  # the machinery beside this file
     import provenance
     from backbone import (PRECISIONS, backbone_autocast, cast_frozen_convolutions, check_precision,
                           fetch_weights_once, load_backbone)
-    from errors import RunFailed, UsageError, drop_frames, failure_line, raise_interrupt
-    from interruption import RESUMABLE, Interrupted, catch_wall_time_warning, stop_between_batches
+    from errors import RESUMABLE, RunFailed, UsageError, drop_frames, failure_line, raise_interrupt
+    from interruption import Interrupted, catch_wall_time_warning, stop_between_batches
     from options import (DIST_TIMEOUT_MAX, SEEDS, ArgumentParser, cache_size, number, positive, qubit_count,
                          validate_args)
     from process_group import (check_one_gpu_per_rank, expand_nodelist, gather_objects, join_process_group,
@@ -462,7 +462,8 @@ def check_circuit_memory(args, ctx):
 
 def prepare_training(args, ctx):
     """Data, model, optimizer, resume state, feature cache and DDP for train_model; None when --resume finds
-    the run finished. Every check that can fail runs before the model is built."""
+    the run finished (its metrics JSON is then written from the checkpoint). Every check that can fail runs before
+    the model is built."""
     checkpoints.check_outputs(ctx, args)
     check_precision(args.precision, ctx.device)
     circuit = check_circuit_memory(args, ctx)
@@ -476,6 +477,7 @@ def prepare_training(args, ctx):
     config = checkpoints.run_config(args, classes, circuit.digest())
     checkpoint = checkpoints.load_checkpoint(args.resume, config) if args.resume else None
     if checkpoint and checkpoints.finished(args, ctx, checkpoint):
+        provenance.write_finished_metrics(args, ctx, checkpoint, config)
         return None
     if checkpoint:
         checkpoints.check_world_size(args, checkpoint, ctx.world_size)
@@ -578,6 +580,8 @@ def get_args_parser():
         "(default: %(default)s)")
     add("--shuffle-seed", type=number(int, **SEEDS), default=0, help="seed of the training shuffle, 0..2**32-1; "
         "0 is the tutorial's DistributedSampler default (default: %(default)s)")
+    add("--repeat", type=number(int, 0), default=0, help="the R-th repeat of an experiment: trains with --seed + R "
+        "and --shuffle-seed + R; submit_qml.sbatch --repeats sets it (default: %(default)s)")
     add("--qdevice", default=DEFAULT_QDEVICE, help="PennyLane device simulating the circuit, or 'torch' for "
         "the built-in exact torch simulator (default: %(default)s)")
     add("--per-sample", action="store_true", help="one circuit call per image, as the tutorial "
@@ -616,6 +620,8 @@ def get_args_parser():
     add("--time-split", action="store_true", help="record in --metrics-json the seconds of every epoch spent in "
         "data loading, the backbone, the dressed head, the all-reduce and the optimizer (synchronises GPUs)")
     add("--draw", action="store_true", help="print the circuit and exit")
+    add("--check", action="store_true", help="check the options and exit: status 0, or one line and status 2 "
+        "(submit_qml.sbatch checks its runs' options so, once, before its first step)")
     return parser
 
 
@@ -685,6 +691,8 @@ def main(argv=None):
             return report.report_main(argv[1:])
         args = get_args_parser().parse_args(argv)
         validate_args(args)
+        if args.check:
+            return 0
         if args.draw:
             print(draw_circuit(args))
             return 0

@@ -265,7 +265,7 @@ def markdown_table(header, rows):
 
 def report_main(argv):
     parser = ArgumentParser(prog="qml.py report", description="Scaling table, CSV and plot of a sweep's "
-                            "metrics JSON files (runs/<jobid>/tasks-N.json, or tasks-N-seed-S.json with repeats): "
+                            "metrics JSON files (runs/<jobid>/tasks-N.json, or tasks-N-repeat-R.json with repeats): "
                             "per task count the runs' means and sample standard deviations, and the answer.")
     parser.add_argument("rundir", help="folder with the metrics JSON files: runs/<jobid> of submit_qml.sbatch, or "
                         "any folder the runs wrote with qml.py --metrics-json DIR/tasks-N.json")

@@ -10,12 +10,12 @@ The checks, each of which fails with every offending page:line listed:
    words before, python or torchrun or srun or mpiexec and their options, are the launcher's), up to `|`, `;`,
    `&&` or a redirection. They must parse with `qml.get_args_parser()`; `report` first must be the report
    subcommand with one RUNDIR. `bench.py` arguments must parse with `bench.get_args_parser()`. After
-   `submit_qml.sbatch`: an optional task count (4, 1,2,4,8, or a placeholder), the launcher's own options (the
-   `--option)` patterns of its argument `case`, e.g. `--repeats K` with K a positive integer, `--continue DIR`),
-   and the rest must parse as qml.py's. After `build_frontier_env.sh`, options must be in its `case` patterns.
-   Options must be spelled in full (argparse would take a prefix). Placeholders (an upper-case word such as DIR,
-   PATH, ENV, N; X for <...>; `...`) are accepted as any value: the check puts a valid value of that option in
-   their place. `[` and `]` around words are usage brackets, dropped.
+   `submit_qml.sbatch`: an optional task count (4, 1,2,4,8, or a placeholder), the launcher's own options (those
+   of sweep.py's parser, e.g. `--repeats K` with K a positive integer, `--continue DIR`, `--vary OPTION=V1,V2`
+   with OPTION a qml.py option), and the rest must parse as qml.py's. After `build_frontier_env.sh`, options
+   must be in its `case` patterns. Options must be spelled in full (argparse would take a prefix). Placeholders
+   (an upper-case word such as DIR, PATH, ENV, N; X for <...>; `...`) are accepted as any value: the check puts a
+   valid value of that option in their place. `[` and `]` around words are usage brackets, dropped.
 2. Options named. An inline code span that starts with `--` names options; each `--name` in it must be an option
    of one of this project's programs (qml.py, bench.py, submit_qml.sbatch, build_frontier_env.sh) or one of the
    sbatch/srun/torchrun/python options listed in OTHER_PROGRAMS_OPTIONS (add a new one there, with its program).
@@ -44,6 +44,7 @@ import pytest
 import bench
 import errors
 import qml
+import sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "data" / "README.md"]
@@ -53,7 +54,7 @@ BENCH_PARSER = bench.get_args_parser()
 
 # Options of other programs that the pages name in inline spans, by program.
 OTHER_PROGRAMS_OPTIONS = {
-    "sbatch": {"--export", "--exclusive", "--requeue", "--open-mode", "--signal", "--network"},
+    "sbatch": {"--export", "--exclusive", "--requeue", "--open-mode", "--signal", "--network", "--cpus-per-task"},
     "srun": {"--gpus-per-task", "--gpu-bind", "--ntasks-per-node", "--network", "--kill-on-bad-exit"},
     "torchrun": {"--nproc-per-node"},
     "python -m venv": {"--clear"},
@@ -229,7 +230,7 @@ def case_options(script):
     return {option for pattern in patterns for option in re.findall(r"--[\w-]+", pattern)}
 
 
-LAUNCHER_OPTIONS = case_options("submit_qml.sbatch")
+LAUNCHER_OPTIONS = {option for option in sweep.get_args_parser()._option_string_actions if option.startswith("--")}
 BUILD_OPTIONS = case_options("build_frontier_env.sh")
 QML_OPTIONS = {option for option in QML_PARSER._option_string_actions if option.startswith("--")}
 BENCH_OPTIONS = {option for option in BENCH_PARSER._option_string_actions if option.startswith("--")}
@@ -252,6 +253,9 @@ def launcher_error(arguments):
                 value = arguments.pop(0)
             if name == "--repeats" and not (PLACEHOLDER.search(value) or re.match(r"^[1-9]\d*$", value)):
                 return f"--repeats needs a positive integer, not {value!r}"
+            varied = value.partition("=")[0]
+            if name == "--vary" and not PLACEHOLDER.search(varied) and f"--{varied}" not in QML_OPTIONS:
+                return f"--vary {value}: --{varied} is not an option of qml.py"
         else:
             qml_arguments.append(word)
     return qml_error(qml_arguments)
@@ -276,7 +280,7 @@ def test_every_bench_py_command_parses_with_bench_py_s_parser():
 
 
 def test_every_submit_qml_sbatch_command_uses_the_launcher_s_options_and_qml_py_s():
-    assert {"--repeats", "--continue"} <= LAUNCHER_OPTIONS  # the case patterns were found
+    assert {"--repeats", "--continue", "--vary"} <= LAUNCHER_OPTIONS  # sweep.py's parser was read
     failures = [f"{where}: `{command}`: {launcher_error(list(arguments or []))}"
                 for where, command, arguments in each_command("submit_qml.sbatch")
                 if arguments is None or launcher_error(list(arguments))]

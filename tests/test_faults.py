@@ -244,15 +244,36 @@ def test_resume_any_world_size_goes_on_and_the_metrics_record_each_epochs_ranks(
 
 
 def test_resume_of_a_finished_run_says_so_and_exits_0_without_training(capfd, tiny_data, two_rank_run, tmp_path):
-    _, checkpoint, _ = two_rank_run
+    """A run stopped after its last checkpoint, before its metrics JSON, resumed: it trains nothing and writes the
+    JSON the run would have written, from the checkpoint (--resume-any-world-size: the run had 2 ranks, this 1)."""
+    _, checkpoint, metrics = two_rank_run
     before = checkpoint.read_bytes()
     status = qml.main(["--data-dir", tiny_data, *BASE, *SCHEDULE, "--epochs", "3", "--resume", str(checkpoint),
-                       "--checkpoint", str(checkpoint), "--metrics-json", str(tmp_path / "metrics.json")])
+                       "--resume-any-world-size", "--checkpoint", str(checkpoint), "--metrics-json",
+                       str(tmp_path / "metrics.json")])
     out, err = capfd.readouterr()
     assert status == 0, err
     assert f"--resume {checkpoint}: this run is finished (3 epochs trained, --epochs 3)" in out
     assert "Training started" not in out and "Training completed" not in out
-    assert checkpoint.read_bytes() == before and not (tmp_path / "metrics.json").exists()
+    assert checkpoint.read_bytes() == before
+    written, whole = json.loads((tmp_path / "metrics.json").read_text()), json.loads(metrics.read_text())
+    assert written["complete"] is True and written["resumed"] == whole["resumed"] == 0
+    for key in ("epochs", "best_val_acc", "best_val_loss", "best_train_acc", "best_train_loss", "batch_size"):
+        assert written[key] == whole[key], key
+    assert 0 <= whole["training_seconds"] - written["training_seconds"] < 1  # the checkpoint's, at its last epoch
+    for digest in ("head_sha256", "buffers_sha256"):
+        assert written["ranks"][0][digest] == whole["ranks"][0][digest] == whole["ranks"][1][digest], digest
+
+
+def test_resume_of_a_finished_run_on_another_number_of_ranks_writes_no_metrics_json(capfd, tiny_data, two_rank_run,
+                                                                                    tmp_path):
+    # Its JSON records this run's ranks: as many as the checkpoint's, unless --resume-any-world-size.
+    _, checkpoint, _ = two_rank_run
+    status = qml.main(["--data-dir", tiny_data, *BASE, *SCHEDULE, "--epochs", "3", "--resume", str(checkpoint),
+                       "--metrics-json", str(tmp_path / "metrics.json")])
+    _, err = capfd.readouterr()
+    assert status == 2 and "had 2 rank(s), this one has 1" in one_stderr_line(err)
+    assert not (tmp_path / "metrics.json").exists()
 
 
 # Seconds within which a lonely rank with --dist-timeout 3 must be done: far less than the default timeout

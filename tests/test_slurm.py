@@ -20,7 +20,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import NO_GPUS, PROGRAM_FILES, QML, ROOT, assert_ranks_agree, free_port, free_port_block, run_qml
+from conftest import (NO_GPUS, PROGRAM_FILES, QML, ROOT, assert_ranks_agree, free_port, free_port_block,
+                      one_stderr_line)
+
+import qml
+from options import validate_args
 
 REPO = Path(ROOT)
 CLUSTER = REPO / "tests" / "slurm_cluster.sh"
@@ -128,25 +132,21 @@ def wait_for_job(jobid, env, deadline):
     return None
 
 
-def submit(env, cwd, *args, sbatch_opts=(), extra_env=None, sbatch_wait=False):
-    """Submit submit_qml.sbatch ARGS from cwd and wait for it (bounded).
+def submit(env, cwd, *args, sbatch_opts=(), extra_env=None):
+    """Submit submit_qml.sbatch ARGS from cwd and wait for it (bounded), polling scontrol (sbatch --wait sleeps 2,
+    8, 32 s between its looks).
 
-    Returns (exit status, job id, log text, context for assertion messages). sbatch_wait=True waits with
-    `sbatch --wait` itself (its exit status is the job's), otherwise scontrol is polled, which is faster.
+    Returns (exit status, job id, log text, context for assertion messages).
     """
     run_env = dict(env, **(extra_env or {}))
-    cmd = ["timeout", str(JOB_TIMEOUT), "sbatch", "--parsable", *(["--wait"] if sbatch_wait else []),
-           *sbatch_opts, "submit_qml.sbatch", *map(str, args)]
+    cmd = ["timeout", str(JOB_TIMEOUT), "sbatch", "--parsable", *sbatch_opts, "submit_qml.sbatch", *map(str, args)]
     deadline = time.monotonic() + JOB_TIMEOUT
     proc = subprocess.run(cmd, cwd=cwd, env=run_env, capture_output=True, text=True, timeout=JOB_TIMEOUT + 30)
     match = re.match(r"\s*(\d+)", proc.stdout)
     assert match, f"sbatch printed no job id (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
     jobid = match.group(1)
-    if sbatch_wait:
-        rc = None if proc.returncode == 124 else proc.returncode
-    else:
-        assert proc.returncode == 0, f"sbatch failed ({proc.returncode}): {proc.stderr}"
-        rc = wait_for_job(jobid, run_env, deadline)
+    assert proc.returncode == 0, f"sbatch failed ({proc.returncode}): {proc.stderr}"
+    rc = wait_for_job(jobid, run_env, deadline)
     if rc is None:
         subprocess.run(["scancel", jobid], env=run_env, timeout=30)
     log_path = Path(cwd) / f"qml_basics-{jobid}.out"
@@ -186,8 +186,12 @@ def test_single_task_job_like_the_tutorial(slurm_env, submit_dir, tiny_data):
 
 
 def test_two_task_job_shares_the_node_and_reports_world_size_2(slurm_env, submit_dir, tiny_data):
-    rc, jobid, log, context = submit(slurm_env, submit_dir, 2, "--data-dir", tiny_data, *QML_ARGS)
+    # A MASTER_ADDR from the login shell (OLCF's pages suggest `export MASTER_ADDR=$(hostname -i)`) reaches the
+    # step; qml.py ignores it, with a warning, as none of the step's nodes.
+    rc, jobid, log, context = submit(slurm_env, submit_dir, 2, "--data-dir", tiny_data, *QML_ARGS,
+                                     extra_env={"MASTER_ADDR": "10.0.0.7"})
     assert rc == 0, context
+    assert "qml.py: warning: MASTER_ADDR=10.0.0.7 is none of this step's nodes (localhost); using localhost" in log
     assert_final_lines(log, context)
     # 8 CPUs on the node, shared by 2 tasks; no GPU flags without GPUs in the allocation.
     assert re.search(r"^\+ srun -n2 -N1 --ntasks-per-node=2 -c4 --kill-on-bad-exit=1 \S+ -W ignore -u ", log,
@@ -213,6 +217,9 @@ def test_two_node_job_trains_with_ranks_on_both_nodes(slurm2_env, submit_dir, ti
     assert_ranks_agree(metrics)  # DDP kept the heads equal, sync_buffers the BatchNorm statistics
 
 
+# One quick epoch on the tiny data with the torch simulator, for the runs of qml.py that the fake srun starts.
+TINY_RUN = ["--weights", "none", "--device", "cpu", "--qdevice", "torch", "--print-freq", "0", "--workers", "0",
+            "--epochs", "1"]
 # Long enough (tiny data, the torch simulator) for a signal to land mid-step; one thread, as the Slurm runs have.
 LONG_RUN = ["--weights", "none", "--device", "cpu", "--qdevice", "torch", "--print-freq", "0", "--epochs", "8"]
 
@@ -260,6 +267,11 @@ def test_wall_time_warning_requeues_the_sweep_which_ends_as_an_uninterrupted_one
     # A requeued job waits about 160 s for its begin time here: let it start at once, once its first run has left
     # the node, and a few seconds later: slurmd refuses ("Job credential revoked") a credential made in the same
     # second as it revoked the old one (it compares whole seconds).
+    # Meanwhile, the run that was never interrupted, to compare with.
+    with open(submit_dir / "direct.err", "w") as err:
+        direct = subprocess.Popen([sys.executable, QML, "--data-dir", tiny_data, *LONG_RUN, "--metrics-json",
+                                   str(submit_dir / "direct.json")], stdout=subprocess.DEVNULL, stderr=err,
+                                  env=dict(os.environ, **NO_GPUS, OMP_NUM_THREADS="1"))
     wait_for(lambda: nodes_idle(env), "the node to be free again", deadline)
     time.sleep(3)
     subprocess.run(["scontrol", "update", f"JobId={jobid}", "StartTime=now"], env=env, check=True, timeout=30)
@@ -273,9 +285,7 @@ def test_wall_time_warning_requeues_the_sweep_which_ends_as_an_uninterrupted_one
     runs = {n: json.loads((rundir / f"tasks-{n}.json").read_text()) for n in (1, 2)}
     assert [(runs[n]["complete"], runs[n]["resumed"]) for n in (1, 2)] == [(True, 1), (True, 0)], context
     # The resumed run is the run that was never interrupted, to the last bit of its head.
-    direct = run_qml("--data-dir", tiny_data, *LONG_RUN, "--metrics-json", submit_dir / "direct.json",
-                     env={"OMP_NUM_THREADS": "1"})
-    assert direct.returncode == 0, direct.stderr
+    assert direct.wait(timeout=300) == 0, (submit_dir / "direct.err").read_text()
     whole = json.loads((submit_dir / "direct.json").read_text())
     measured = ("train_loss", "train_acc", "val_loss", "val_acc")
     assert [[e[k] for k in measured] for e in runs[1]["epochs"]] == [[e[k] for k in measured] for e in whole["epochs"]]
@@ -322,7 +332,8 @@ def test_sweep_writes_table_csv_png_and_answer(slurm_env, tmp_path, tiny_data):
 
 
 def test_sweep_with_repeats_writes_a_json_per_run_and_a_report_with_spread(slurm_env, submit_dir, tiny_data):
-    """1,2 --repeats 2 in one allocation: four runs with seeds 42 and 43, then the report with std columns."""
+    """1,2 --repeats 2 in one allocation: four runs, repeats 0 and 1 with seeds 42 and 43, then the report with std
+    columns."""
     # A free MASTER_PORT: the job-id-derived one (10000 + id) collides with another throwaway cluster's job
     # of the same id on this host.
     rc, jobid, log, context = submit(slurm_env, submit_dir, "1,2", "--repeats", "2", "--data-dir", tiny_data,
@@ -330,12 +341,12 @@ def test_sweep_with_repeats_writes_a_json_per_run_and_a_report_with_spread(slurm
     assert rc == 0, context
     rundir = submit_dir / "runs" / jobid
     names = sorted(path.name for path in rundir.glob("*.json"))
-    assert names == [f"tasks-{n}-seed-{s}.json" for n in (1, 2) for s in (42, 43)], context
+    assert names == [f"tasks-{n}-repeat-{r}.json" for n in (1, 2) for r in (0, 1)], context
     for n in (1, 2):
-        for seed, shuffle_seed in ((42, 0), (43, 1)):
-            metrics = json.loads((rundir / f"tasks-{n}-seed-{seed}.json").read_text())
-            assert (metrics["world_size"], metrics["config"]["seed"], metrics["config"]["shuffle_seed"]) == (
-                n, seed, shuffle_seed), context
+        for repeat, seed, shuffle_seed in ((0, 42, 0), (1, 43, 1)):
+            metrics = json.loads((rundir / f"tasks-{n}-repeat-{repeat}.json").read_text())
+            assert (metrics["world_size"], metrics["config"]["seed"], metrics["config"]["shuffle_seed"],
+                    metrics["config"]["repeat"]) == (n, seed, shuffle_seed, repeat), context
     with open(rundir / "scaling.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert [(row["tasks"], row["runs"]) for row in rows] == [("1", "2"), ("2", "2")], rows
@@ -345,18 +356,68 @@ def test_sweep_with_repeats_writes_a_json_per_run_and_a_report_with_spread(slurm
 
 
 def test_sweep_stops_at_first_failed_step(slurm_env, submit_dir, tiny_data):
-    rc, jobid, log, context = submit(slurm_env, submit_dir, "1,2", "--data-dir", tiny_data, "--epochs", "0")
+    # Arguments that pass qml.py's check but fail its step: a data folder that is not there.
+    rc, jobid, log, context = submit(slurm_env, submit_dir, "1,2", "--data-dir", submit_dir / "no-data", *QML_ARGS)
     assert rc != 0, context
     assert "tasks=1 " in log and "tasks=2 " not in log and "scaling report" not in log, context
     assert "the 1-task step failed with exit status" in log, context
 
 
 def test_bad_task_count_fails_the_job_with_status_2(slurm_env, submit_dir):
-    rc, jobid, log, context = submit(slurm_env, submit_dir, "two", sbatch_wait=True)
+    rc, jobid, log, context = submit(slurm_env, submit_dir, "two")
     assert rc == 2, context
     errors = [line for line in log.splitlines() if "error" in line]
     assert len(errors) == 1 and "'two'" in errors[0], context
     assert not (submit_dir / "runs").exists(), context
+
+
+def test_vary_sweep_interrupted_by_the_warning_requeues_and_ends_with_every_value(slurm_env, submit_dir, tiny_data):
+    """1 --vary n-qubits=1,2 of one epoch: the warning comes once the first run is complete (as the second step
+    starts), the job requeues, and its restart skips that run, runs the other and reports once."""
+    env = dict(slurm_env, MASTER_PORT=str(free_port()))
+    deadline = time.monotonic() + JOB_TIMEOUT
+    jobid, log = start_job(env, submit_dir, "1", "--vary", "n-qubits=1,2", "--data-dir", tiny_data, *TINY_RUN)
+    rundir = submit_dir / "runs" / jobid
+    first = rundir / "tasks-1-n-qubits-1-repeat-0.json"
+    wait_for(first.exists, "the first run's metrics", deadline)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", jobid], env=env, check=True, timeout=30)
+    wait_for(lambda: job_field(env, jobid, "Restarts") == "1" and job_field(env, jobid, "JobState") == "PENDING",
+             "the requeue", deadline)
+    wait_for(lambda: nodes_idle(env), "the node to be free again", deadline)
+    time.sleep(3)  # a credential made in the second slurmd revoked the old one is refused
+    subprocess.run(["scontrol", "update", f"JobId={jobid}", "StartTime=now"], env=env, check=True, timeout=30)
+    rc = wait_for_job(jobid, env, deadline)
+    text = log_text(log)
+    context = f"job {jobid}, exit {rc}\n---- job log ----\n{text}\n{cluster_logs(env)}"
+    assert rc == 0, context
+    assert "== wall-time warning" in text and f"job {jobid} is requeued" in text, context
+    assert f"== continuing runs/{jobid} (restart 1" in text and text.count("== scaling report") == 1, context
+    assert f"== 1 tasks: runs/{jobid}/{first.name} is complete, skipped" in text, context
+    runs = [json.loads((rundir / f"tasks-1-n-qubits-{q}-repeat-0.json").read_text()) for q in (1, 2)]
+    assert [(run["config"]["n_qubits"], run["complete"], len(run["epochs"])) for run in runs] == [
+        (1, True, 1), (2, True, 1)], context
+    assert (rundir / "sweep.args").read_bytes().split(b"\0")[:3] == [b"1", b"--repeats=1", b"--vary=n-qubits=1,2"]
+    assert "Answer:" in text, context
+
+
+PROBE = """import os, sys
+if "--check" not in sys.argv:
+    print("PROBE cpus_per_task=" + os.environ.get("SLURM_CPUS_PER_TASK", "unset"), flush=True)
+"""
+
+
+def test_your_sbatch_cpus_per_task_reaches_the_step(slurm_env, tmp_path):
+    """sbatch -c 1: srun -c1, and Slurm gives each task of the step 1 CPU (what a task sees: SLURM_CPUS_PER_TASK,
+    set by srun from the step's -c). A probe stands in for qml.py (QML_SCRIPT), beside sweep.py."""
+    for name in ("sweep.py", "errors.py"):
+        shutil.copy(REPO / name, tmp_path)
+    (tmp_path / "probe.py").write_text(PROBE)
+    shutil.copy(SBATCH_SCRIPT, tmp_path / "submit_qml.sbatch")
+    rc, jobid, log, context = submit(slurm_env, tmp_path, 2, sbatch_opts=["-c", "1"],
+                                     extra_env={"QML_SCRIPT": str(tmp_path / "probe.py")})
+    assert rc == 0, context
+    assert "+ srun -n2 -N1 --ntasks-per-node=2 -c1 --kill-on-bad-exit=1 " in log, context
+    assert log.count("PROBE cpus_per_task=1\n") == 2, context
 
 
 def test_shellcheck_clean():
@@ -372,16 +433,29 @@ def test_shellcheck_clean():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-# ---- The launcher's decisions, checked without Slurm: fake srun/scontrol/module on PATH ----
+# ---- The launcher's decisions, checked without Slurm: submit_qml.sbatch and sweep.py run with bash as Slurm would,
+# with fake srun/scontrol/module/lmod on PATH and, but where a test needs the real one, a fake qml.py ----
 
 FAKE_TOOLS = {
     "srun": """#!/bin/bash
 printf 'SRUN'; printf ' %s' "$@"; echo
 env | sort
 if [ -n "${FAKE_SRUN_WARN:-}" ]; then  # Slurm's wall-time warning reaches the batch script as this step ends
-    trap '' USR1  # the script passes it on; the step's tasks have finished
+    trap '' USR1  # the driver passes it on; the step's tasks have finished
     kill -USR1 "$PPID"
     sleep 0.5
+fi
+if [ -n "${FAKE_SRUN_AWAIT_WARNING:-}" ]; then  # the warning comes mid-step: stop when the driver passes it on
+    trap 'echo "STEP GOT SIGUSR1"; kill "$sleeper"; exit 75' USR1
+    sleep 20 >/dev/null 2>&1 &  # not holding the test's pipes
+    sleeper=$!
+    kill -USR1 "$PPID"
+    wait
+    exit 1
+fi
+if [ -n "${FAKE_SRUN_RUNS:-}" ]; then  # run the step's program here, as one task
+    while [[ "$1" == -* ]]; do shift; done
+    exec "$@"
 fi
 exit "${FAKE_SRUN_EXIT:-0}"
 """,
@@ -394,12 +468,26 @@ fi
 """,
     "module": """#!/bin/bash
 echo "MODULE $*"
+if [ -n "${FAKE_MODULE_WARNS:-}" ]; then  # the wall-time warning comes while the modules load
+    kill -USR1 "$PPID"
+fi
 [ "$2" != "${FAKE_MODULE_MISSING:-}" ]
 """,
-    # The launcher asking qml.py how it reads its arguments (a script on stdin) gets the real interpreter.
-    "python3": f"""#!/bin/bash
-[ "$1" != - ] || exec {sys.executable} "$@"
-echo "PY $*"
+    # Lmod's Python interface ($LMOD_CMD python load M), as sweep.py loads rccl-net-plugin: Python on stdout.
+    "lmod": """#!/bin/bash
+echo "LMOD $*" >&2
+if [ "$3" = "${FAKE_MODULE_MISSING:-}" ]; then
+    echo "Lmod has detected the following error: The following module(s) are unknown: \\"$3\\"" >&2
+    echo "_mlstatus = False"
+    exit 0
+fi
+cat <<'PY'
+import os
+os.environ["NCCL_NET"] = "AWS Libfabric"
+os.environ["FI_CXI_RDZV_EAGER_SIZE"] = "0"
+del os.environ["FAKE_PLUGIN_UNSETS"]
+_mlstatus = True
+PY
 """,
     # sourced by `source activate ENV` (bash looks the name up on PATH)
     "activate": """[ "$1" != /missing/env ] || return 1
@@ -407,11 +495,20 @@ CONDA_PREFIX=/fake/conda-env; export CONDA_PREFIX
 echo "ACTIVATED $1"
 """,
 }
+# Stands in for qml.py where a test needs no training: prints its arguments; --check passes, but when
+# FAKE_CHECK_FAILS names one of the arguments it checks.
+FAKE_QML = """import os, sys
+print("QML", *sys.argv[1:], flush=True)
+if "--check" in sys.argv and os.environ.get("FAKE_CHECK_FAILS", "--check") in sys.argv[1:-1]:
+    sys.exit(print("qml.py: error: argument --n-qubits: must be 1..20", file=sys.stderr) or 2)
+"""
+MODULE_LIST = REPO / "frontier-modules.txt"
 
 
 @pytest.fixture
 def fake_job(tmp_path):
-    """Run submit_qml.sbatch with bash as if Slurm had started it, with fake launch tools."""
+    """Run submit_qml.sbatch with bash as if Slurm had started it, with fake launch tools and a fake qml.py
+    (real_qml=True: the real one)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for name, text in FAKE_TOOLS.items():
@@ -419,19 +516,23 @@ def fake_job(tmp_path):
         (bin_dir / name).chmod(0o755)
     submit = tmp_path / "submit"
     submit.mkdir()
-    for path in PROGRAM_FILES:  # the real qml.py: the launcher asks it for its seeds
+    for path in [*PROGRAM_FILES, MODULE_LIST]:
         shutil.copy(path, submit)
     base = {k: v for k, v in os.environ.items()
-            if not k.startswith(("SLURM_", "OMP_", "QML_", "MIOPEN_", "MASTER_")) and k not in (
-                "LMOD_SYSTEM_NAME", "NCCL_SOCKET_IFNAME")}
-    base.update(PATH=f"{bin_dir}:{os.environ['PATH']}", QML_PYTHON=str(bin_dir / "python3"),
+            if not k.startswith(("SLURM_", "OMP_", "QML_", "MIOPEN_", "MASTER_", "LMOD_")) and k not in (
+                "NCCL_SOCKET_IFNAME",)}
+    base.update(PATH=f"{bin_dir}:{os.environ['PATH']}", QML_PYTHON=sys.executable, LMOD_CMD=str(bin_dir / "lmod"),
                 SLURM_JOB_ID="4242", SLURM_SUBMIT_DIR=str(submit), SLURM_JOB_NODELIST="node[01-02]",
                 SLURM_CPUS_ON_NODE="8", SLURM_JOB_NUM_NODES="1", SLURM_EXPORT_ENV="NONE")
     made = []
 
-    def run(*args, **env):
+    def run(*args, real_qml=False, **env):
+        if real_qml:
+            shutil.copy(QML, submit / "qml.py")
+        else:
+            (submit / "qml.py").write_text(FAKE_QML)
         proc = subprocess.run(["bash", str(SBATCH_SCRIPT), *map(str, args)], cwd=tmp_path,
-                              env=dict(base, **env), capture_output=True, text=True, timeout=60)
+                              env=dict(base, **env), capture_output=True, text=True, timeout=300)
         made.extend(re.findall(r"^MIOPEN_USER_DB_PATH=(/tmp/\S+)$", proc.stdout, re.M))
         return proc
 
@@ -449,11 +550,20 @@ def env_of(out):
     return dict(line.split("=", 1) for line in out.splitlines() if re.match(r"^[A-Za-z_]+=", line))
 
 
+def qml_lines(out):
+    """The arguments of every run of the fake qml.py outside a step: its checks and the report."""
+    return [line.split()[1:] for line in out.splitlines() if line.startswith("QML ")]
+
+
+def report_line(tmp_path):
+    return f"+ {sys.executable} -W ignore -u {tmp_path}/submit/qml.py report runs/4242"
+
+
 def test_sbatch_header_keeps_the_originals_facts():
     header = [line.split("#", 2)[1].split()[1:] for line in SBATCH_SCRIPT.read_text().splitlines()
               if line.startswith("#SBATCH")]
     for option in (["-A", "TRN001"], ["-J", "qml_basics"], ["-o", "%x-%j.out"], ["-N", "1"], ["-t", "20"],
-                   ["--exclusive"]):
+                   ["--exclusive"], ["--signal=B:USR1@120"], ["--requeue"], ["--open-mode=append"]):
         assert option in header, f"#SBATCH {' '.join(option)} missing: {header}"
 
 
@@ -461,6 +571,14 @@ def test_sbatch_header_names_no_partition():
     # Frontier's default partition is batch anyway; a cluster without one would refuse the job.
     header = [line.split() for line in SBATCH_SCRIPT.read_text().splitlines() if line.startswith("#SBATCH")]
     assert not [line for line in header if line[1] in ("-p", "--partition") or line[1].startswith("--partition=")]
+
+
+def test_sbatch_is_a_short_environment_setup_handing_over_to_sweep_py():
+    text = SBATCH_SCRIPT.read_text()
+    assert len(text.splitlines()) <= 150
+    assert "<<" not in text and " - " not in text  # no heredoc, no script on stdin
+    assert re.search(r'^exec "\$PY" -u "\$HERE/sweep.py" "\$@"$', text, re.M)
+    assert "75" not in text and "MASTER_ADDR" not in text and "cpe/26.03" not in text  # Python's, or the list's
 
 
 # OLCF's PyTorch stack in 2026 ("PyTorch on Frontier"); the tutorial's (PrgEnv-gnu/8.5.0, rocm/6.1.3,
@@ -472,6 +590,11 @@ FRONTIER_NODE = {"QML_SITE": "frontier", "SLURM_CPUS_ON_NODE": "56",  # 64 cores
 
 def modules_loaded(out):
     return [line.split()[2] for line in out.splitlines() if line.startswith("MODULE load ")]
+
+
+def lmod_loaded(err):
+    """The modules sweep.py loaded through Lmod's Python interface (the fake lmod's lines on stderr)."""
+    return [line.split()[3] for line in err.splitlines() if line.startswith("LMOD python load ")]
 
 
 def step_envs(out):
@@ -492,6 +615,7 @@ def test_frontier_step_is_the_tutorials_srun_line(fake_job):
     (step,) = srun_lines(proc.stdout)
     assert step[:7] == ["-n4", "-N1", "--ntasks-per-node=4", "-c7", "--kill-on-bad-exit=1", "--gpus-per-task=1",
                         "--gpu-bind=closest"], step
+    assert step[7] == sys.executable  # QML_PYTHON: the interpreter that runs sweep.py runs the steps
     assert step[8:] == ["-W", "ignore", "-u", step[11], "--epochs", "3", "--checkpoint", "runs/4242/tasks-4.pt",
                         "--metrics-json", "runs/4242/tasks-4.json"] and step[11].endswith("/submit/qml.py"), step
     env = env_of(proc.stdout)
@@ -505,6 +629,15 @@ def test_frontier_step_is_the_tutorials_srun_line(fake_job):
     assert env["no_proxy"] == "localhost,127.0.0.0/8,*.ccs.ornl.gov"
     assert env["QML_DATA_DIR"].endswith("/crash_course_envs/hymenoptera_data")
     assert "SLURM_EXPORT_ENV" not in env  # sbatch --export=NONE must not reach srun
+    assert "QML_WALL_TIME_WARNED" not in env
+
+
+def test_the_sbatch_shows_the_step_that_8_tasks_get_on_frontier(fake_job):
+    # The tutorial's line, as a reader of submit_qml.sbatch sees it, is what sweep.py plans for 8 tasks.
+    shown = re.search(r"^#   (srun -n8 .*) python qml\.py$", SBATCH_SCRIPT.read_text(), re.M)
+    proc = fake_job(8, **FRONTIER_NODE)
+    (step,) = srun_lines(proc.stdout)
+    assert shown and shown[1].split()[1:] == [arg for arg in step[:7] if arg != "--kill-on-bad-exit=1"], step
 
 
 def test_launcher_sets_no_openmp_binding(fake_job):
@@ -635,42 +768,90 @@ def test_frontier_detection_and_overrides(fake_job):
     assert env["QML_DATA_DIR"] == "/my/data" and env["MASTER_PORT"] == "23456"
 
 
-def test_frontier_multi_node_step_packs_8_tasks_per_node_with_olcfs_rccl_settings(fake_job):
-    proc = fake_job(16, SLURM_JOB_NUM_NODES="2", NCCL_CROSS_NIC="0", **FRONTIER_NODE)
+def test_frontier_module_list_is_read_from_frontier_modules_txt(fake_job, tmp_path):
+    # One module a line, in load order; # starts a comment. QML_MODULES, even empty, replaces the list.
+    (tmp_path / "submit" / "frontier-modules.txt").write_text("# OLCF's stack\nPrgEnv-gnu/8.7.0\nrocm/7.1.1  # GPU\n")
+    proc = fake_job(1, **FRONTIER_NODE)
+    assert proc.returncode == 0 and modules_loaded(proc.stdout) == ["PrgEnv-gnu/8.7.0", "rocm/7.1.1"], proc.stderr
+    proc = fake_job(1, QML_MODULES="", **FRONTIER_NODE)
+    assert proc.returncode == 0 and modules_loaded(proc.stdout) == [] and srun_lines(proc.stdout), proc.stderr
+
+
+def test_the_repositorys_module_list_is_olcfs_stack():
+    lines = [line.split("#")[0].strip() for line in MODULE_LIST.read_text().splitlines()]
+    assert [line for line in lines if line] == FRONTIER_MODULES
+
+
+def test_frontier_without_its_module_list_says_what_to_copy(fake_job, tmp_path):
+    (tmp_path / "submit" / "frontier-modules.txt").unlink()
+    proc = fake_job(1, **FRONTIER_NODE)
+    assert proc.returncode == 2 and not srun_lines(proc.stdout)
+    line = one_stderr_line(proc.stderr)
+    assert "frontier-modules.txt" in line and "QML_MODULES" in line, line
+
+
+def test_the_module_hook_loads_qml_modules_on_any_site(fake_job):
+    proc = fake_job(2, QML_SITE="generic", QML_MODULES="gcc/13 cuda/12.4")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert modules_loaded(proc.stdout) == [*FRONTIER_MODULES, "rccl-net-plugin"]
+    assert modules_loaded(proc.stdout) == ["gcc/13", "cuda/12.4"] and srun_lines(proc.stdout)
+    assert "MODULE" not in fake_job(2, QML_SITE="generic").stdout  # none without QML_MODULES
+
+
+def test_the_module_hook_ends_the_job_in_one_line_when_a_module_or_module_itself_is_missing(fake_job, tmp_path):
+    proc = fake_job(2, QML_SITE="generic", QML_MODULES="gcc/13", FAKE_MODULE_MISSING="gcc/13")
+    assert proc.returncode == 1 and not srun_lines(proc.stdout)
+    assert "module load gcc/13 failed" in one_stderr_line(proc.stderr)
+    (tmp_path / "bin" / "module").unlink()
+    proc = fake_job(2, QML_SITE="generic", QML_MODULES="gcc/13")
+    assert proc.returncode == 2 and not srun_lines(proc.stdout)
+    line = one_stderr_line(proc.stderr)
+    assert "QML_MODULES" in line and "'module'" in line, line
+
+
+def test_frontier_multi_node_step_packs_8_tasks_per_node_with_olcfs_rccl_settings(fake_job):
+    proc = fake_job(16, SLURM_JOB_NUM_NODES="2", NCCL_CROSS_NIC="0", FAKE_PLUGIN_UNSETS="1", **FRONTIER_NODE)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert modules_loaded(proc.stdout) == FRONTIER_MODULES  # the job's stack, by the sbatch
+    assert lmod_loaded(proc.stderr) == ["rccl-net-plugin"]  # the step's plugin, by sweep.py, after the stack
     (step,) = srun_lines(proc.stdout)
     assert step[:4] == ["-n16", "-N2", "--ntasks-per-node=8", "-c7"], step
     assert "--network=disable_rdzv_get" in step  # what FI_CXI_RDZV_PROTO=alt_read needs (OLCF)
-    env = env_of(proc.stdout)
+    env = step_envs(proc.stdout)[16][1]
     assert (env["NCCL_NET_GDR_LEVEL"], env["FI_MR_CACHE_MONITOR"], env["FI_CXI_DEFAULT_CQ_SIZE"]) == (
         "PHB", "kdreg2", "131072")
     assert (env["FI_CXI_RDZV_PROTO"], env["FI_CXI_RDZV_THRESHOLD"]) == ("alt_read", "0")
     assert env["NCCL_CROSS_NIC"] == "0"  # the user's value wins
+    assert env["NCCL_NET"] == "AWS Libfabric" and "FAKE_PLUGIN_UNSETS" not in env  # what the module set and unset
 
 
 def test_frontier_sweep_gives_the_network_plugin_only_to_steps_over_several_nodes(fake_job):
     # In a two-node job the 8-task step fits one node, where the plugin does not initialise (OLCF).
-    proc = fake_job("8,16", SLURM_JOB_NUM_NODES="2", **FRONTIER_NODE)
+    proc = fake_job("8,16", SLURM_JOB_NUM_NODES="2", FAKE_PLUGIN_UNSETS="1", **FRONTIER_NODE)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     steps = step_envs(proc.stdout)
     (one_node, one_env), (two_nodes, two_env) = steps[8], steps[16]
     assert "-N1" in one_node and "--network=disable_rdzv_get" not in one_node, one_node
-    assert not any(var.startswith(("FI_", "NCCL_NET_GDR")) for var in one_env), one_env
+    assert not any(var.startswith(("FI_", "NCCL_NET")) for var in one_env), one_env
+    assert one_env["FAKE_PLUGIN_UNSETS"] == "1"  # nothing of the plugin's reaches a one-node step
     assert "-N2" in two_nodes and "--network=disable_rdzv_get" in two_nodes, two_nodes
     assert two_env["FI_CXI_RDZV_PROTO"] == "alt_read" and two_env["NCCL_NET_GDR_LEVEL"] == "PHB"
+    assert two_env["NCCL_NET"] == "AWS Libfabric"
 
 
 def test_frontier_single_node_job_loads_no_network_plugin(fake_job):
     proc = fake_job(8, **FRONTIER_NODE)
-    assert "rccl-net-plugin" not in modules_loaded(proc.stdout)
+    assert "rccl-net-plugin" not in modules_loaded(proc.stdout) + lmod_loaded(proc.stderr)
     assert "FI_MR_CACHE_MONITOR" not in env_of(proc.stdout)
 
 
-def test_frontier_without_the_network_plugin_warns_and_runs(fake_job):
-    proc = fake_job(16, SLURM_JOB_NUM_NODES="2", FAKE_MODULE_MISSING="rccl-net-plugin", **FRONTIER_NODE)
-    assert proc.returncode == 0 and len(srun_lines(proc.stdout)) == 1
+@pytest.mark.parametrize("lmod", ["missing", "unset"])
+def test_frontier_without_the_network_plugin_warns_and_runs(fake_job, lmod):
+    extra = {"FAKE_MODULE_MISSING": "rccl-net-plugin"} if lmod == "missing" else {"LMOD_CMD": ""}
+    proc = fake_job(16, SLURM_JOB_NUM_NODES="2", **extra, **FRONTIER_NODE)
+    assert proc.returncode == 0 and len(srun_lines(proc.stdout)) == 1, proc.stderr
     assert "warning: no rccl-net-plugin module" in proc.stderr
+    env = env_of(proc.stdout)
+    assert "NCCL_NET" not in env and env["FI_CXI_RDZV_PROTO"] == "alt_read"  # OLCF's settings all the same
 
 
 @pytest.mark.parametrize("counts, nodes, fix", [("16", "1", "-N 2"), ("8,24", "2", "-N 3")])
@@ -706,6 +887,23 @@ def test_generic_cpus_per_task_beyond_a_node_ends_the_job(fake_job):
     proc = fake_job(1, QML_SITE="generic", QML_CPUS_PER_TASK="9")
     assert proc.returncode == 2 and not srun_lines(proc.stdout)
     assert "a node has 8" in proc.stderr
+
+
+@pytest.mark.parametrize("site", [{"QML_SITE": "generic"}, FRONTIER_NODE], ids=["generic", "frontier"])
+def test_your_sbatch_cpus_per_task_is_each_steps_c(fake_job, site):
+    # sbatch -c 1 exports SLURM_CPUS_PER_TASK=1: it wins over the node's share (generic 4) and Frontier's 7.
+    proc = fake_job(2, SLURM_CPUS_PER_TASK="1", **site)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (step,) = srun_lines(proc.stdout)
+    assert step[3] == "-c1" and env_of(proc.stdout)["OMP_NUM_THREADS"] == "1", step
+    assert srun_lines(fake_job(2, SLURM_CPUS_PER_TASK="1", QML_CPUS_PER_TASK="3", **site).stdout)[0][3] == "-c3"
+
+
+def test_your_sbatch_cpus_per_task_that_does_not_fit_ends_the_job_saying_why(fake_job):
+    proc = fake_job(4, QML_SITE="generic", SLURM_CPUS_PER_TASK="4")  # 4 x 4 CPUs on a node of 8
+    assert proc.returncode == 2 and not srun_lines(proc.stdout) and not qml_lines(proc.stdout)
+    (line,) = proc.stderr.strip().splitlines()
+    assert "4 CPUs each, from sbatch --cpus-per-task" in line and "sbatch -N 2 submit_qml.sbatch 4" in line, line
 
 
 def test_users_own_metrics_json_is_kept_beside_the_launchers(fake_job):
@@ -744,11 +942,14 @@ def test_job_level_gpu_requests_do_not_reach_a_step_of_another_shape(fake_job):
     assert not {"SLURM_GPUS_PER_NODE", "SLURM_GPUS_PER_TASK", "SLURM_TRES_PER_TASK", "SLURM_GPUS"} & set(env), env
 
 
-def test_a_master_addr_from_the_login_shell_does_not_reach_the_steps(fake_job):
+def test_a_master_addr_from_the_login_shell_is_left_to_qml_py(fake_job):
+    # qml.py alone decides: under srun it ignores, with a warning, a MASTER_ADDR that is none of the step's nodes
+    # (test_master_addr_outside_the_step_is_ignored_with_a_warning_from_rank_0; on the real local Slurm:
+    # test_two_task_job_shares_the_node_and_reports_world_size_2).
     proc = fake_job("1,2", QML_SITE="generic", MASTER_ADDR="10.0.0.7")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert all("MASTER_ADDR" not in env for _, env in step_envs(proc.stdout).values())
-    assert "warning: ignoring MASTER_ADDR=10.0.0.7" in proc.stderr
+    assert all(env["MASTER_ADDR"] == "10.0.0.7" for _, env in step_envs(proc.stdout).values())
+    assert "MASTER_ADDR" not in proc.stderr
 
 
 @pytest.mark.parametrize("tasks, cpus_on_node, nodes, expected", [
@@ -780,8 +981,7 @@ def test_sweep_steps_and_report(fake_job, tmp_path):
     assert [s[0] for s in steps] == ["-n1", "-n2", "-n4"], steps
     assert [s[-1] for s in steps] == [f"runs/4242/tasks-{n}.json" for n in (1, 2, 4)]
     assert all(s[-6:-4] == ["--epochs", "2"] for s in steps), steps
-    report = [line for line in proc.stdout.splitlines() if line.startswith("PY ")]
-    assert report == [f"PY -W ignore -u {tmp_path}/submit/qml.py report runs/4242"], proc.stdout
+    assert qml_lines(proc.stdout)[-1] == ["report", "runs/4242"] and report_line(tmp_path) in proc.stdout
     assert (tmp_path / "submit" / "runs" / "4242").is_dir()
 
 
@@ -791,14 +991,67 @@ def test_every_step_checkpoints_beside_its_metrics_and_the_folder_records_the_sw
     for step in srun_lines(proc.stdout):
         n = step[0].removeprefix("-n")
         assert option_values(step, "--checkpoint") == [f"runs/4242/tasks-{n}.pt"] and "--resume" not in step
-    saved = (tmp_path / "submit" / "runs" / "4242" / "sweep.args").read_bytes()
-    assert saved.split(b"\0")[:-1] == [b"1,2", b"--repeats=1", b"--epochs", b"2"]
+    saved = (tmp_path / "submit" / "runs" / "4242").glob("sweep.args*")
+    assert [path.read_bytes().split(b"\0")[:-1] for path in saved] == [[b"1,2", b"--repeats=1", b"--epochs", b"2"]]
+
+
+def test_qml_py_checks_the_arguments_once_before_the_first_step(fake_job):
+    proc = fake_job("1,2", "--epochs", "2", QML_SITE="generic")
+    assert qml_lines(proc.stdout)[0] == ["--epochs", "2", "--check"] and len(qml_lines(proc.stdout)) == 2  # + report
+    assert proc.stdout.index("QML --epochs 2 --check") < proc.stdout.index("SRUN")
+
+
+def test_a_requeued_job_checks_no_more_but_a_continue_job_does(fake_job, tmp_path):
+    # The requeued job's own folder holds the sweep it checked at its first start; another job's may not fit this one.
+    finished_sweep(tmp_path / "submit" / "runs" / "4242", "1,2", complete=(1,))
+    requeued = fake_job("1,2", QML_SITE="generic", SLURM_RESTART_COUNT="1")
+    assert requeued.returncode == 0 and qml_lines(requeued.stdout) == [["report", "runs/4242"]], requeued.stdout
+    continued = fake_job("1,2", "--continue", "runs/4242", QML_SITE="generic", SLURM_JOB_ID="4343")
+    assert qml_lines(continued.stdout)[0] == ["--check"], continued.stdout
+
+
+def test_arguments_qml_py_refuses_end_the_job_before_any_step(fake_job, tmp_path):
+    proc = fake_job("1,2", "--n-qubits", "99", QML_SITE="generic", FAKE_CHECK_FAILS="99")
+    assert proc.returncode == 2 and not srun_lines(proc.stdout)
+    assert proc.stderr.strip() == "qml.py: error: argument --n-qubits: must be 1..20"  # qml.py's line, once
+    assert not (tmp_path / "submit" / "runs").exists()
+
+
+def test_every_varied_value_is_checked_before_the_first_step(fake_job, tmp_path):
+    proc = fake_job("1,2", "--vary", "n-qubits=2,99", QML_SITE="generic", FAKE_CHECK_FAILS="99")
+    assert proc.returncode == 2 and not srun_lines(proc.stdout) and not (tmp_path / "submit" / "runs").exists()
+    assert qml_lines(proc.stdout) == [["--n-qubits", "2", "--check"], ["--n-qubits", "99", "--check"]]
+    assert one_stderr_line(proc.stderr) == "qml.py: error: argument --n-qubits: must be 1..20"
+
+
+@pytest.mark.parametrize("args, refused", [(["--n-qubits", "99"], "--n-qubits"),
+                                           (["--repeats", "2", "--seed", "abc"], "--seed"),
+                                           (["--repeats", "2", "--shuffle-seed=-3"], "--shuffle-seed")],
+                         ids=["qubits", "bad-seed", "negative-shuffle-seed"])
+def test_real_qml_py_refuses_bad_arguments_before_any_step_in_one_line(fake_job, tmp_path, args, refused):
+    proc = fake_job("1,2", *args, QML_SITE="generic", real_qml=True)
+    assert proc.returncode == 2 and not srun_lines(proc.stdout), proc.stderr
+    line = one_stderr_line(proc.stderr)
+    assert line.startswith("qml.py: error:") and refused in line and not (tmp_path / "submit" / "runs").exists()
+
+
+def test_the_last_repeats_seeds_are_checked_too():
+    args = qml.get_args_parser().parse_args(["--seed", "4294967295", "--repeat", "1"])
+    with pytest.raises(qml.UsageError, match="--repeat 1 gives --seed 4294967296"):
+        validate_args(args)
 
 
 def test_interrupted_step_requeues_the_job_and_runs_no_further_step(fake_job):
     proc = fake_job("1,2", QML_SITE="generic", FAKE_SRUN_EXIT="75")  # qml.py stopped on the wall-time warning
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "SCONTROL requeue 4242" in proc.stdout.splitlines()
+    assert len(srun_lines(proc.stdout)) == 1 and "report" not in proc.stdout
+
+
+def test_the_warning_is_passed_on_to_the_running_step_which_stops_and_the_job_requeues(fake_job):
+    proc = fake_job("1,2", QML_SITE="generic", FAKE_SRUN_AWAIT_WARNING="1")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "STEP GOT SIGUSR1" in proc.stdout and "SCONTROL requeue 4242" in proc.stdout.splitlines()
     assert len(srun_lines(proc.stdout)) == 1 and "report" not in proc.stdout
 
 
@@ -809,6 +1062,29 @@ def test_warning_as_a_step_ends_requeues_before_the_next_step(fake_job):
     assert len(srun_lines(proc.stdout)) == 1 and "report" not in proc.stdout
 
 
+def test_warning_while_the_modules_load_requeues_before_the_first_step(fake_job):
+    proc = fake_job("1,2", QML_SITE="generic", QML_MODULES="gcc/13", FAKE_MODULE_WARNS="1")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "SCONTROL requeue 4242" in proc.stdout.splitlines() and not srun_lines(proc.stdout)
+    assert "warning came before the 1-task step" in proc.stdout
+
+
+def test_a_warning_as_the_script_hands_over_to_sweep_py_is_lost_not_fatal(fake_job, tmp_path):
+    # Ignored, the signal stays ignored across exec until sweep.py catches it; here it comes as Python starts.
+    starting = tmp_path / "bin" / "python-starting"
+    starting.write_text(f'#!/bin/bash\nkill -USR1 $$\nexec {sys.executable} "$@"\n')
+    starting.chmod(0o755)
+    proc = fake_job("1,2", QML_SITE="generic", QML_PYTHON=str(starting))
+    assert proc.returncode == 0 and len(srun_lines(proc.stdout)) == 2, proc.stdout + proc.stderr
+
+
+def test_a_step_that_dies_of_the_warning_it_was_passed_requeues_too(fake_job):
+    # A rank still importing torch has no handler yet: SIGUSR1 kills it, and its step ends with 138, not 75.
+    proc = fake_job("1,2", QML_SITE="generic", FAKE_SRUN_WARN="1", FAKE_SRUN_EXIT="138")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "SCONTROL requeue 4242" in proc.stdout.splitlines() and len(srun_lines(proc.stdout)) == 1
+
+
 def test_interrupted_step_that_cannot_be_requeued_says_how_to_continue(fake_job):
     proc = fake_job("1,2", "--epochs", "2", QML_SITE="generic", FAKE_SRUN_EXIT="75", FAKE_REQUEUE_EXIT="1")
     assert proc.returncode == 75 and len(srun_lines(proc.stdout)) == 1
@@ -816,14 +1092,14 @@ def test_interrupted_step_that_cannot_be_requeued_says_how_to_continue(fake_job)
     assert "sbatch submit_qml.sbatch 1,2 --repeats=1 --epochs 2 --continue runs/4242" in line, line
 
 
-def finished_sweep(folder, counts, *qml_args, complete=(), begun=()):
+def finished_sweep(folder, counts, *qml_args, complete=(), begun=(), repeats="--repeats=1"):
     """A runs/<jobid> folder as an earlier job left it: its sweep.args, complete JSONs, begun checkpoints."""
     folder.mkdir(parents=True)
-    (folder / "sweep.args").write_bytes(b"".join(f"{arg}\0".encode() for arg in (counts, "--repeats=1", *qml_args)))
-    for n in complete:
-        (folder / f"tasks-{n}.json").write_text(json.dumps({"complete": True}))
-    for n in begun:
-        (folder / f"tasks-{n}.pt").write_bytes(b"checkpoint")
+    (folder / "sweep.args").write_bytes(b"".join(f"{arg}\0".encode() for arg in (counts, repeats, *qml_args)))
+    for stem in complete:
+        (folder / f"tasks-{stem}.json").write_text(json.dumps({"complete": True}))
+    for stem in begun:
+        (folder / f"tasks-{stem}.pt").write_bytes(b"checkpoint")
     return folder
 
 
@@ -834,7 +1110,8 @@ def test_requeued_job_skips_complete_runs_resumes_the_begun_one_and_reports(fake
     steps = srun_lines(proc.stdout)
     assert [s[0] for s in steps] == ["-n2", "-n4"], steps  # the complete 1-task run is not run again
     assert option_values(steps[0], "--resume") == ["runs/4242/tasks-2.pt"] and "--resume" not in steps[1]
-    assert "PY -W ignore -u" in proc.stdout and "report runs/4242" in proc.stdout
+    assert "== continuing runs/4242 (restart 1 of job 4242)" in proc.stdout
+    assert report_line(tmp_path) in proc.stdout and qml_lines(proc.stdout)[-1] == ["report", "runs/4242"]
 
 
 def test_continue_of_a_finished_folder_runs_nothing_and_reports(fake_job, tmp_path):
@@ -842,19 +1119,20 @@ def test_continue_of_a_finished_folder_runs_nothing_and_reports(fake_job, tmp_pa
     proc = fake_job("1,2", "--epochs", "2", "--continue", "runs/77", QML_SITE="generic")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert not srun_lines(proc.stdout)
-    assert [line for line in proc.stdout.splitlines() if line.startswith("PY ")][-1].endswith("report runs/77")
+    assert qml_lines(proc.stdout)[-1] == ["report", "runs/77"]
 
 
 @pytest.mark.parametrize("args, theirs", [(("1,2", "--epochs", "3"), "1,2 --repeats=1 --epochs 2"),
                                           (("1,4", "--epochs", "2"), "1,2 --repeats=1 --epochs 2"),
-                                          (("1,2", "--epochs", "2", "--repeats", "2"), "1,2 --repeats=1")],
-                         ids=["epochs", "counts", "repeats"])
+                                          (("1,2", "--epochs", "2", "--repeats", "2"), "1,2 --repeats=1"),
+                                          (("1,2", "--epochs", "2", "--vary", "lr=0.001,0.0004"), "1,2 --repeats=1")],
+                         ids=["epochs", "counts", "repeats", "vary"])
 def test_continue_of_a_folder_of_other_settings_is_refused_naming_them(fake_job, tmp_path, args, theirs):
     finished_sweep(tmp_path / "submit" / "runs" / "77", "1,2", "--epochs", "2", begun=(1,))
     proc = fake_job(*args, "--continue", "runs/77/", QML_SITE="generic")
-    assert proc.returncode == 2 and not srun_lines(proc.stdout)
+    assert proc.returncode == 2 and not srun_lines(proc.stdout) and not qml_lines(proc.stdout)
     (line,) = proc.stderr.strip().splitlines()
-    assert f"its runs were started as 'submit_qml.sbatch {theirs}" in line, line
+    assert f"its runs were started as 'submit_qml.sbatch {theirs}" in line and "this job is" in line, line
 
 
 def test_continue_of_a_folder_without_a_sweep_is_refused(fake_job):
@@ -866,7 +1144,7 @@ def test_continue_of_a_folder_without_a_sweep_is_refused(fake_job):
 def test_sweep_stops_with_the_failed_step_status(fake_job):
     proc = fake_job("1,2", QML_SITE="generic", FAKE_SRUN_EXIT="7")
     assert proc.returncode == 7
-    assert len(srun_lines(proc.stdout)) == 1 and "PY " not in proc.stdout
+    assert len(srun_lines(proc.stdout)) == 1 and ["report", "runs/4242"] not in qml_lines(proc.stdout)
     assert "the 1-task step failed with exit status 7" in proc.stderr
 
 
@@ -874,13 +1152,14 @@ def option_values(step, option):
     return [step[i + 1] for i, arg in enumerate(step) if arg == option]
 
 
-def test_repeats_run_every_count_k_times_with_consecutive_seeds(fake_job):
+def test_repeats_run_every_count_k_times_as_repeat_0_1(fake_job):
     proc = fake_job("1,2", "--epochs", "2", "--repeats", "2", QML_SITE="generic")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     steps = srun_lines(proc.stdout)
-    assert [(s[0], option_values(s, "--seed")[-1], option_values(s, "--shuffle-seed")[-1]) for s in steps] == [
-        ("-n1", "42", "0"), ("-n2", "42", "0"), ("-n1", "43", "1"), ("-n2", "43", "1")], steps
-    assert [s[-1] for s in steps] == [f"runs/4242/tasks-{n}-seed-{seed}.json" for seed in (42, 43) for n in (1, 2)]
+    assert [(s[0], option_values(s, "--repeat")) for s in steps] == [
+        ("-n1", ["0"]), ("-n2", ["0"]), ("-n1", ["1"]), ("-n2", ["1"])], steps
+    assert [s[-1] for s in steps] == [f"runs/4242/tasks-{n}-repeat-{r}.json" for r in (0, 1) for n in (1, 2)]
+    assert not any("--seed" in s or "--shuffle-seed" in s for s in steps)  # qml.py adds the repeat to its seeds
 
 
 def test_repeats_is_not_passed_to_qml(fake_job):
@@ -889,27 +1168,28 @@ def test_repeats_is_not_passed_to_qml(fake_job):
     assert steps and all("--repeats" not in s and s.count("--epochs") == 1 for s in steps), steps
 
 
-def test_repeats_count_from_the_users_seeds(fake_job):
-    proc = fake_job("2", "--seed", "7", "--repeats=3", "--shuffle-seed=5", QML_SITE="generic")
+def test_repeats_pass_the_users_seeds_as_given(fake_job):
+    # Any spelling qml.py accepts (a prefix, the = form): qml.py reads them, with --repeat R added to both.
+    proc = fake_job("2", "--see", "7", "--repeats=3", "--shuffle=5", QML_SITE="generic")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     steps = srun_lines(proc.stdout)
-    assert [(option_values(s, "--seed")[-1], option_values(s, "--shuffle-seed")[-1]) for s in steps] == [
-        ("7", "5"), ("8", "6"), ("9", "7")], steps
+    assert [s[s.index("-u") + 2:][:5] for s in steps] == [["--see", "7", "--shuffle=5", "--repeat", r]
+                                                           for r in "012"], steps
+    assert qml_lines(proc.stdout)[0] == ["--see", "7", "--shuffle=5", "--repeat", "2", "--check"]  # the last seeds
 
 
-def test_repeats_read_the_seeds_as_qml_py_does(fake_job):
-    # argparse takes an unambiguous prefix (--see) and the = form; the launcher asks qml.py's own parser.
-    proc = fake_job("2", "--see", "7", "--repeats", "2", "--shuffle=5", QML_SITE="generic")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    steps = srun_lines(proc.stdout)
-    assert [(option_values(s, "--seed")[-1], option_values(s, "--shuffle-seed")[-1]) for s in steps] == [
-        ("7", "5"), ("8", "6")], steps
+@pytest.mark.parametrize("argv, seeds", [(["--seed", "7", "--shuffle-seed", "5", "--repeat", "2"], (9, 7)),
+                                         (["--see", "7", "--shuffle=5", "--repeat", "1"], (8, 6)),
+                                         ([], (42, 0)), (["--repeat", "1"], (43, 1)), (["--repeat", "3"], (45, 3))])
+def test_repeat_r_trains_with_both_seeds_plus_r(argv, seeds):
+    args = qml.get_args_parser().parse_args(argv)
+    validate_args(args)
+    assert (args.seed, args.shuffle_seed) == seeds and args.repeat == int(argv[-1] if argv else 0)
 
 
 def test_repeats_of_a_single_count_end_with_the_report(fake_job, tmp_path):
     proc = fake_job("2", "--repeats", "2", QML_SITE="generic")
-    report = [line for line in proc.stdout.splitlines() if line.startswith("PY ")]
-    assert report == [f"PY -W ignore -u {tmp_path}/submit/qml.py report runs/4242"], proc.stdout
+    assert report_line(tmp_path) in proc.stdout and qml_lines(proc.stdout)[-1] == ["report", "runs/4242"]
 
 
 def test_repeats_1_keeps_file_names_and_arguments_without_seeds(fake_job):
@@ -917,28 +1197,75 @@ def test_repeats_1_keeps_file_names_and_arguments_without_seeds(fake_job):
     steps = srun_lines(proc.stdout)
     assert [s[-6:] for s in steps] == [["--epochs", "2", "--checkpoint", f"runs/4242/tasks-{n}.pt",
                                         "--metrics-json", f"runs/4242/tasks-{n}.json"] for n in (1, 2)], steps
+    assert not any("--repeat" in s for s in steps)
 
 
 def test_failed_repeat_stops_the_sweep(fake_job):
     proc = fake_job("1,2", "--repeats", "2", QML_SITE="generic", FAKE_SRUN_EXIT="7")
     assert proc.returncode == 7
-    assert len(srun_lines(proc.stdout)) == 1 and "PY " not in proc.stdout
+    assert len(srun_lines(proc.stdout)) == 1 and ["report", "runs/4242"] not in qml_lines(proc.stdout)
+
+
+def test_vary_runs_every_value_and_count_with_its_own_files(fake_job, tmp_path):
+    proc = fake_job("1,2", "--vary", "n-qubits=2,4", "--repeats", "2", "--epochs", "1", QML_SITE="generic")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    steps = srun_lines(proc.stdout)
+    assert [(s[0], option_values(s, "--n-qubits"), option_values(s, "--repeat")) for s in steps] == [
+        (f"-n{n}", [q], [r]) for r in "01" for q in "24" for n in (1, 2)], steps
+    assert [s[-1] for s in steps] == [f"runs/4242/tasks-{n}-n-qubits-{q}-repeat-{r}.json"
+                                      for r in "01" for q in "24" for n in (1, 2)]
+    # qml.py checks each value once (with the last repeat's seeds); one report over the folder
+    assert qml_lines(proc.stdout) == [["--epochs", "1", "--n-qubits", q, "--repeat", "1", "--check"] for q in "24"] + [
+        ["report", "runs/4242"]]
+    saved = (tmp_path / "submit" / "runs" / "4242" / "sweep.args").read_bytes().split(b"\0")[:-1]
+    assert saved == [b"1,2", b"--repeats=2", b"--vary=n-qubits=2,4", b"--epochs", b"1"]
+
+
+def test_vary_of_a_single_repeat_names_repeat_0_and_passes_no_repeat(fake_job):
+    proc = fake_job("1", "--vary=lr=0.001,0.0004", QML_SITE="generic")
+    steps = srun_lines(proc.stdout)
+    assert [s[-1] for s in steps] == ["runs/4242/tasks-1-lr-0.001-repeat-0.json",
+                                      "runs/4242/tasks-1-lr-0.0004-repeat-0.json"], steps
+    assert [option_values(s, "--lr") for s in steps] == [["0.001"], ["0.0004"]] and "--repeat" not in steps[0]
+
+
+def test_a_vary_sweep_continues_where_it_stopped(fake_job, tmp_path):
+    folder = finished_sweep(tmp_path / "submit" / "runs" / "77", "1", complete=("1-lr-0.001-repeat-0",),
+                            begun=("1-lr-0.0004-repeat-0",), repeats="--repeats=1")
+    (folder / "sweep.args").write_bytes(b"1\0--repeats=1\0--vary=lr=0.001,0.0004\0")
+    proc = fake_job("1", "--vary", "lr=0.001,0.0004", "--continue", "runs/77", QML_SITE="generic")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (step,) = srun_lines(proc.stdout)
+    assert option_values(step, "--resume") == ["runs/77/tasks-1-lr-0.0004-repeat-0.pt"], step
+
+
+@pytest.mark.parametrize("args, named", [(["--vary", "n-qubits"], "--vary"), (["--vary", "n-qubits="], "--vary"),
+                                         (["--vary", "--n-qubits=2,4"], "--vary"),
+                                         (["--vary", "weights=/my/w.pt,none"], "--vary"),
+                                         (["--vary", "n-qubits=2,2"], "twice"),
+                                         (["--vary", "checkpoint=a,b"], "sets --checkpoint itself"),
+                                         (["--vary", "n-qubits=2,4", "--n-qubits", "3"], "--n-qubits"),
+                                         (["--vary", "n-qubits=2,4", "--vary", "lr=1,2"], "--vary is given twice"),
+                                         (["--continue", "runs/1", "--continue=runs/2"], "--continue is given twice")],
+                         ids=["no-values", "empty", "dashes", "path", "twice", "ours", "given-too", "two", "continue"])
+def test_bad_vary_exits_2_with_one_line(fake_job, args, named):
+    proc = fake_job("1,2", *args, QML_SITE="generic")
+    assert proc.returncode == 2 and not srun_lines(proc.stdout) and not qml_lines(proc.stdout)
+    assert named in one_stderr_line(proc.stderr), proc.stderr
 
 
 @pytest.mark.parametrize("args", [["--repeats", "0"], ["--repeats", "-1"], ["--repeats", "two"],
-                                  ["--repeats", "1.5"], ["--repeats="], ["--epochs", "1", "--repeats"],
-                                  ["--repeats", "2", "--seed", "abc"], ["--repeats", "2", "--shuffle-seed=-3"]],
-                         ids=["zero", "negative", "word", "fraction", "empty", "no-value", "bad-seed",
-                              "negative-shuffle-seed"])
+                                  ["--repeats", "1.5"], ["--repeats="], ["--epochs", "1", "--repeats"]],
+                         ids=["zero", "negative", "word", "fraction", "empty", "no-value"])
 def test_bad_repeats_exit_2_with_one_line(fake_job, args):
     proc = fake_job("1,2", *args, QML_SITE="generic")
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "error" in proc.stderr, proc.stderr
-    assert "--repeats" in proc.stderr or "seed" in proc.stderr, proc.stderr
+    assert "--repeats" in proc.stderr, proc.stderr
     assert not srun_lines(proc.stdout)
 
 
-@pytest.mark.parametrize("first", ["0", "-2", "two", "1,,2", "1,0", "", "2.5", "--epochs"])
+@pytest.mark.parametrize("first", ["0", "-2", "two", "1,,2", "1,0", "", "2.5", "--epochs", "1,2,1"])
 def test_bad_first_argument(fake_job, first):
     proc = fake_job(first, QML_SITE="generic")
     assert proc.returncode == 2
@@ -955,3 +1282,30 @@ def test_bad_settings_exit_2(fake_job):
     assert proc.returncode == 1 and "QML_SCRIPT" in proc.stderr
     proc = fake_job(1, QML_SITE="generic", SLURM_JOB_ID="")
     assert proc.returncode == 2 and "sbatch" in proc.stderr
+
+
+# ---- A run stopped after its last checkpoint, before its metrics JSON, continued: qml.py for real, one task ----
+
+def test_a_run_stopped_before_its_json_is_completed_from_its_checkpoint_and_reported(fake_job, tmp_path, tiny_data):
+    """Killed between its last checkpoint and its JSON, the run is resumed: qml.py writes the JSON the run would
+    have written from the checkpoint, and the report counts it."""
+    rundir, args = tmp_path / "submit" / "runs" / "77", ["--data-dir", tiny_data, *TINY_RUN]
+    stem = rundir / "tasks-1-repeat-1"
+    assert qml.main([*args, "--repeat", "1", "--checkpoint", f"{stem}.pt", "--metrics-json", f"{stem}.json"]) == 0
+    whole = json.loads(Path(f"{stem}.json").read_text())
+    # Repeat 0 complete (a copy stands in for it), repeat 1 stopped after its last checkpoint: no JSON.
+    Path(f"{stem}.json").rename(rundir / "tasks-1-repeat-0.json")
+    (rundir / "sweep.args").write_bytes(b"".join(f"{arg}\0".encode() for arg in ("1", "--repeats=2", *args)))
+    proc = fake_job("1", "--repeats", "2", *args, "--continue", "runs/77", QML_SITE="generic", real_qml=True,
+                    FAKE_SRUN_RUNS="1", OMP_NUM_THREADS="1")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr
+    (step,) = srun_lines(proc.stdout)
+    assert option_values(step, "--resume") == [f"runs/77/{stem.name}.pt"] and "Training started" not in proc.stdout
+    written = json.loads(Path(f"{stem}.json").read_text())
+    assert written["complete"] is True and written["config"]["seed"] == 43 and written["resumed"] == 0
+    for key in ("epochs", "best_val_acc", "best_val_loss", "world_size", "global_batch_size"):
+        assert written[key] == whole[key], key
+    assert written["ranks"][0]["head_sha256"] == whole["ranks"][0]["head_sha256"]
+    assert written["ranks"][0]["buffers_sha256"] == whole["ranks"][0]["buffers_sha256"]
+    with open(rundir / "scaling.csv", newline="") as fh:
+        assert [(row["tasks"], row["runs"]) for row in csv.DictReader(fh)] == [("1", "2")]
