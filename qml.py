@@ -34,6 +34,7 @@ simulators, backbone, images, process_group, checkpoints, interruption, provenan
 report (README's "Layout" says what each holds).
 """
 
+import copy
 import dataclasses
 import functools
 import math
@@ -643,6 +644,15 @@ def resolve_batch_and_lr(args, world_size):
         args.lr *= args.batch_size * world_size / REFERENCE_GLOBAL_BATCH
 
 
+def check_run(args):
+    """--check: the options (already validated), then the circuit against this machine's memory as one process.
+    A step's ranks on one host share it, and each checks its share before training."""
+    ctx = DistContext(device=pick_device(args.device, 0), rank_facts=[dict(host=socket.gethostname())])
+    args = copy.copy(args)
+    args.batch_size = args.batch_size or args.global_batch_size or DEFAULT_BATCH_SIZE
+    check_circuit_memory(args, ctx)
+
+
 def draw_circuit(args):
     """quantum_net as the dressed head records it, with the angles 0.1 and the weights --q-delta."""
     head = DressedQuantumNet(args.n_qubits, args.q_depth, args.q_delta, qdevice="default.qubit")
@@ -692,6 +702,7 @@ def main(argv=None):
         args = get_args_parser().parse_args(argv)
         validate_args(args)
         if args.check:
+            check_run(args)
             return 0
         if args.draw:
             print(draw_circuit(args))

@@ -500,7 +500,7 @@ echo "ACTIVATED $1"
 FAKE_QML = """import os, sys
 print("QML", *sys.argv[1:], flush=True)
 if "--check" in sys.argv and os.environ.get("FAKE_CHECK_FAILS", "--check") in sys.argv[1:-1]:
-    sys.exit(print("qml.py: error: argument --n-qubits: must be 1..20", file=sys.stderr) or 2)
+    sys.exit(print("qml.py: error: argument --n-qubits: must be 1..30", file=sys.stderr) or 2)
 """
 MODULE_LIST = REPO / "frontier-modules.txt"
 
@@ -1013,7 +1013,7 @@ def test_a_requeued_job_checks_no_more_but_a_continue_job_does(fake_job, tmp_pat
 def test_arguments_qml_py_refuses_end_the_job_before_any_step(fake_job, tmp_path):
     proc = fake_job("1,2", "--n-qubits", "99", QML_SITE="generic", FAKE_CHECK_FAILS="99")
     assert proc.returncode == 2 and not srun_lines(proc.stdout)
-    assert proc.stderr.strip() == "qml.py: error: argument --n-qubits: must be 1..20"  # qml.py's line, once
+    assert proc.stderr.strip() == "qml.py: error: argument --n-qubits: must be 1..30"  # qml.py's line, once
     assert not (tmp_path / "submit" / "runs").exists()
 
 
@@ -1021,13 +1021,14 @@ def test_every_varied_value_is_checked_before_the_first_step(fake_job, tmp_path)
     proc = fake_job("1,2", "--vary", "n-qubits=2,99", QML_SITE="generic", FAKE_CHECK_FAILS="99")
     assert proc.returncode == 2 and not srun_lines(proc.stdout) and not (tmp_path / "submit" / "runs").exists()
     assert qml_lines(proc.stdout) == [["--n-qubits", "2", "--check"], ["--n-qubits", "99", "--check"]]
-    assert one_stderr_line(proc.stderr) == "qml.py: error: argument --n-qubits: must be 1..20"
+    assert one_stderr_line(proc.stderr) == "qml.py: error: argument --n-qubits: must be 1..30"
 
 
 @pytest.mark.parametrize("args, refused", [(["--n-qubits", "99"], "--n-qubits"),
+                                           (["--n-qubits", "30"], "--n-qubits 30 on --qdevice lightning.kokkos needs about"),
                                            (["--repeats", "2", "--seed", "abc"], "--seed"),
                                            (["--repeats", "2", "--shuffle-seed=-3"], "--shuffle-seed")],
-                         ids=["qubits", "bad-seed", "negative-shuffle-seed"])
+                         ids=["qubits", "qubits-beyond-memory", "bad-seed", "negative-shuffle-seed"])
 def test_real_qml_py_refuses_bad_arguments_before_any_step_in_one_line(fake_job, tmp_path, args, refused):
     proc = fake_job("1,2", *args, QML_SITE="generic", real_qml=True)
     assert proc.returncode == 2 and not srun_lines(proc.stdout), proc.stderr
