@@ -22,14 +22,12 @@ import time
 import numpy as np
 import torch
 
-import errors
+import command_line
 import images
-import options
-import provenance
 import qml
+import records
 import report
 import simulators
-import timing
 
 QML = os.path.join(os.path.dirname(os.path.abspath(__file__)), "qml.py")
 QUBIT_COUNTS = (4, 8, 12, 16, 20, 24, 28)
@@ -62,7 +60,7 @@ def time_run(extra, args, tmp, launcher=()):
     result = subprocess.run(command, capture_output=True, text=True)
     wall = time.perf_counter() - start
     if result.returncode != 0:
-        raise errors.UsageError(f"benchmark run {' '.join(extra)} failed: {result.stderr.strip().splitlines()[-1:]}")
+        raise command_line.UsageError(f"benchmark run {' '.join(extra)} failed: {result.stderr.strip().splitlines()[-1:]}")
     with open(metrics) as file:
         return wall, json.load(file)
 
@@ -147,7 +145,7 @@ def qubit_rows(args):
                 qml.check_circuit_memory(argparse.Namespace(n_qubits=nqubits, q_depth=qml.q_depth, q_delta=qml.q_delta,
                                                             qdevice=qdevice, per_sample=False, batch_size=4),
                                          one_process())
-            except errors.UsageError as refused:
+            except command_line.UsageError as refused:
                 stop = f"needs {re.search(r'needs about (.*?) [(]', str(refused)).group(1)}"
                 cells.append(stop)
                 continue
@@ -165,7 +163,7 @@ def time_circuit_alone(qdevice, nqubits):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             cwd=os.path.dirname(QML))
     if result.returncode != 0:
-        raise errors.UsageError(f"timing {qdevice} at {nqubits} qubits failed: {result.stderr.strip().splitlines()[-1:]}")
+        raise command_line.UsageError(f"timing {qdevice} at {nqubits} qubits failed: {result.stderr.strip().splitlines()[-1:]}")
     return float(result.stdout.split()[-1])
 
 
@@ -179,11 +177,11 @@ def one_process():
 def machine_description():
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return (f"{platform.machine()} {platform.processor() or platform.system()}, {os.cpu_count()} CPUs, {gpu}, "
-            f"torch {torch.__version__}, pennylane {provenance.package_versions()['pennylane']}")
+            f"torch {torch.__version__}, pennylane {records.package_versions()['pennylane']}")
 
 
 def get_args_parser():
-    parser = options.ArgumentParser(prog="bench.py", description="Time qml.py's epoch, cached run and circuit.")
+    parser = command_line.ArgumentParser(prog="bench.py", description="Time qml.py's epoch, cached run and circuit.")
     parser.add_argument("--data-dir", default=os.environ.get("QML_DATA_DIR", images.DEFAULT_DATA_DIR),
                         help="ImageFolder root with train/ and val/, not downloaded here (default: $QML_DATA_DIR, "
                         "else data/hymenoptera_data beside qml.py, which python qml.py downloads when missing)")
@@ -191,13 +189,13 @@ def get_args_parser():
                         "--weights (default: %(default)s: a random backbone, the same compute as ImageNet's)")
     parser.add_argument("--epochs", type=at_least_2, default=3, help="epochs of each timed setup; the fastest "
                         "after the first is compared (default: %(default)s)")
-    parser.add_argument("--cached-epochs", type=options.positive(int), default=30, help="epochs of each "
+    parser.add_argument("--cached-epochs", type=command_line.positive(int), default=30, help="epochs of each "
                         "--cache-features run, timed from process start to exit (default: %(default)s)")
-    parser.add_argument("--rounds", type=options.positive(int), default=1, help="time every setup this many times and "
+    parser.add_argument("--rounds", type=command_line.positive(int), default=1, help="time every setup this many times and "
                         "keep its fastest (on a machine shared with other work) (default: %(default)s)")
-    parser.add_argument("--max-qubits", type=options.qubit_count, default=28, help="largest qubit count of the "
+    parser.add_argument("--max-qubits", type=command_line.qubit_count, default=28, help="largest qubit count of the "
                         "qubit-scaling table (default: %(default)s; counts the memory check refuses are left out)")
-    parser.add_argument("--qubit-seconds", type=options.positive(float), default=30.0, help="in the qubit-scaling "
+    parser.add_argument("--qubit-seconds", type=command_line.positive(float), default=30.0, help="in the qubit-scaling "
                         "table, a path that took longer than this for one batch runs no larger count (default: "
                         "%(default)s)")
     parser.add_argument("--only", choices=("all", "qubits"), default="all", help="qubits: only the qubit-scaling "
@@ -214,7 +212,7 @@ def main(argv=None):
             epochs = epoch_rows(args, tmp)
             rows = cached_rows(args, tmp) + circuit_rows()
         print("\nWhere an epoch's time goes (seconds; ratio: the later epoch's to the tutorial-equivalent's):")
-        print(report.markdown_table(("run", "epoch 1", "later epoch", "ratio", *timing.TimeSplit.PARTS,
+        print(report.markdown_table(("run", "epoch 1", "later epoch", "ratio", *records.TimeSplit.PARTS,
                                   "epoch 1 train loss/acc, val loss/acc"), epochs))
         print()
         print(report.markdown_table(("what", "time", "ratio"), rows))
@@ -224,7 +222,7 @@ def main(argv=None):
 
 
 def at_least_2(text):
-    value = options.positive(int)(text)
+    value = command_line.positive(int)(text)
     if value < 2:
         raise argparse.ArgumentTypeError(f"must be 2 or more (an epoch after the first is timed), got {text}")
     return value
@@ -233,6 +231,6 @@ def at_least_2(text):
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except errors.UsageError as err:
+    except command_line.UsageError as err:
         print("bench.py: error:", " ".join(str(err).split()), file=sys.stderr)
         sys.exit(2)

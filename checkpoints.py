@@ -1,17 +1,19 @@
-"""The run's safety: every file written atomically, output paths tried before training, and checkpoints
-(--checkpoint, --resume) that cannot silently change the experiment. Rank 0 writes them all."""
+"""The run's safety: every file written atomically, output paths tried before training, checkpoints (--checkpoint,
+--resume) that cannot silently change the experiment (rank 0 writes them all), and the stop between batches on
+Slurm's wall-time warning, which keeps the last complete epoch."""
 
 import contextlib
 import io
 import os
+import signal
 import tempfile
 import time
 
 import numpy as np
 import torch
 
-from errors import RunFailed, UsageError
-from process_group import broadcast_error
+from command_line import RunFailed, UsageError, raise_interrupt
+from process_group import broadcast_error, reduce_sums
 
 # Options that must match for a checkpoint to be resumed.
 RESUME_KEYS = ("n_qubits", "q_depth", "q_delta", "weights", "bn_mode", "cache_features", "batch_size",
@@ -166,3 +168,49 @@ def restore_checkpoint(checkpoint, model, optimizer, scheduler):
     kind, keys, pos, has_gauss, cached = checkpoint["rng"]["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     return dict(checkpoint["state"], resumed=checkpoint["state"].get("resumed", 0) + 1)
+
+
+# ----------------------------------------------------------------------------
+# Stopping before the wall-time limit without losing work
+#
+# Slurm's wall-time warning (`sbatch --signal=B:USR1@120`, which sweep.py forwards to its step as SIGUSR1) asks
+# every rank to stop at the next boundary between batches, all ranks together, so that none is left waiting in
+# a collective. The epoch under way is dropped: the checkpoint of the last complete epoch stays as it is (it is
+# written only between epochs, atomically), and the exit status command_line.RESUMABLE tells the launcher to
+# requeue the job or to say how to continue it. A second SIGUSR1 stops at once, as SIGTERM and Ctrl-C do
+# (command_line.raise_interrupt).
+
+STOP_SIGNAL = signal.SIGUSR1
+
+requested = None  # the name of the signal that asked this rank to stop, once one has
+
+
+class Interrupted(Exception):
+    """The run stopped between batches when asked to; main() prints its line and exits with command_line.RESUMABLE."""
+
+
+def request_stop(signum, frame):
+    """The stop signal's handler: the first asks for a stop at the next batch boundary, a second stops now."""
+    global requested
+    if requested is not None:
+        raise_interrupt(signum, frame)
+    requested = signal.Signals(signum).name
+
+
+def catch_wall_time_warning():
+    """From now on the stop signal asks this process to stop between batches (no request yet)."""
+    global requested
+    requested = None
+    signal.signal(STOP_SIGNAL, request_stop)
+
+
+def stop_between_batches(ctx, epoch, checkpoint):
+    """Raise Interrupted on every rank when any rank was asked to stop: one all-reduce of the ranks' requests (on
+    the CPU, so gloo carries it beside NCCL). Every rank must call this at the same points: after each training
+    batch, which DistributedSampler makes equal in number on every rank (validation's shards may differ by one)."""
+    (asked,) = reduce_sums(ctx, torch.tensor([requested is not None], dtype=torch.int32))
+    if asked:
+        kept = (f"--checkpoint {checkpoint} holds every complete epoch: continue with --resume {checkpoint}"
+                if checkpoint else "nothing was saved: give --checkpoint PATH to make a run resumable")
+        raise Interrupted(f"stopped by {requested or 'another rank'}'s request in epoch {epoch + 1}, between "
+                          f"batches (Slurm's wall-time warning); {kept}")

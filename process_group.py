@@ -12,7 +12,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from errors import UsageError
+from command_line import UsageError
 
 
 def expand_nodelist(nodelist):

@@ -29,9 +29,9 @@ Reading this file beside the tutorial; its sections come in this order:
     step, num_epochs, batch_size,            "Command line": --lr, --epochs, --batch-size, --gamma,
       gamma_lr_scheduler, manual_seed(42)      --seed (get_args_parser); setup: join, train, report, leave
 
-The machinery beyond the tutorial lives beside this file, one idea a module, none importing this one:
-simulators, backbone, images, process_group, checkpoints, interruption, provenance, timing, errors, options and
-report (README's "Layout" says what each holds).
+The machinery beyond the tutorial lives beside this file, in modules named for what they hold, none importing
+this one: simulators, images, process_group, checkpoints, records, command_line, report, and the sweep driver
+sweep.py (README's "Layout" says what each holds).
 """
 
 import copy
@@ -70,19 +70,18 @@ from torchvision import datasets, transforms
 try:  # the machinery beside this file
     import checkpoints
     import images
-    import provenance
-    from backbone import (PRECISIONS, backbone_autocast, cast_frozen_convolutions, check_precision,
-                          fetch_weights_once, load_backbone)
-    from errors import RESUMABLE, RunFailed, UsageError, drop_frames, failure_line, raise_interrupt
-    from interruption import Interrupted, catch_wall_time_warning, stop_between_batches
-    from options import (DIST_TIMEOUT_MAX, SEEDS, ArgumentParser, cache_size, number, positive, qubit_count,
-                         validate_args)
+    import records
+    from checkpoints import Interrupted, catch_wall_time_warning, stop_between_batches
+    from command_line import (DIST_TIMEOUT_MAX, RESUMABLE, SEEDS, ArgumentParser, RunFailed, UsageError, cache_size,
+                              drop_frames, failure_line, number, positive, qubit_count, raise_interrupt)
+    from images import (PRECISIONS, backbone_autocast, cast_frozen_convolutions, check_precision, fetch_weights_once,
+                        load_backbone)
     from process_group import (check_one_gpu_per_rank, expand_nodelist, gather_objects, join_process_group,
                                leave_process_group, rank_facts, reduce_sums, step_master, sync_buffers)
     from simulators import (ADJOINT_QDEVICES, KOKKOS_QDEVICE, TORCH_QDEVICE, AdjointCircuit, CircuitTrace, NoAdjoint,
-                            TorchCircuit, check_memory, decomposed_templates, describe_qdevice, lazy_import,
-                            qdevice_options, start_kokkos)
-    from timing import close_epoch, progress_every, time_split
+                            TorchCircuit, available_qdevices, check_memory, decomposed_templates, describe_qdevice,
+                            lazy_import, qdevice_options, start_kokkos)
+    from records import close_epoch, progress_every, time_split
 except ModuleNotFoundError as err:  # qml.py copied alone: README's "Layout" lists what it needs
     print(f"qml.py: error: no module {err.name}; keep qml.py with the other .py files of its folder", file=sys.stderr)
     sys.exit(2)
@@ -225,7 +224,7 @@ class DistContext:
     device: torch.device = torch.device("cpu")
     backend: str = "gloo"
     rank_facts: list = dataclasses.field(default_factory=list)  # every rank's rank_facts(), in rank order
-    provenance: dict = dataclasses.field(default_factory=dict)  # what the run used: provenance.run_provenance
+    provenance: dict = dataclasses.field(default_factory=dict)  # what the run used: records.run_provenance
 
     @property
     def is_main(self):
@@ -410,7 +409,7 @@ def run_phase(phase, run, ctx, args, epoch):
         since_batch = time.time()
         inputs = inputs.to(device, non_blocking=True)  # images are there already; cached features are not
         labels = labels.to(device, non_blocking=True)
-        run.timer.lap("data")  # the other parts of --time-split are timed by hooks (timing.time_split)
+        run.timer.lap("data")  # the other parts of --time-split are timed by hooks (records.time_split)
         with torch.set_grad_enabled(training):
             with backbone_autocast(args.precision, device):
                 outputs = (run.step_net if training else run.net)(inputs)  # validation needs no DDP collectives
@@ -446,7 +445,7 @@ class Training:
     state: dict  # the epochs so far and the tutorial's bests (fresh_state)
     config: dict  # the options that define the run (checkpoints.run_config)
     started: float  # time.time() when training began, the feature cache included
-    timer: object = None  # timing.TimeSplit, set by train_model
+    timer: object = None  # records.TimeSplit, set by train_model
 
 
 def check_circuit_memory(args, ctx):
@@ -478,7 +477,7 @@ def prepare_training(args, ctx):
     config = checkpoints.run_config(args, classes, circuit.digest())
     checkpoint = checkpoints.load_checkpoint(args.resume, config) if args.resume else None
     if checkpoint and checkpoints.finished(args, ctx, checkpoint):
-        provenance.write_finished_metrics(args, ctx, checkpoint, config)
+        records.write_finished_metrics(args, ctx, checkpoint, config)
         return None
     if checkpoint:
         checkpoints.check_world_size(args, checkpoint, ctx.world_size)
@@ -492,9 +491,9 @@ def prepare_training(args, ctx):
     optimizer = torch.optim.Adam(model.fc.parameters(), lr=args.lr)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.step_size, gamma=args.gamma)
     state = checkpoints.restore_checkpoint(checkpoint, model, optimizer, scheduler) if checkpoint else fresh_state()
-    ctx.provenance = provenance.run_provenance(ctx, describe_qdevice(model.fc, args.qdevice))
+    ctx.provenance = records.run_provenance(ctx, describe_qdevice(model.fc, args.qdevice))
     if ctx.is_main:
-        print(provenance.provenance_line(ctx), flush=True)
+        print(records.provenance_line(ctx), flush=True)
 
     started = time.time()
     net = model
@@ -626,6 +625,25 @@ def get_args_parser():
     return parser
 
 
+def validate_args(args):
+    """Resolve the defaults that depend on the environment and refuse impossible combinations."""
+    args.data_dir_is_default = args.data_dir is None and "QML_DATA_DIR" not in os.environ
+    args.data_dir = args.data_dir or os.environ.get("QML_DATA_DIR") or images.DEFAULT_DATA_DIR
+    if args.repeat:  # the R-th repeat trains with its own seeds, recorded as such in the checkpoint and metrics
+        args.seed, args.shuffle_seed = args.seed + args.repeat, args.shuffle_seed + args.repeat
+        if max(args.seed, args.shuffle_seed) > SEEDS["high"]:
+            raise UsageError(f"--repeat {args.repeat} gives --seed {args.seed} and --shuffle-seed {args.shuffle_seed}, "
+                             f"beyond {SEEDS['high']}; give smaller seeds or fewer repeats")
+    if args.cache_features and args.bn_mode == "train":
+        raise UsageError("--cache-features needs --bn-mode eval: with batch statistics the backbone's "
+                         "features change every batch and cannot be cached")
+    if args.global_batch_size is not None and args.batch_size is not None:
+        raise UsageError("--global-batch-size and --batch-size both set the batch size: give one of them "
+                         "(--global-batch-size G gives each of N ranks G/N images)")
+    if args.qdevice not in available_qdevices():
+        raise UsageError(f"--qdevice {args.qdevice}: not installed; choose one of {', '.join(available_qdevices())}")
+
+
 def resolve_batch_and_lr(args, world_size):
     """Set args.batch_size (per rank) and args.lr for this world size, which is known only after rank discovery.
 
@@ -669,7 +687,7 @@ def setup(args):
         if trained is None:  # --resume of a finished run
             return 0
         model, state, config = trained
-        provenance.record_digests(ctx, model)
+        records.record_digests(ctx, model)
         if ctx.is_main:
             minutes, seconds = divmod(state["seconds"], 60)
             print(f"\nTraining completed in {minutes:.0f}m {seconds:.0f}s")
@@ -678,7 +696,7 @@ def setup(args):
             if args.save:
                 checkpoints.save_weights(args.save, model.fc)
             for path in args.metrics_json:
-                provenance.write_metrics(path, state, config, ctx)
+                records.write_metrics(path, state, config, ctx)
         if ctx.world_size > 1:
             dist.barrier()
         return 0

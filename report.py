@@ -11,8 +11,7 @@ import os
 import statistics
 
 import checkpoints
-from errors import UsageError
-from options import ArgumentParser
+from command_line import ArgumentParser, UsageError
 
 SIGNIFICANCE = 0.05  # Welch's t-test: a p-value below this tells a count's mean best accuracy from the top one's
 # Times within 5% of the least are a tie: one setup timed twice on one machine differs by a few percent (docs/speed.md:

@@ -22,7 +22,7 @@ from importlib import metadata
 import numpy as np
 import torch
 
-from errors import UsageError
+from command_line import MAX_QUBITS, UsageError
 
 
 def lazy_import(name):
@@ -49,7 +49,6 @@ ADJOINT_QDEVICES = (KOKKOS_QDEVICE, "lightning.qubit")
 # microseconds, less than an OpenMP team's barrier, and Kokkos' threads waiting beside torch's for the same
 # cores made a 4-qubit batch take 170-450 ms instead of 13 ms on a busy 2-core machine.
 KOKKOS_ONE_THREAD_QUBITS = 13
-MAX_QUBITS = 30  # the tutorial's "anywhere from 1-30 based on the backend"; memory is checked separately
 
 
 def available_qdevices():

@@ -8,7 +8,7 @@ Then one `srun` step per run (task count x varied value x repeat), each writing 
 runs/<jobid>; Slurm's wall-time warning (SIGUSR1) goes on to the running step, and a step stopped by it requeues
 the job, which then skips the complete runs and resumes the begun one; a sweep ends with `qml.py report`.
 
-Only the standard library and errors.py: no torch, no qml.py, so it starts at once on a batch node.
+Only the standard library and command_line.py: no torch, no qml.py, so it starts at once on a batch node.
 docs/slurm.md says what it plans and why.
 """
 
@@ -23,7 +23,7 @@ import signal
 import subprocess
 import sys
 
-from errors import RESUMABLE, RunFailed, UsageError
+from command_line import RESUMABLE, RunFailed, UsageError
 
 # Frontier (OLCF's "Frontier User Guide"): 8 GCDs a node, one per task; 64 cores a node less 8 for the system
 # (core specialisation -S 8), 7 per task. srun -c counts physical cores there: SLURM_CPUS_ON_NODE may count

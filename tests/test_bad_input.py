@@ -15,10 +15,10 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import QML, free_port, make_image_folder, one_stderr_line, run_qml
 from PIL import Image
 
 import qml
-from conftest import QML, free_port, make_image_folder, one_stderr_line, run_qml
 
 # Fast, CPU-only options; cases override what they test (argparse keeps the last value).
 BASE = ["--weights", "none", "--qdevice", "torch", "--workers", "0", "--print-freq", "0", "--epochs", "1",

@@ -5,10 +5,10 @@ import re
 import numpy as np
 import pytest
 import torch
+from numpy_circuit import batched_expvals, expvals
 
 import qml
 import simulators
-from numpy_circuit import batched_expvals, expvals
 
 # lightning.kokkos is the tutorial's (and the default) device; "torch" is qml.py's own simulator.
 QDEVICES = ["lightning.kokkos", simulators.TORCH_QDEVICE]

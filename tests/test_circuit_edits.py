@@ -14,10 +14,10 @@ import sys
 import pennylane
 import pytest
 import torch
+from conftest import PROGRAM_FILES, QML, cpu_env, one_stderr_line
 
 import qml
 import simulators
-from conftest import PROGRAM_FILES, QML, cpu_env, one_stderr_line
 
 DEPTH = 2
 QUBITS = range(1, 9)

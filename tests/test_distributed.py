@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import NO_GPUS, QML, ROOT, TINY_COUNTS, assert_ranks_agree, free_port
 
-import errors
+import command_line
 import process_group
 import qml
 
@@ -55,7 +55,7 @@ def test_expand_nodelist_without_python_hostlist_asks_scontrol(monkeypatch, tmp_
 def test_unreadable_nodelist_without_scontrol_is_a_usage_error(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))  # no scontrol
     monkeypatch.setitem(sys.modules, "hostlist", None)
-    with pytest.raises(errors.UsageError, match="python-hostlist"):
+    with pytest.raises(command_line.UsageError, match="python-hostlist"):
         process_group.expand_nodelist("rack[1-2]")
 
 
@@ -263,7 +263,7 @@ def test_auto_device_is_the_cpu_without_a_gpu(no_gpu):
 
 
 def test_cuda_device_without_a_gpu_is_a_usage_error(no_gpu):
-    with pytest.raises(errors.UsageError, match="--device cuda"):
+    with pytest.raises(command_line.UsageError, match="--device cuda"):
         qml.pick_device("cuda", 0)
 
 

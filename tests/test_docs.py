@@ -42,7 +42,7 @@ from pathlib import Path
 import pytest
 
 import bench
-import errors
+import command_line
 import qml
 import sweep
 
@@ -208,7 +208,7 @@ def parse_error(parser, arguments, program):
             return f"{word.partition('=')[0]} is not an option of {program}"
     try:
         parser.parse_args(with_placeholders_filled(parser, arguments))
-    except errors.UsageError as err:
+    except command_line.UsageError as err:
         return str(err)
     except SystemExit as err:
         return f"exit {err.code}"

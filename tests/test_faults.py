@@ -30,13 +30,13 @@ import zipfile
 
 import pytest
 import torch
+from conftest import QML, ROOT, TINY_COUNTS, assert_ranks_agree, cpu_env, free_port, one_stderr_line, run_qml
 from PIL import Image
 
 import checkpoints
-import errors
+import command_line
 import images
 import qml
-from conftest import QML, ROOT, TINY_COUNTS, assert_ranks_agree, cpu_env, free_port, one_stderr_line, run_qml
 
 BASE = ["--weights", "none", "--qdevice", "torch", "--workers", "0", "--print-freq", "0", "--device", "cpu"]
 # The learning rate decays after epoch 2 of 3: a resume from epoch 1's checkpoint must restore the scheduler's
@@ -497,7 +497,7 @@ def test_sigterm_during_a_checkpoint_write_keeps_the_previous_checkpoint(tmp_pat
     path = tmp_path / "run.pt"
     previous = {"state": {"epoch": 1}, "head": torch.arange(4.0)}
     torch.save(previous, path)
-    signal.signal(signal.SIGTERM, errors.raise_interrupt)  # as main() installs it
+    signal.signal(signal.SIGTERM, command_line.raise_interrupt)  # as main() installs it
 
     def interrupted(file):
         file.write(b"half of epoch 2")
@@ -519,7 +519,7 @@ def test_write_whose_open_fails_reports_that_error_and_leaves_no_temporary_file(
     path = tmp_path / "run.pt"
     path.write_bytes(b"epoch 1")
     monkeypatch.setattr(checkpoints, "open", refuse_to_open, raising=False)  # shadows the builtin inside checkpoints
-    with pytest.raises(errors.RunFailed, match=rf"cannot write {path} \(Permission denied\)") as failure:
+    with pytest.raises(command_line.RunFailed, match=rf"cannot write {path} \(Permission denied\)") as failure:
         checkpoints.atomic_write(str(path), lambda file: file.write(b"epoch 2"))
     assert isinstance(failure.value.__cause__, PermissionError)
     assert path.read_bytes() == b"epoch 1"
@@ -535,7 +535,7 @@ def test_write_that_fails_midway_reports_that_error_and_leaves_no_temporary_file
         file.flush()
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    with pytest.raises(errors.RunFailed, match=rf"cannot write {path} \(No space left on device\)") as failure:
+    with pytest.raises(command_line.RunFailed, match=rf"cannot write {path} \(No space left on device\)") as failure:
         checkpoints.atomic_write(str(path), disk_full)
     assert failure.value.__cause__.errno == errno.ENOSPC
     assert path.read_bytes() == b"epoch 1"
@@ -671,7 +671,7 @@ def assert_nothing_left(target):
 @pytest.mark.parametrize("entry", ["../evil", "hymenoptera_data/../../evil", "hymenoptera_data/train/../../../evil"])
 def test_download_refuses_an_archive_with_an_entry_outside_its_folder(tmp_path, target, entry):
     url = hymenoptera_zip(tmp_path / "evil.zip", extra=[entry]).as_uri()
-    with pytest.raises(errors.UsageError, match="outside its folder"):
+    with pytest.raises(command_line.UsageError, match="outside its folder"):
         images.download_dataset(str(target), url)
     assert_nothing_left(target)
     assert not [path for path in tmp_path.rglob("evil")], "an entry was written outside the target"
@@ -696,7 +696,7 @@ def broken_download(kind, tmp_path):
 
 @pytest.mark.parametrize("kind", ["truncated", "html-page", "empty", "damaged-member"])
 def test_download_of_a_broken_archive_leaves_nothing(tmp_path, target, kind):
-    with pytest.raises(errors.UsageError, match="not a complete zip archive.*--data-url"):
+    with pytest.raises(command_line.UsageError, match="not a complete zip archive.*--data-url"):
         images.download_dataset(str(target), broken_download(kind, tmp_path))
     assert_nothing_left(target)
 
@@ -708,19 +708,19 @@ def test_download_of_a_broken_archive_leaves_nothing(tmp_path, target, kind):
 ], ids=["missing-class", "wrong-count", "extra-class"])
 def test_download_with_the_wrong_layout_leaves_nothing(tmp_path, target, counts):
     url = hymenoptera_zip(tmp_path / "other.zip", counts=counts).as_uri()
-    with pytest.raises(errors.UsageError, match="not the ants/bees data set"):
+    with pytest.raises(command_line.UsageError, match="not the ants/bees data set"):
         images.download_dataset(str(target), url)
     assert_nothing_left(target)
 
 
 def test_download_from_a_missing_file_url_names_data_dir(tmp_path, target):
-    with pytest.raises(errors.UsageError, match="cannot download .*--data-dir DIR"):
+    with pytest.raises(command_line.UsageError, match="cannot download .*--data-dir DIR"):
         images.download_dataset(str(target), (tmp_path / "nowhere.zip").as_uri())
     assert_nothing_left(target)
 
 
 def test_download_from_a_closed_port_names_data_dir(target):
-    with pytest.raises(errors.UsageError, match="cannot download .*--data-dir DIR"):
+    with pytest.raises(command_line.UsageError, match="cannot download .*--data-dir DIR"):
         images.download_dataset(str(target), f"http://127.0.0.1:{free_port()}/hymenoptera_data.zip")
     assert_nothing_left(target)
 
@@ -728,7 +728,7 @@ def test_download_from_a_closed_port_names_data_dir(target):
 def test_download_of_a_missing_page_names_data_dir(tmp_path, target, monkeypatch):
     monkeypatch.setattr(images, "DOWNLOAD_TIMEOUT", 10)
     with http_server(str(tmp_path)) as base:
-        with pytest.raises(errors.UsageError, match="cannot download .*404.*--data-dir DIR"):
+        with pytest.raises(command_line.UsageError, match="cannot download .*404.*--data-dir DIR"):
             images.download_dataset(str(target), f"{base}/hymenoptera_data.zip")
     assert_nothing_left(target)
 
@@ -737,7 +737,7 @@ def test_download_from_a_server_that_never_answers_times_out(target, monkeypatch
     monkeypatch.setattr(images, "DOWNLOAD_TIMEOUT", 1)
     with socket.create_server(("127.0.0.1", 0)) as silent:  # listens, never accepts nor answers
         url = f"http://127.0.0.1:{silent.getsockname()[1]}/hymenoptera_data.zip"
-        with pytest.raises(errors.UsageError, match="cannot download .*timed out.*--data-dir DIR"):
+        with pytest.raises(command_line.UsageError, match="cannot download .*timed out.*--data-dir DIR"):
             images.download_dataset(str(target), url)
     assert_nothing_left(target)
 

@@ -11,10 +11,10 @@ import sys
 import pytest
 import torch
 from conftest import QML, assert_ranks_agree, cpu_env, free_port, one_stderr_line
-from options import validate_args
 
-import errors
+import command_line
 import qml
+from qml import validate_args
 
 # Fast, CPU-only options (as tests/test_bad_input.py's).
 BASE = ["--weights", "none", "--qdevice", "torch", "--workers", "0", "--print-freq", "0", "--epochs", "1",
@@ -72,18 +72,18 @@ def test_no_lr_scaling_keeps_the_given_lr():
 
 def test_global_batch_size_that_does_not_divide_the_ranks_is_refused():
     args = options("--global-batch-size", "4")
-    with pytest.raises(errors.UsageError, match=r"--global-batch-size 4 cannot be split evenly over 3 ranks; give a "
+    with pytest.raises(command_line.UsageError, match=r"--global-batch-size 4 cannot be split evenly over 3 ranks; give a "
                                              r"multiple of 3 \(e.g. 6\)"):
         qml.resolve_batch_and_lr(args, 3)
 
 
 def test_global_batch_size_with_batch_size_is_refused():
-    with pytest.raises(errors.UsageError, match="--global-batch-size and --batch-size both set the batch size"):
+    with pytest.raises(command_line.UsageError, match="--global-batch-size and --batch-size both set the batch size"):
         options("--global-batch-size", "8", "--batch-size", "2")
 
 
 def test_lr_scaling_accepts_only_linear_or_none():
-    with pytest.raises(errors.UsageError, match="--lr-scaling"):
+    with pytest.raises(command_line.UsageError, match="--lr-scaling"):
         options("--lr-scaling", "sqrt")
 
 

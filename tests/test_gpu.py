@@ -18,10 +18,19 @@ import types
 
 import pytest
 import torch
-from conftest import (GPU_SPACES, QML, ROOT, assert_ranks_agree, free_port, kokkos_build, make_image_folder,
-                      one_stderr_line, run_qml)
+from conftest import (
+    GPU_SPACES,
+    QML,
+    ROOT,
+    assert_ranks_agree,
+    free_port,
+    kokkos_build,
+    make_image_folder,
+    one_stderr_line,
+    run_qml,
+)
 
-import errors
+import command_line
 import images
 import process_group
 import qml
@@ -70,7 +79,7 @@ def test_ranks_of_different_hosts_may_see_the_same_gpu_id():
 
 def test_four_ranks_sharing_one_gpu_are_refused_naming_both_counts_and_the_fixes():
     # torchrun --nproc-per-node 4 on a one-GPU machine
-    with pytest.raises(errors.UsageError) as refused:
+    with pytest.raises(command_line.UsageError) as refused:
         process_group.check_one_gpu_per_rank([rank(r, "box", "GPU-a") for r in range(4)])
     message = str(refused.value)
     assert "4 ranks on box but 1 GPU(s)" in message
@@ -209,7 +218,7 @@ def torchrun_metrics(data, tmp_path, ranks, *args, env=None):
 
 
 def assert_gradients_were_all_reduced(metrics):
-    """--time-split saw DDP's all-reduce (timing.timed_allreduce) take time in every epoch: the group carried data."""
+    """--time-split saw DDP's all-reduce (records.timed_allreduce) take time in every epoch: the group carried data."""
     for epoch in metrics["epochs"]:
         assert epoch["time_split"]["allreduce"] > 0, epoch
 

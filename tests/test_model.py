@@ -9,13 +9,13 @@ import pytest
 import torch
 import torch.nn as nn
 import torchvision
-
-import backbone
-import errors
-import qml
-import simulators
 from conftest import ROOT
 from numpy_circuit import dressed_logits
+
+import command_line
+import images
+import qml
+import simulators
 
 IMAGENET_FILE = "resnet18-f37072fd.pth"  # the name torchvision caches ImageNet ResNet18 weights under
 
@@ -114,8 +114,8 @@ def test_head_forward_is_linear_tanh_circuit_linear(qdevice, per_sample):
 def test_parsing_and_checking_the_options_never_load_pennylane():
     # PennyLane's import is about 2 s: a refused option answers without it (the choices of --qdevice come
     # from its entry points). Every circuit, the torch simulator's too, is traced with PennyLane.
-    probe = ("import sys, qml, options; args = qml.get_args_parser().parse_args(['--qdevice', 'torch']); "
-             "options.validate_args(args); print(sorted(m for m in sys.modules if m.startswith('pennylane.')))")
+    probe = ("import sys, qml; args = qml.get_args_parser().parse_args(['--qdevice', 'torch']); "
+             "qml.validate_args(args); print(sorted(m for m in sys.modules if m.startswith('pennylane.')))")
     result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
@@ -232,7 +232,7 @@ def assert_backbone_holds(model, state):
 
 def test_load_backbone_from_path_holds_the_files_weights(weights_file):
     path, state = weights_file
-    assert_backbone_holds(backbone.load_backbone(path), state)
+    assert_backbone_holds(images.load_backbone(path), state)
 
 
 def test_build_model_backbone_holds_the_files_weights(weights_file):
@@ -248,11 +248,11 @@ def test_load_backbone_none_is_a_fresh_random_resnet18():
     torch.manual_seed(9)
     expected = torchvision.models.resnet18().state_dict()
     torch.manual_seed(9)
-    assert_backbone_holds(backbone.load_backbone("none"), expected)
+    assert_backbone_holds(images.load_backbone("none"), expected)
 
 
 def test_load_backbone_imagenet_reads_the_hub_cache(cached_imagenet):
-    assert_backbone_holds(backbone.load_backbone("imagenet"), cached_imagenet)
+    assert_backbone_holds(images.load_backbone("imagenet"), cached_imagenet)
 
 
 def rename_key(state):
@@ -282,18 +282,18 @@ def reshape_entry(state):
 def test_load_backbone_rejects_a_file_that_is_not_a_resnet18_state_dict(tmp_path, weights_file, corrupt):
     path = tmp_path / "bad.pth"
     torch.save(corrupt(weights_file[1]), path)
-    with pytest.raises(errors.UsageError, match="not a ResNet18 state_dict") as info:
-        backbone.load_backbone(str(path))
+    with pytest.raises(command_line.UsageError, match="not a ResNet18 state_dict") as info:
+        images.load_backbone(str(path))
     assert str(path) in str(info.value)
 
 
 def test_load_backbone_imagenet_offline_fails_fast_naming_the_ways_out(tmp_path):
     # With an empty hub cache the download must fail (a proxy on a closed local port makes sure of it, network
     # or not), and the error says what to do instead.
-    code = ("import backbone, errors\n"
+    code = ("import images, command_line\n"
             "try:\n"
-            "    backbone.load_backbone('imagenet')\n"
-            "except errors.UsageError as err:\n"
+            "    images.load_backbone('imagenet')\n"
+            "except command_line.UsageError as err:\n"
             "    print('UsageError:', err)\n")
     env = dict(os.environ, TORCH_HOME=str(tmp_path / "empty_torch_home"), PYTHONPATH=ROOT,
                https_proxy="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9")
@@ -321,5 +321,5 @@ def test_load_backbone_imagenet_with_a_broken_cached_file_raises_usage_error(tmp
     else:
         (checkpoints / IMAGENET_FILE).write_bytes(content)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    with pytest.raises(errors.UsageError, match="--weights none"):
-        backbone.load_backbone("imagenet")
+    with pytest.raises(command_line.UsageError, match="--weights none"):
+        images.load_backbone("imagenet")

@@ -8,12 +8,12 @@ import textwrap
 
 import pytest
 import torch
+from conftest import ROOT, cpu_env, one_stderr_line
 
 import images
 import qml
 import simulators
-from conftest import ROOT, cpu_env, one_stderr_line
-from errors import UsageError
+from command_line import UsageError
 
 GiB = 2**30
 

@@ -9,7 +9,7 @@ import math
 import pytest
 from matplotlib.container import ErrorbarContainer
 
-import errors
+import command_line
 import qml
 import report
 
@@ -75,12 +75,12 @@ def test_load_runs_keeps_every_repeat_of_a_count(tmp_path):
 def test_load_runs_refuses_a_json_that_is_not_metrics(tmp_path):
     write_metrics(tmp_path, "tasks-1", 1, 10.0)
     (tmp_path / "notes.json").write_text('{"world_size": 1}')
-    with pytest.raises(errors.UsageError, match="notes.json is not a metrics JSON"):
+    with pytest.raises(command_line.UsageError, match="notes.json is not a metrics JSON"):
         report.load_runs(str(tmp_path))
 
 
 def test_load_runs_refuses_a_folder_without_metrics(tmp_path):
-    with pytest.raises(errors.UsageError, match="no metrics JSON files"):
+    with pytest.raises(command_line.UsageError, match="no metrics JSON files"):
         report.load_runs(str(tmp_path))
 
 
@@ -136,7 +136,7 @@ def test_speedup_is_relative_to_the_smallest_count_when_it_is_not_one():
 
 
 def test_rows_refuse_runs_of_one_count_with_different_global_batches():
-    with pytest.raises(errors.UsageError, match=r"2-task runs have different global batches \[8, 16\]"):
+    with pytest.raises(command_line.UsageError, match=r"2-task runs have different global batches \[8, 16\]"):
         report.scaling_rows([run(2, 10.0, global_batch=8), run(2, 10.0, global_batch=16)])
 
 

@@ -20,11 +20,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import (NO_GPUS, PROGRAM_FILES, QML, ROOT, assert_ranks_agree, free_port, free_port_block,
-                      one_stderr_line)
+from conftest import NO_GPUS, PROGRAM_FILES, QML, ROOT, assert_ranks_agree, free_port, free_port_block, one_stderr_line
 
 import qml
-from options import validate_args
+from qml import validate_args
 
 REPO = Path(ROOT)
 CLUSTER = REPO / "tests" / "slurm_cluster.sh"
@@ -409,7 +408,7 @@ if "--check" not in sys.argv:
 def test_your_sbatch_cpus_per_task_reaches_the_step(slurm_env, tmp_path):
     """sbatch -c 1: srun -c1, and Slurm gives each task of the step 1 CPU (what a task sees: SLURM_CPUS_PER_TASK,
     set by srun from the step's -c). A probe stands in for qml.py (QML_SCRIPT), beside sweep.py."""
-    for name in ("sweep.py", "errors.py"):
+    for name in ("sweep.py", "command_line.py"):
         shutil.copy(REPO / name, tmp_path)
     (tmp_path / "probe.py").write_text(PROBE)
     shutil.copy(SBATCH_SCRIPT, tmp_path / "submit_qml.sbatch")

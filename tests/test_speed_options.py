@@ -16,11 +16,10 @@ from PIL import Image
 from torchvision import transforms
 
 import bench
-import backbone
 import images
 import qml
+import records
 import simulators
-import timing
 
 N_IMAGES = sum(TINY_COUNTS["train"].values()) + sum(TINY_COUNTS["val"].values())  # 21
 CROP_BYTES = 3 * 224 * 224  # one uint8 crop
@@ -137,9 +136,9 @@ def test_casting_frozen_convolutions_once_gives_autocasts_output_bit_for_bit():
     torch.manual_seed(0)
     model = torchvision.models.resnet18(weights=None).eval()
     pixels = torch.randn(2, 3, 64, 64)
-    with torch.no_grad(), backbone.backbone_autocast("bf16", torch.device("cpu")):
+    with torch.no_grad(), images.backbone_autocast("bf16", torch.device("cpu")):
         expected = model(pixels)
-        backbone.cast_frozen_convolutions(model, "bf16")
+        images.cast_frozen_convolutions(model, "bf16")
         got = model(pixels)
     assert model.conv1.weight.dtype == torch.bfloat16 and model.bn1.weight.dtype == torch.float32
     assert torch.equal(got, expected)
@@ -147,9 +146,9 @@ def test_casting_frozen_convolutions_once_gives_autocasts_output_bit_for_bit():
 
 def test_fp32_leaves_the_backbone_and_its_forward_alone():
     model = torchvision.models.resnet18(weights=None)
-    backbone.cast_frozen_convolutions(model, "fp32")
+    images.cast_frozen_convolutions(model, "fp32")
     assert {param.dtype for param in model.parameters()} == {torch.float32}
-    with backbone.backbone_autocast("fp32", torch.device("cpu")):
+    with images.backbone_autocast("fp32", torch.device("cpu")):
         assert not torch.is_autocast_enabled("cpu")
 
 
@@ -185,7 +184,7 @@ def test_bench_table_keeps_each_setups_fastest_later_epoch_over_the_rounds(monke
     def fake_time_run(command, args, tmp, launcher=()):
         seconds = later["--per-sample" in command][calls.count(command)]  # this setup's round
         calls.append(command)
-        split = dict.fromkeys(timing.TimeSplit.PARTS, seconds / 5)
+        split = dict.fromkeys(records.TimeSplit.PARTS, seconds / 5)
         epochs = [dict(seconds=20.0, train_loss=0.7, train_acc=0.5, val_loss=0.6, val_acc=0.5),
                   dict(seconds=seconds, time_split=split)]
         return 0.0, dict(device="cpu", backend="gloo", epochs=epochs)

@@ -11,7 +11,7 @@ import pytest
 from conftest import ROOT
 
 import sweep
-from errors import RESUMABLE, UsageError
+from command_line import RESUMABLE, UsageError
 
 GENERIC_NODE = {"SLURM_JOB_ID": "9", "SLURM_JOB_NUM_NODES": "1", "SLURM_CPUS_ON_NODE": "8"}
 FRONTIER_NODE = dict(GENERIC_NODE, QML_SITE="frontier", SLURM_CPUS_ON_NODE="112")

@@ -26,8 +26,8 @@ from PIL import Image
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import checkpoints
-import provenance
 import qml
+import records
 
 N_TRAIN = sum(TINY_COUNTS["train"].values())  # 12
 N_VAL = sum(TINY_COUNTS["val"].values())  # 9
@@ -184,11 +184,11 @@ def test_buffer_digest_tells_apart_models_whose_batchnorm_statistics_differ():
     model = torchvision.models.resnet18()
     same, other = copy.deepcopy(model), copy.deepcopy(model)
     other.layer4[1].bn2.running_var[7] += 1e-3  # one statistic of one channel
-    assert provenance.buffers_digest(same) == provenance.buffers_digest(model)
-    assert provenance.buffers_digest(other) != provenance.buffers_digest(model)
+    assert records.buffers_digest(same) == records.buffers_digest(model)
+    assert records.buffers_digest(other) != records.buffers_digest(model)
     other.load_state_dict(model.state_dict())
     other.bn1.num_batches_tracked += 1
-    assert provenance.buffers_digest(other) != provenance.buffers_digest(model)
+    assert records.buffers_digest(other) != records.buffers_digest(model)
 
 
 def test_metrics_record_the_kokkos_execution_space_that_simulated_the_circuit(one_epoch):

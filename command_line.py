@@ -1,10 +1,14 @@
-"""How a run of qml.py fails: one line on stderr, never a traceback, for what is not a bug here.
+"""How qml.py, bench.py and sweep.py talk to their user: options read by argparse types that refuse a bad value in
+one line, and every failure that is not a bug here as one line on stderr, never a traceback, with its exit status.
 
 UsageError is bad input or environment (exit status 2, found before the long work starts); RunFailed is a
 started run that cannot go on (exit status 1: a full disk, a rank gone, an image gone). RESUMABLE is the exit status
-of a run stopped between batches on request (interruption.py), which the sweep driver (sweep.py) requeues.
+of a run stopped between batches on request (checkpoints.stop_between_batches), which the sweep driver (sweep.py)
+requeues. Nothing here imports torch, so that sweep.py starts in a fraction of a second.
 """
 
+import argparse
+import math
 import re
 import signal
 import traceback
@@ -60,3 +64,65 @@ def drop_frames(err):
 def raise_interrupt(signum, frame):
     """A signal handler: SIGTERM (Slurm's time limit, scancel) ends a run as Ctrl-C does."""
     raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+# ----------------------------------------------------------------------------
+# Options
+
+MAX_QUBITS = 30  # --n-qubits: the tutorial's "anywhere from 1-30"; the memory a count needs is checked apart
+SEEDS = dict(low=0, high=2**32 - 1)  # what np.random.seed accepts
+DIST_TIMEOUT_MAX = 2**31 // 1000  # 24.8 days, whose milliseconds fit 32 bits; far more overflows torch's timers
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports bad options as one line (no usage block) through UsageError."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see: python {self.prog} --help)")
+
+
+def number(kind, low, high=math.inf, above_low=False):
+    """argparse type: a finite `kind` in low..high (above low if above_low), else one line at once."""
+    if high < math.inf:
+        wanted = f"{low}..{high}"
+    else:
+        wanted = "positive" if above_low and low == 0 else f"{low} or more"
+    if kind is float:
+        wanted += " and finite"
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        finite = kind is not float or math.isfinite(value)  # inf passes the comparisons below
+        if not (finite and (value > low if above_low else value >= low) and value <= high):
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def positive(kind):
+    return number(kind, 0, above_low=True)
+
+
+def cache_size(text):
+    """--image-cache: auto, off, or a budget in MiB (0 keeps nothing)."""
+    if text in ("auto", "off"):
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be auto, off or a number of MiB, got {text!r}")
+    return value
+
+
+def qubit_count(text):
+    value = positive(int)(text)
+    if value > MAX_QUBITS:
+        raise argparse.ArgumentTypeError(f"must be 1..{MAX_QUBITS}, got {text}")
+    return value
