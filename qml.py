@@ -96,6 +96,7 @@ q_depth = 6  # Depth of the quantum circuit (number of variational layers)
 q_delta = 0.01  # Initial spread of random quantum weights
 
 DEFAULT_QDEVICE = KOKKOS_QDEVICE  # the tutorial's
+HEADS = ("quantum", "classical", "linear")  # --head: the tutorial's, its classical control, a linear baseline
 DEFAULT_BATCH_SIZE = 4  # the tutorial's images per batch per rank
 # --lr-scaling linear multiplies --lr by global batch / this: the tutorial's images per step, one task.
 REFERENCE_GLOBAL_BATCH = DEFAULT_BATCH_SIZE
@@ -197,14 +198,43 @@ class DressedQuantumNet(nn.Module):
             return self.post_net(q_out.float().to(input_features.device))
 
 
+class DressedClassicalNet(nn.Module):
+    """--head classical, the control: DressedQuantumNet with its circuit replaced by a classical layer with the same
+    inputs and outputs, tanh(Linear(n_qubits -> n_qubits)): the angles in, n_qubits values in [-1, 1] out, and
+    n_qubits * (n_qubits + 1) weights against the circuit's q_depth * n_qubits (20 against 24 at the tutorial's
+    sizes). Everything around it is the quantum head's: what differs is only what the circuit adds."""
+
+    def __init__(self, n_qubits=n_qubits, n_classes=2, in_features=512):
+        super().__init__()
+        self.pre_net = nn.Linear(in_features, n_qubits)
+        self.classical_net = nn.Linear(n_qubits, n_qubits)
+        self.post_net = nn.Linear(n_qubits, n_classes)
+
+    def forward(self, input_features):
+        with torch.autocast(input_features.device.type, enabled=False):  # fp32 after a --precision backbone
+            c_in = torch.tanh(self.pre_net(input_features.float())) * math.pi / 2.0
+            return self.post_net(torch.tanh(self.classical_net(c_in)))
+
+
 def build_model(args, n_classes, device_id=None):
-    """Frozen ResNet18 whose fc is the dressed quantum head; random draws in the tutorial's order."""
+    """Frozen ResNet18 whose fc is the --head (the dressed quantum net, its classical control, or Mari et al.'s
+    Linear(512 -> classes) baseline); random draws in the tutorial's order."""
     model = load_backbone(args.weights)
     for param in model.parameters():
         param.requires_grad = False
-    model.fc = DressedQuantumNet(args.n_qubits, args.q_depth, args.q_delta, n_classes, args.qdevice,
-                                 args.per_sample, model.fc.in_features, device_id)
+    in_features = model.fc.in_features
+    if args.head == "quantum":
+        model.fc = DressedQuantumNet(args.n_qubits, args.q_depth, args.q_delta, n_classes, args.qdevice,
+                                     args.per_sample, in_features, device_id)
+    elif args.head == "classical":
+        model.fc = DressedClassicalNet(args.n_qubits, n_classes, in_features)
+    else:
+        model.fc = nn.Linear(in_features, n_classes)
     return model
+
+
+def trainable_parameters(head):
+    return sum(param.numel() for param in head.parameters() if param.requires_grad)
 
 
 # ----------------------------------------------------------------------------
@@ -450,8 +480,10 @@ class Training:
 
 def check_circuit_memory(args, ctx):
     """Refuse, before any data are read, a circuit that the chosen simulator cannot hold in this rank's memory
-    (its GPU's, or its share of the host's); returns the circuit's trace. The head is built only to trace the
-    circuit (the seed is set after)."""
+    (its GPU's, or its share of the host's); returns the circuit's trace, or None for a head without one. The head
+    is built only to trace the circuit (the seed is set after)."""
+    if args.head != "quantum":
+        return None
     head = DressedQuantumNet(args.n_qubits, args.q_depth, args.q_delta, qdevice=args.qdevice,
                              per_sample=args.per_sample, device_id=ctx.device.index)
     on_gpu = ctx.device.type == "cuda" and (args.qdevice == TORCH_QDEVICE or
@@ -474,7 +506,7 @@ def prepare_training(args, ctx):
         raise UsageError(f"{ctx.world_size} ranks but only {len(datasets_['train'])} training images; "
                          f"start at most {len(datasets_['train'])} tasks")
     fetch_weights_once(args, ctx)
-    config = checkpoints.run_config(args, classes, circuit.digest())
+    config = checkpoints.run_config(args, classes, circuit and circuit.digest())
     checkpoint = checkpoints.load_checkpoint(args.resume, config) if args.resume else None
     if checkpoint and checkpoints.finished(args, ctx, checkpoint):
         records.write_finished_metrics(args, ctx, checkpoint, config)
@@ -491,7 +523,9 @@ def prepare_training(args, ctx):
     optimizer = torch.optim.Adam(model.fc.parameters(), lr=args.lr)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.step_size, gamma=args.gamma)
     state = checkpoints.restore_checkpoint(checkpoint, model, optimizer, scheduler) if checkpoint else fresh_state()
-    ctx.provenance = records.run_provenance(ctx, describe_qdevice(model.fc, args.qdevice))
+    head = dict(name=args.head, trainable_parameters=trainable_parameters(model.fc))
+    qdevice = describe_qdevice(model.fc, args.qdevice) if args.head == "quantum" else None
+    ctx.provenance = records.run_provenance(ctx, qdevice, head)
     if ctx.is_main:
         print(records.provenance_line(ctx), flush=True)
 
@@ -582,6 +616,10 @@ def get_args_parser():
         "0 is the tutorial's DistributedSampler default (default: %(default)s)")
     add("--repeat", type=number(int, 0), default=0, help="the R-th repeat of an experiment: trains with --seed + R "
         "and --shuffle-seed + R; submit_qml.sbatch --repeats sets it (default: %(default)s)")
+    add("--head", choices=HEADS, default="quantum", help="what replaces ResNet18's fc: quantum, the tutorial's "
+        "DressedQuantumNet; classical, the same with its circuit replaced by a classical layer of the same inputs, "
+        "outputs and about its number of weights (the control); linear, Linear(512 -> classes), Mari et al.'s "
+        "classical baseline (default: %(default)s)")
     add("--qdevice", default=DEFAULT_QDEVICE, help="PennyLane device simulating the circuit, or 'torch' for "
         "the built-in exact torch simulator (default: %(default)s)")
     add("--per-sample", action="store_true", help="one circuit call per image, as the tutorial "

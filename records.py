@@ -113,8 +113,9 @@ def package_versions():
     return versions
 
 
-def run_provenance(ctx, qdevice):
-    """What this run really used, beyond its options: hosts, Slurm ids, GPU software, OpenMP settings, simulator."""
+def run_provenance(ctx, qdevice, head):
+    """What this run really used, beyond its options: hosts, Slurm ids, GPU software, OpenMP settings, the head
+    (its name and trainable parameters) and where its circuit ran (qdevice; None for a head without one)."""
     collectives = None
     if ctx.backend == "nccl":
         version = torch.cuda.nccl.version()
@@ -123,7 +124,7 @@ def run_provenance(ctx, qdevice):
     return dict(hosts=sorted({fact["host"] for fact in ctx.rank_facts}), master=master,
                 slurm_job_id=os.environ.get("SLURM_JOB_ID"), slurm_step_id=os.environ.get("SLURM_STEP_ID"),
                 torch=torch.__version__, cuda=torch.version.cuda, hip=torch.version.hip, collectives=collectives,
-                group_backends=group_backends(ctx.device), qdevice=qdevice,
+                group_backends=group_backends(ctx.device), head=head, qdevice=qdevice,
                 omp={var: os.environ.get(var) for var in ("OMP_NUM_THREADS", "OMP_PROC_BIND", "OMP_PLACES")})
 
 
@@ -142,7 +143,7 @@ def group_backends(device):
 
 
 def provenance_line(ctx):
-    """Rank 0's first line: ranks and hosts, device, backend and where the circuit runs."""
+    """Rank 0's first line: ranks and hosts, device, backend, the head and where its circuit runs."""
     run, me = ctx.provenance, ctx.rank_facts[0]
     device = f"{ctx.device}, CPUs {me['cpus']}"
     if "gpu" in me:
@@ -150,8 +151,10 @@ def provenance_line(ctx):
         device = f"{ctx.device} ({me['gpu']['name']}, {runtime})"
     backend = f"{ctx.backend} ({run['collectives']})" if run["collectives"] else ctx.backend
     slurm = f" | Slurm job {run['slurm_job_id']}.{run['slurm_step_id']}" if run["slurm_job_id"] else ""
+    head = f"head: {run['head']['name']}, {run['head']['trainable_parameters']} trainable parameters"
+    qdevice = f" | qdevice: {run['qdevice']['name']} ({run['qdevice']['summary']})" if run["qdevice"] else ""
     return (f"Ranks: {ctx.world_size} ({ctx.source}) on {','.join(run['hosts'])} | device: {device} | "
-            f"backend: {backend} | qdevice: {run['qdevice']['name']} ({run['qdevice']['summary']}){slurm}")
+            f"backend: {backend} | {head}{qdevice}{slurm}")
 
 
 def tensors_digest(named_tensors):
@@ -186,7 +189,8 @@ def write_metrics(path, state, config, ctx):
     report = dict(config=config, world_size=ctx.world_size, rank_source=ctx.source,
                   device=str(ctx.device), backend=ctx.backend, versions=package_versions(),
                   batch_size=config["batch_size"], global_batch_size=config["batch_size"] * ctx.world_size,
-                  lr=config["lr"], provenance=ctx.provenance, ranks=ctx.rank_facts,
+                  lr=config["lr"], trainable_parameters=ctx.provenance["head"]["trainable_parameters"],
+                  provenance=ctx.provenance, ranks=ctx.rank_facts,
                   epochs=state["history"], training_seconds=state["seconds"],
                   best_val_acc=best["best_acc"], best_val_loss=best["best_loss"],
                   best_train_acc=best["best_acc_train"], best_train_loss=best["best_loss_train"],
@@ -206,7 +210,9 @@ def write_finished_metrics(args, ctx, checkpoint, config):
                    buffers_sha256=tensors_digest(checkpoint["buffers"].items()))
     for fact in ctx.rank_facts:
         fact.update(digests)
-    ctx.provenance = run_provenance(ctx, dict(name=args.qdevice, summary="not started: the run was finished"))
+    qdevice = dict(name=args.qdevice, summary="not started: the run was finished") if args.head == "quantum" else None
+    trained = dict(name=args.head, trainable_parameters=sum(tensor.numel() for tensor in checkpoint["head"].values()))
+    ctx.provenance = run_provenance(ctx, qdevice, trained)
     if ctx.is_main:
         for path in args.metrics_json:
             write_metrics(path, state, config, ctx)

@@ -430,7 +430,8 @@ def checkpoint(tiny_data, tmp_path_factory):
     (["--seed", "7"], "seed=7"),
     (["--batch-size", "2"], "batch_size=2"),
     (["--bn-mode", "eval"], "bn_mode='eval'"),
-], ids=["lr", "n-qubits", "q-depth", "seed", "batch-size", "bn-mode"])
+    (["--head", "classical"], "head='classical'"),
+], ids=["lr", "n-qubits", "q-depth", "seed", "batch-size", "bn-mode", "head"])
 def test_resume_from_other_configuration_exits_2_with_one_line(capfd, tiny_data, checkpoint, extra, key):
     line = main_error(capfd, ["--data-dir", tiny_data, *BASE, "--epochs", "2", "--resume", str(checkpoint), *extra])
     assert_mentions(line, f"--resume {checkpoint}", key, "drop --resume")

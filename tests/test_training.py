@@ -93,6 +93,7 @@ def test_first_line_says_where_the_ranks_device_and_circuit_run(one_epoch):
     space, _ = kokkos_build()
     runs_on = "gpu" if space in GPU_SPACES else "cpu"
     first = re.fullmatch(r"Ranks: 1 \(single\) on (\S+) \| device: cpu, CPUs (\S+) \| backend: gloo \| "
+                         r"head: quantum, 2086 trainable parameters \| "
                          rf"qdevice: lightning\.kokkos \(Kokkos {space}, on the {runs_on}\)", lines[0])
     assert first, lines[0]
     assert first.group(1) == socket.gethostname()

@@ -1,0 +1,155 @@
+"""--head: the quantum head, its classical control and a linear baseline, built, trained and resumed by the same
+code; the run's first line and its metrics JSON name the head and its trainable parameters."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import qml
+from conftest import QML, assert_ranks_agree, cpu_env, free_port
+
+TRAINABLE = {"quantum": 2086, "classical": 2082, "linear": 1026}  # 512 -> 4 -> 2 around 24 / 20 weights; 512 -> 2
+
+
+def built(head, *argv):
+    torch.manual_seed(0)
+    args = qml.get_args_parser().parse_args(["--weights", "none", "--head", head, "--qdevice", "torch", *argv])
+    return qml.build_model(args, 2)
+
+
+@pytest.mark.parametrize("head", TRAINABLE)
+def test_each_head_replaces_fc_and_is_all_that_trains(head):
+    model = built(head)
+    assert qml.trainable_parameters(model.fc) == TRAINABLE[head]
+    assert qml.trainable_parameters(model) == TRAINABLE[head]  # the backbone stays frozen
+    assert model(torch.randn(3, 3, 64, 64)).shape == (3, 2)
+
+
+def test_the_classical_control_takes_the_circuits_inputs_and_gives_values_in_its_range():
+    head = built("classical").fc
+    features = torch.randn(5, 512)
+    angles = torch.tanh(head.pre_net(features)) * np.pi / 2
+    middle = torch.tanh(head.classical_net(angles))
+    torch.testing.assert_close(head(features), head.post_net(middle))
+    assert head.classical_net.in_features == head.classical_net.out_features == qml.n_qubits
+    assert sum(p.numel() for p in head.classical_net.parameters()) == qml.n_qubits * (qml.n_qubits + 1)
+    assert middle.abs().max() <= 1
+
+
+def test_the_control_draws_its_random_numbers_in_the_quantum_heads_order():
+    quantum, classical = built("quantum").fc, built("classical").fc
+    for layer in ("pre_net",):  # drawn first by both: the same seed gives the same compression
+        torch.testing.assert_close(getattr(classical, layer).weight, getattr(quantum, layer).weight)
+
+
+def test_the_linear_head_is_mari_et_als_baseline():
+    head = built("linear").fc
+    assert isinstance(head, torch.nn.Linear) and (head.in_features, head.out_features) == (512, 2)
+
+
+def test_a_head_without_a_circuit_builds_none_and_checks_no_circuit_memory(monkeypatch):
+    monkeypatch.setattr(qml, "make_quantum_net", lambda *args, **kwargs: pytest.fail("a circuit was built"))
+    args = qml.get_args_parser().parse_args(["--head", "classical", "--n-qubits", "30"])
+    assert qml.check_circuit_memory(args, qml.DistContext()) is None
+    built("classical")
+    built("linear")
+
+
+# ----------------------------------------------------------------------------
+# Trained and resumed like the quantum head, on one rank and on two
+
+
+EPOCHS = ["--epochs", "2", "--step-size", "1", "--gamma", "0.5"]  # the rate decays within the run
+
+
+def qml_command(ranks, port):
+    if ranks == 1:
+        return [sys.executable, QML]
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(ranks),
+            "--master-addr", "127.0.0.1", "--master-port", str(port), QML]
+
+
+@pytest.fixture(scope="module")
+def head_runs(tiny_data, tmp_path_factory):
+    """{(head, ranks): (uninterrupted metrics, resumed metrics, first line)}: two epochs straight, and one epoch then
+    a resume to two, of the classical head on one and two ranks and the linear head on one; all started at once."""
+    folder = tmp_path_factory.mktemp("heads")
+    cases = [("classical", 1), ("linear", 1), ("classical", 2)]
+    common = ["--data-dir", tiny_data, "--weights", "none", "--print-freq", "0", "--workers", "0", "--bn-mode", "eval",
+              "--cache-features"]
+    started = {}
+    for head, ranks in cases:
+        stem = folder / f"{head}-{ranks}"
+        for name, extra in (("straight", EPOCHS), ("first", ["--epochs", "1", "--step-size", "1", "--gamma", "0.5"])):
+            command = [*qml_command(ranks, free_port()), *common, "--head", head, *extra,
+                       "--checkpoint", f"{stem}-{name}.pt", "--metrics-json", f"{stem}-{name}.json"]
+            started[(head, ranks, name)] = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                                            text=True, env=cpu_env())
+    outputs = {key: process.communicate(timeout=600) for key, process in started.items()}
+    for key, process in started.items():
+        assert process.returncode == 0, (key, outputs[key][1])
+    resumed = {}
+    for head, ranks in cases:
+        stem = folder / f"{head}-{ranks}"
+        command = [*qml_command(ranks, free_port()), *common, "--head", head, *EPOCHS,
+                   "--resume", f"{stem}-first.pt", "--metrics-json", f"{stem}-resumed.json"]
+        resumed[(head, ranks)] = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                                  env=cpu_env())
+    for key, process in resumed.items():
+        assert process.wait(timeout=600) == 0, (key, process.stderr.read())
+    return {(head, ranks): (json.loads((folder / f"{head}-{ranks}-straight.json").read_text()),
+                            json.loads((folder / f"{head}-{ranks}-resumed.json").read_text()),
+                            outputs[(head, ranks, "straight")][0].splitlines()[0])
+            for head, ranks in cases}
+
+
+CASES = [("classical", 1), ("linear", 1), ("classical", 2)]
+
+
+@pytest.mark.parametrize("head, ranks", CASES)
+def test_a_resumed_head_ends_as_an_uninterrupted_one(head_runs, head, ranks):
+    straight, resumed, _ = head_runs[(head, ranks)]
+    assert resumed["resumed"] == 1 and straight["resumed"] == 0
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
+        assert [epoch.get(key) for epoch in resumed["epochs"]] == [epoch.get(key) for epoch in straight["epochs"]], key
+    assert resumed["ranks"][0]["head_sha256"] == straight["ranks"][0]["head_sha256"]
+
+
+@pytest.mark.parametrize("head, ranks", CASES)
+def test_a_head_learns(head_runs, head, ranks):
+    straight, _, _ = head_runs[(head, ranks)]
+    first, second = straight["epochs"]
+    assert second["train_loss"] != first["train_loss"]  # its weights moved between the epochs
+
+
+def test_two_ranks_of_the_classical_head_end_alike(head_runs):
+    straight, resumed, _ = head_runs[("classical", 2)]
+    assert straight["world_size"] == 2
+    assert_ranks_agree(straight)
+    assert_ranks_agree(resumed)
+
+
+@pytest.mark.parametrize("head, ranks", CASES)
+def test_the_first_line_and_the_metrics_name_the_head_and_its_trainable_parameters(head_runs, head, ranks):
+    straight, _, first_line = head_runs[(head, ranks)]
+    assert f"| head: {head}, {TRAINABLE[head]} trainable parameters" in first_line
+    assert "qdevice" not in first_line  # no circuit to simulate
+    assert straight["config"]["head"] == head and straight["trainable_parameters"] == TRAINABLE[head]
+    assert straight["provenance"]["head"] == {"name": head, "trainable_parameters": TRAINABLE[head]}
+    assert straight["provenance"]["qdevice"] is None and straight["config"]["circuit"] is None
+
+
+def test_a_finished_runs_metrics_written_from_its_checkpoint_name_the_head(head_runs, tiny_data, tmp_path):
+    straight, _, _ = head_runs[("linear", 1)]
+    finished = tmp_path / "again.json"
+    checkpoint = straight["config"]["checkpoint"]
+    assert qml.main(["--data-dir", tiny_data, "--weights", "none", "--print-freq", "0", "--bn-mode", "eval",
+                     "--cache-features", "--head", "linear", *EPOCHS, "--resume", checkpoint,
+                     "--metrics-json", str(finished)]) == 0
+    written = json.loads(finished.read_text())
+    assert written["trainable_parameters"] == TRAINABLE["linear"]
+    assert written["provenance"]["head"]["name"] == "linear"
