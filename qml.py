@@ -39,6 +39,7 @@ import dataclasses
 import functools
 import math
 import os
+import shlex
 import signal
 import socket
 import sys
@@ -748,6 +749,20 @@ def setup(args):
         leave_process_group()
 
 
+def how_to_continue(argv):
+    """What to run after a stop: the same command resuming from its --checkpoint, or that nothing was kept."""
+    try:
+        checkpoint = get_args_parser().parse_args(argv).checkpoint
+    except UsageError:
+        checkpoint = None
+    if not checkpoint:
+        return "no --checkpoint was given, so nothing was kept: run again (--checkpoint PATH keeps every epoch)"
+    kept = [word for i, word in enumerate(argv) if not (word.startswith("--resume=") or word == "--resume" or
+                                                       (i and argv[i - 1] == "--resume"))]
+    command = shlex.join(["qml.py", *kept, "--resume", checkpoint])
+    return f"{checkpoint} holds the last complete epoch, if one was: continue with {command} (under the same launcher)"
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
@@ -772,9 +787,11 @@ def main(argv=None):
     except Interrupted as err:
         print(f"qml.py: {err}", file=sys.stderr)
         return RESUMABLE
-    except KeyboardInterrupt as err:
-        print(f"qml.py: stopped by {err or 'Ctrl-C'}; the last --checkpoint file (if any) is complete: "
-              f"continue with --resume", file=sys.stderr)
+    except KeyboardInterrupt as err:  # Ctrl-C (no message), or SIGTERM (raise_interrupt names it)
+        # Ctrl-C reaches torchrun too, which then prints a traceback of its own that no rank can prevent.
+        torchrun = " (torchrun's traceback below is its own report of this Ctrl-C)" if not str(err) and \
+            "TORCHELASTIC_RUN_ID" in os.environ else ""
+        print(f"qml.py: stopped by {str(err) or 'Ctrl-C'}; {how_to_continue(argv)}{torchrun}", file=sys.stderr)
         return 130
 
 

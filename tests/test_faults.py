@@ -361,6 +361,11 @@ def sigterm_run(tiny_data, wrapper, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def sigint_run(tiny_data, wrapper, tmp_path_factory):
+    return interrupted_run(tiny_data, wrapper, tmp_path_factory.mktemp("sigint"), signal.SIGINT)
+
+
+@pytest.fixture(scope="module")
 def sigkill_run(tiny_data, wrapper, tmp_path_factory):
     return interrupted_run(tiny_data, wrapper, tmp_path_factory.mktemp("sigkill"), signal.SIGKILL)
 
@@ -394,10 +399,20 @@ def test_wall_time_warning_keeps_the_checkpoint_of_the_last_complete_epoch(warne
 
 
 def test_sigterm_stops_with_one_line_pointing_to_resume(sigterm_run):
-    status, stderr, _ = sigterm_run
+    status, stderr, checkpoint = sigterm_run
     assert status == 130, stderr
     line = one_stderr_line(stderr)
-    assert "stopped by SIGTERM" in line and "--resume" in line
+    assert "stopped by SIGTERM" in line and f"--resume {checkpoint}" in line
+
+
+def test_ctrl_c_stops_with_one_line_naming_the_checkpoint_and_the_command_that_resumes(sigint_run, tiny_data):
+    status, stderr, checkpoint = sigint_run
+    assert status == 130, stderr
+    line = one_stderr_line(stderr)
+    assert line.startswith(f"qml.py: stopped by Ctrl-C; {checkpoint} holds the last complete epoch"), line
+    command = " ".join(["qml.py", "--data-dir", tiny_data, *BASE, *SCHEDULE, "--epochs", "3", "--checkpoint",
+                        str(checkpoint), "--resume", str(checkpoint)])
+    assert line.endswith(f"continue with {command} (under the same launcher)"), line
 
 
 def test_sigterm_leaves_the_checkpoint_of_the_last_complete_epoch(sigterm_run):
