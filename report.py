@@ -1,6 +1,8 @@
-"""`python qml.py report RUNDIR`: the scaling table, CSV and plot of a submit_qml.sbatch sweep, and the answer to
-the challenge's question (which task count trains fastest at the greatest best average accuracy), which never
-claims more than the runs show."""
+"""`python qml.py report RUNDIR [--by OPTION]`: the table, CSV and plot of a submit_qml.sbatch sweep, and the answer
+to its question, which never claims more than the runs show. Without a varied option: which task count trains
+fastest at the greatest best average accuracy (the challenge's). With one (submit_qml.sbatch --vary, recorded in
+RUNDIR/sweep.args; in a folder of hand-made runs, the config key whose values differ; or --by): which value of it
+reaches the greatest best accuracy, and whether Welch's t-test tells the others from it."""
 
 import csv
 import glob
@@ -11,9 +13,10 @@ import os
 import statistics
 
 import checkpoints
+import sweep
 from command_line import ArgumentParser, UsageError
 
-SIGNIFICANCE = 0.05  # Welch's t-test: a p-value below this tells a count's mean best accuracy from the top one's
+SIGNIFICANCE = 0.05  # Welch's t-test: a p-value below this tells a mean best accuracy from the top one's
 # Times within 5% of the least are a tie: one setup timed twice on one machine differs by a few percent (docs/speed.md:
 # 0.78x and 0.80x of the same setup in two runs of one day), far more than the clock's resolution
 # (time.time(), microseconds), so a smaller gap between single runs is no measured difference.
@@ -21,8 +24,14 @@ TIME_TIE = 0.05
 REPEATS_FOR_NOISE = 3  # the runs per count suggested when there are none to estimate the noise from
 CHANCE = 0.5  # accuracy of guessing between two classes (ants and bees): the accuracy axis starts here ...
 ACCURACY_PAD = 0.02  # ... and ends at 1, each end padded so that a point or line there stays in sight
+SERIES_SHIFT = 0.08  # on a plot against a varied value, each task count's points sit this far beside the others'
 WHERE_METRICS_COME_FROM = ("submit_qml.sbatch 1,2,4,8 writes them to runs/<jobid>; without Slurm, run qml.py with "
                            "--metrics-json DIR/tasks-N.json at each task count N, then report DIR")
+# Config keys that differ between the repeats of one experiment, or between its runs' files, so none is a varied
+# option: the seeds (--repeat R adds R to both), each run's own files, and the digest of the circuit, which follows
+# the circuit's options (--n-qubits, --q-depth).
+NOT_VARIED = {"seed", "shuffle_seed", "repeat", "metrics_json", "checkpoint", "resume", "save", "circuit"}
+PLAIN_VALUES = (str, int, float, bool, type(None))  # config values a run can be grouped by (not lists)
 
 
 def check_rundir(rundir):
@@ -38,17 +47,19 @@ def check_rundir(rundir):
 
 def load_runs(rundir):
     """One dict per metrics JSON in rundir (tasks, global batch, backbone weights, training seconds, best val
-    accuracy and loss, final-epoch val accuracy), sorted by task count."""
+    accuracy and loss, final-epoch val accuracy, the head's trainable parameters or None, and the run's config,
+    whose head is "quantum" in files from before --head), sorted by task count."""
     check_rundir(rundir)
     runs = []
     for path in sorted(glob.glob(os.path.join(rundir, "*.json"))):
         try:
             with open(path) as file:
                 metrics = json.load(file)
-            tasks, config = metrics["world_size"], metrics["config"]
+            tasks, config = metrics["world_size"], {"head": "quantum", **metrics["config"]}
             runs.append(dict(tasks=tasks, global_batch=config["batch_size"] * tasks, weights=config["weights"],
                              seconds=metrics["training_seconds"], best_val_acc=metrics["best_val_acc"],
-                             best_val_loss=metrics["best_val_loss"], final_val_acc=metrics["epochs"][-1]["val_acc"]))
+                             best_val_loss=metrics["best_val_loss"], final_val_acc=metrics["epochs"][-1]["val_acc"],
+                             trainable_parameters=metrics.get("trainable_parameters"), config=config))
         except (OSError, ValueError, KeyError, TypeError, IndexError):
             raise UsageError(f"{path} is not a metrics JSON written by qml.py --metrics-json; move it away") from None
     if not runs:
@@ -59,6 +70,72 @@ def load_runs(rundir):
 def random_backbone_counts(runs):
     """The task counts with a run on a random backbone (--weights none), in order."""
     return sorted({run["tasks"] for run in runs if run["weights"] == "none"})
+
+
+# ----------------------------------------------------------------------------
+# The compared option: --by, else sweep.args' --vary, else the one config key the runs of a count differ in
+
+
+def read_sweep(rundir):
+    """The sweep recorded in RUNDIR/sweep.args (sweep.Sweep, read back with sweep.py's own parser), or None for a
+    folder without one: hand-made runs."""
+    path = os.path.join(rundir, "sweep.args")
+    try:
+        with open(path, "rb") as file:
+            words = file.read().decode(errors="replace").split("\0")[:-1]  # as sweep.record_sweep writes them
+    except FileNotFoundError:
+        return None
+    try:
+        return sweep.parse_sweep(words)
+    except UsageError as err:
+        raise UsageError(f"{path} is not the record of a submit_qml.sbatch sweep ({err}); move it away") from None
+
+
+def plain_keys(runs):
+    """The config keys that every run has, each with a plain value (no list)."""
+    return set.intersection(*({key for key, value in run["config"].items() if isinstance(value, PLAIN_VALUES)}
+                              for run in runs))
+
+
+def varied_keys(runs):
+    """The config keys, NOT_VARIED aside, whose values differ between runs of one task count. Only there: values
+    derived from the task count (the per-rank batch of --global-batch-size, the learning rate of --lr-scaling
+    linear) differ between counts, whereas a varied option takes each of its values at every count."""
+    keys = plain_keys(runs) - NOT_VARIED
+    return sorted(key for key in keys
+                  if any(len({run["config"][key] for run in runs if run["tasks"] == tasks}) > 1
+                         for tasks in {run["tasks"] for run in runs}))
+
+
+def hand_made_axis(runs):
+    """(the one key varied_keys finds, ()), or None when it finds none; several are refused: name one with --by."""
+    keys = varied_keys(runs)
+    if len(keys) > 1:
+        raise UsageError(f"the runs of one task count differ in {', '.join(key.replace('_', '-') for key in keys)}: "
+                         f"name the option to compare them by with --by OPTION")
+    return (keys[0], ()) if keys else None
+
+
+def find_axis(runs, rundir, by):
+    """(config key, its values in submit_qml.sbatch --vary's order, or ()) of the compared option, or None when the
+    runs compare task counts only: --by OPTION, else sweep.args' --vary, else for hand-made runs hand_made_axis."""
+    swept = read_sweep(rundir)
+    if by:
+        key, named = by.replace("-", "_"), f"--by {by}: {by} is"
+    elif swept and swept.option:
+        key = swept.option.replace("-", "_")
+        named = f"{os.path.join(rundir, 'sweep.args')} varies --{swept.option}, which is"
+    else:
+        return None if swept else hand_made_axis(runs)
+    if key not in plain_keys(runs):
+        raise UsageError(f"{named} not an option in every run's config; compare by one that is with --by OPTION: "
+                         f"{', '.join(sorted(name.replace('_', '-') for name in plain_keys(runs)))}")
+    listed = swept.values if swept and swept.option and swept.option.replace("-", "_") == key else ()
+    return key, listed
+
+
+# ----------------------------------------------------------------------------
+# The rows: one per task count, or per task count and value of the compared option
 
 
 def mean_and_std(runs, key, digits):
@@ -90,6 +167,39 @@ def scaling_rows(runs):
     return rows
 
 
+def value_order(listed):
+    """Sort key of a compared option's values: first those submit_qml.sbatch --vary listed, in its order, then
+    numbers by size, then the rest by their text."""
+    def key(value):
+        text = str(value)
+        if text in listed:
+            return 0, listed.index(text), text
+        return 1, value if isinstance(value, (int, float)) else math.inf, text
+    return key
+
+
+def axis_rows(runs, key, option, listed=()):
+    """One row per task count and value of config[key], named `option` in the row, in task then value_order: its
+    runs' means and spreads of the training time, best accuracy and loss, and the head's trainable parameters
+    (None where a run did not record them)."""
+    groups = {}
+    order = value_order(listed)
+    for run in sorted(runs, key=lambda run: (run["tasks"], order(run["config"][key]))):
+        groups.setdefault((run["tasks"], run["config"][key]), []).append(run)
+    rows = []
+    for (tasks, value), group in groups.items():
+        parameters = {run["trainable_parameters"] for run in group}
+        rows.append({"tasks": tasks, option: value, "runs": len(group),
+                     "trainable_parameters": parameters.pop() if len(parameters) == 1 else None,
+                     **mean_and_std(group, "seconds", 2), **mean_and_std(group, "best_val_acc", 4),
+                     **mean_and_std(group, "best_val_loss", 4)})
+    return rows
+
+
+# ----------------------------------------------------------------------------
+# The task counts' answer
+
+
 def welch_p_value(a, b, key):
     """Two-sided p-value of Welch's t-test (scipy's, from the rows' means, sample stds and run counts) that rows
     a and b, each of two runs or more, share the mean of key."""
@@ -101,6 +211,17 @@ def welch_p_value(a, b, key):
                                             equal_var=False).pvalue)
 
 
+def identical(a, b, key):
+    """Every run of rows a and b (repeated) gave the same value of key: no spread, equal means."""
+    return a[f"{key}_std"] == 0 and b[f"{key}_std"] == 0 and a[key] == b[key]
+
+
+def mean_text(row, key, digits=4):
+    """'mean ± std' of key, or the value alone for a single run."""
+    std = row[f"{key}_std"]
+    return f"{row[key]:.{digits}f}" if std is None else f"{row[key]:.{digits}f} ± {std:.{digits}f}"
+
+
 def task_list(rows):
     return ", ".join(str(row["tasks"]) for row in rows)
 
@@ -109,6 +230,14 @@ def fastest_rows(rows):
     """The row of the least (mean) time and every row within TIME_TIE of it: a tie, in task order."""
     least = min(row["seconds"] for row in rows)
     return [row for row in rows if row["seconds"] <= least * (1 + TIME_TIE)]
+
+
+def one_count_answer(row):
+    """A single task count: its time and best accuracy; no count is the fastest, with none to compare it with."""
+    runs = "one run" if row["runs"] == 1 else f"mean ± std of {row['runs']} runs"
+    return (f"Answer: one task count, {row['tasks']} task(s): {mean_text(row, 'seconds', 2)} s, best accuracy "
+            f"{mean_text(row, 'best_val_acc')} ({runs}); a speed comparison needs at least two task counts, e.g. "
+            f"submit_qml.sbatch 1,2,4,8 --repeats {REPEATS_FOR_NOISE}")
 
 
 def single_run_answer(rows):
@@ -128,31 +257,39 @@ def single_run_answer(rows):
             f"--repeats {REPEATS_FOR_NOISE}")
 
 
-def repeated_answer(rows):
-    """Every count repeated: the fastest (or the tie, by mean time) of the counts whose mean best accuracy
-    Welch's t-test at SIGNIFICANCE cannot tell from the top mean."""
-    top = max(rows, key=lambda row: row["best_val_acc"])
-    tied = [row for row in rows if welch_p_value(row, top, "best_val_acc") >= SIGNIFICANCE]
-    worse = [row for row in rows if row not in tied]
-    fastest = fastest_rows(tied)
+def fastest_text(fastest):
+    """The fastest count by mean time, or the counts that tie for it."""
     if len(fastest) > 1:
         times = ", ".join(f"{row['seconds']:.1f}" for row in fastest)
-        speed = f"{task_list(fastest)} task(s) tie for fastest (mean times {times} s, within {TIME_TIE:.0%})"
-    else:
-        speed = (f"{fastest[0]['tasks']} task(s) train fastest ({fastest[0]['seconds']:.1f} s, mean of "
-                 f"{fastest[0]['runs']} runs)")
+        return f"{task_list(fastest)} task(s) tie for fastest (mean times {times} s, within {TIME_TIE:.0%})"
+    (row,) = fastest
+    return f"{row['tasks']} task(s) train fastest ({row['seconds']:.1f} s, mean of {row['runs']} runs)"
+
+
+def repeated_answer(rows):
+    """Every count repeated: the fastest (or the tie, by mean time) of the counts whose mean best accuracy
+    Welch's t-test at SIGNIFICANCE cannot tell from the top mean; the accuracies are identical when every run
+    of every count gave the same one."""
+    top = max(rows, key=lambda row: row["best_val_acc"])
+    if all(identical(row, top, "best_val_acc") for row in rows):
+        return (f"Answer: {fastest_text(fastest_rows(rows))}; the best accuracies are identical: every run of every "
+                f"count reached {top['best_val_acc']:.4f}")
+    tied = [row for row in rows if welch_p_value(row, top, "best_val_acc") >= SIGNIFICANCE]
+    worse = [row for row in rows if row not in tied]
     verdict = (f"{task_list(worse)} task(s) are less accurate" if worse
                else "all accuracy differences between the task counts are within the noise")
-    return (f"Answer: {speed} among the counts whose mean best accuracy is within the noise of the top one "
-            f"({top['tasks']} task(s): {top['best_val_acc']:.4f} ± {top['best_val_acc_std']:.4f} std) by Welch's "
-            f"t-test at {SIGNIFICANCE:.0%}: {task_list(tied)} task(s); {verdict}")
+    return (f"Answer: {fastest_text(fastest_rows(tied))} among the counts whose mean best accuracy is within the "
+            f"noise of the top one ({top['tasks']} task(s): {top['best_val_acc']:.4f} ± {top['best_val_acc_std']:.4f} "
+            f"std) by Welch's t-test at {SIGNIFICANCE:.0%}: {task_list(tied)} task(s); {verdict}")
 
 
 def answer_line(rows, random_counts=()):
     """The challenge's question (the fastest count at the greatest best accuracy), answered no further than the
     runs allow; random_counts: the task counts trained on a random backbone, whose accuracy is cautioned."""
     single = [row for row in rows if row["runs"] == 1]
-    if len(single) == len(rows):
+    if len(rows) == 1:
+        line = one_count_answer(rows[0])
+    elif len(single) == len(rows):
         line = single_run_answer(rows)
     elif single:
         line = (f"Answer: none: {task_list(single)} task(s) have a single run, whose spread is unknown, beside "
@@ -167,7 +304,54 @@ def answer_line(rows, random_counts=()):
 
 
 # ----------------------------------------------------------------------------
-# The plot: speedup against the ideal, and accuracy, one panel each
+# The compared option's answer, at one task count
+
+
+def value_label(row, option):
+    return f"{option}={row[option]}"
+
+
+def compared_with(row, top, option):
+    """Row's mean best accuracy beside the top one's: identical, or as Welch's t-test at SIGNIFICANCE sees it."""
+    label, accuracy = value_label(row, option), mean_text(row, "best_val_acc")
+    if identical(row, top, "best_val_acc"):
+        return f"{label} is identical ({accuracy}: every run of both reached it)"
+    p_value = welch_p_value(row, top, "best_val_acc")
+    verdict = "is less accurate" if p_value < SIGNIFICANCE else "is within the noise"
+    return f"{label} {verdict} ({accuracy}, p = {p_value:.2g})"
+
+
+def axis_answer(rows, option, rerun):
+    """Which value of option reaches the greatest mean best accuracy at one task count (rows: that count's), and
+    whether Welch's t-test tells each other value from it; rerun: the sweep that gives every value repeats. The
+    answer's text after 'Answer:'."""
+    top = max(rows, key=lambda row: row["best_val_acc"])
+    single = [row for row in rows if row["runs"] == 1]
+    if len(rows) == 1:
+        return f"every run has {value_label(top, option)}: there is no other value to compare it with"
+    if len(single) == len(rows):
+        measured = "; ".join(f"{value_label(row, option)} {row['best_val_acc']:.4f}" for row in rows)
+        highest = [value_label(row, option) for row in rows if row["best_val_acc"] == top["best_val_acc"]]
+        return (f"one run per value, best accuracy: {measured}; highest: {', '.join(highest)}. Without repeats there "
+                f"is no noise estimate, so no test can tell these apart; to get one: {rerun}")
+    if single:
+        return (f"none: {', '.join(value_label(row, option) for row in single)} ran once, so the spread is unknown, "
+                f"beside repeated values; run every value at least twice (--repeats 2)")
+    others = "; ".join(compared_with(row, top, option) for row in rows if row is not top)
+    return (f"{value_label(top, option)} has the highest mean best accuracy ({mean_text(top, 'best_val_acc')} std, "
+            f"{top['runs']} runs); by Welch's t-test at {SIGNIFICANCE:.0%}: {others}")
+
+
+def axis_caution(option, rows):
+    """What runs on a random backbone (--weights none) can and cannot say about the values compared."""
+    values = ", ".join(str(row[option]) for row in rows)
+    return (f". Caution: these runs used --weights none (a random backbone): the comparison is between --{option} "
+            f"{values} on random features, not ImageNet features, so it says nothing about them on real features; "
+            f"rerun with --weights imagenet (the default) for that")
+
+
+# ----------------------------------------------------------------------------
+# The plots: against the task count (time, speedup against the ideal, accuracy) or the compared value (time, accuracy)
 
 
 def pyplot():
@@ -179,10 +363,34 @@ def pyplot():
     return plt
 
 
+def draw_means(axes, xs, rows, key, style, color, label):
+    """The rows' means of key at xs, with a one-std error bar at each row of several runs."""
+    axes.plot(xs, [row[key] for row in rows], style, color=color, label=label)
+    bars = [(x, row) for x, row in zip(xs, rows, strict=True) if row["runs"] > 1]
+    if bars:
+        axes.errorbar([x for x, _ in bars], [row[key] for _, row in bars], yerr=[row[f"{key}_std"] for _, row in bars],
+                      fmt="none", ecolor=color, capsize=4)
+
+
 def speedup_std(row, base):
     """First-order spread of row's speedup over base (both repeated): the relative stds of the two mean
     times, added in quadrature."""
     return row["speedup"] * math.hypot(row["seconds_std"] / row["seconds"], base["seconds_std"] / base["seconds"])
+
+
+def seconds_axis(axes, rows):
+    """The time panel's title and axis: from 0 to a tenth above the highest point or error bar."""
+    highest = max(row["seconds"] + (row["seconds_std"] or 0) for row in rows)
+    axes.set(title="Training time", ylabel="training seconds", ylim=(0, 1.1 * highest))
+    axes.legend(loc="best")
+
+
+def draw_time(axes, rows):
+    """Mean training seconds against the task count, error bars where the count has repeats."""
+    tasks = [row["tasks"] for row in rows]
+    draw_means(axes, tasks, rows, "seconds", "o-", "tab:green", "measured")
+    axes.set(xlabel="tasks", xticks=tasks)
+    seconds_axis(axes, rows)
 
 
 def draw_speedup(axes, rows):
@@ -204,36 +412,38 @@ def draw_speedup(axes, rows):
     axes.legend(loc="upper left")
 
 
-def draw_accuracy(axes, rows, random_counts):
-    """Best validation accuracy as points (separate experiments, no trend line) on an axis from chance (lower
-    if a point or its error bar is) to 1, padded by ACCURACY_PAD; error bars where the count has repeats."""
-    tasks = [row["tasks"] for row in rows]
-    axes.plot(tasks, [row["best_val_acc"] for row in rows], "s", color="tab:red", label="best validation accuracy")
-    bars = [row for row in rows if row["runs"] > 1]
-    if bars:
-        axes.errorbar([row["tasks"] for row in bars], [row["best_val_acc"] for row in bars],
-                      yerr=[row["best_val_acc_std"] for row in bars], fmt="none", ecolor="tab:red", capsize=4)
+def accuracy_axis(axes, rows, random_backbone):
+    """The accuracy panel's chance line, title and axis: from chance (lower if a point or its error bar is) to 1,
+    padded by ACCURACY_PAD."""
     axes.axhline(CHANCE, linestyle=":", color="gray", label="chance (two classes)")
     lowest = min(row["best_val_acc"] - (row["best_val_acc_std"] or 0) for row in rows)
     axes.set_ylim(min(CHANCE, math.floor(lowest * 20) / 20) - ACCURACY_PAD, 1 + ACCURACY_PAD)
-    backbone = "\non a random backbone (--weights none)" if random_counts else ""
-    axes.set(title=f"Best validation accuracy{backbone}", xlabel="tasks", ylabel="best validation accuracy",
-             xticks=tasks)
-    axes.legend(loc="upper left")
+    backbone = "\non a random backbone (--weights none)" if random_backbone else ""
+    axes.set(title=f"Best validation accuracy{backbone}", ylabel="best validation accuracy")
+    axes.legend(loc="best")  # where it hides no point
 
 
-def spread_note(rows):
-    """What the error bars show, or that there are none."""
+def draw_accuracy(axes, rows, random_counts):
+    """Best validation accuracy against the task count as points (separate experiments, no trend line)."""
+    tasks = [row["tasks"] for row in rows]
+    draw_means(axes, tasks, rows, "best_val_acc", "s", "tab:red", "best validation accuracy")
+    axes.set(xlabel="tasks", xticks=tasks)
+    accuracy_axis(axes, rows, random_counts)
+
+
+def spread_note(rows, what="count", where=lambda rows: f"{task_list(rows)} task(s)"):
+    """What the error bars show, or that there are none; what: a row's kind; where(rows) names rows."""
     repeated = [row for row in rows if row["runs"] > 1]
     if not repeated:
-        return f"one run per count: no error bars, no noise estimate (--repeats {REPEATS_FOR_NOISE} gives one)"
+        return f"one run per {what}: no error bars, no noise estimate (--repeats {REPEATS_FOR_NOISE} gives one)"
     if len(repeated) < len(rows):
-        return f"error bars: one std over the runs, only at {task_list(repeated)} task(s) (the repeated counts)"
-    return "error bars: one std over each count's runs; points: means"
+        return f"error bars: one std over the runs, only at {where(repeated)} (the repeated {what}s)"
+    return f"error bars: one std over each {what}'s runs; points: means"
 
 
 def plot_figure(rows, random_counts=()):
-    fig, (ax_speed, ax_acc) = pyplot().subplots(1, 2, figsize=(11, 4.5))
+    fig, (ax_time, ax_speed, ax_acc) = pyplot().subplots(1, 3, figsize=(15, 4.5))
+    draw_time(ax_time, rows)
     draw_speedup(ax_speed, rows)
     draw_accuracy(ax_acc, rows, random_counts)
     fig.suptitle(f"Python_QML_Basics scaling: {spread_note(rows)}", fontsize=10)
@@ -241,14 +451,36 @@ def plot_figure(rows, random_counts=()):
     return fig
 
 
-def plot_scaling(rows, path, random_counts=()):
-    fig = plot_figure(rows, random_counts)
+def axis_figure(rows, option, random_backbone=False):
+    """Training time and best accuracy against the compared option's values (in the rows' order), one series of
+    points per task count, each shifted by SERIES_SHIFT so that their error bars stay apart."""
+    values = list(dict.fromkeys(row[option] for row in rows))
+    counts = sorted({row["tasks"] for row in rows})
+    fig, (ax_time, ax_acc) = pyplot().subplots(1, 2, figsize=(11, 4.5))
+    for index, tasks in enumerate(counts):
+        series = [row for row in rows if row["tasks"] == tasks]
+        xs = [values.index(row[option]) + SERIES_SHIFT * (index - (len(counts) - 1) / 2) for row in series]
+        draw_means(ax_time, xs, series, "seconds", "o", f"C{index}", f"{tasks} task(s)")
+        draw_means(ax_acc, xs, series, "best_val_acc", "s", f"C{index}", f"{tasks} task(s)")
+    for axes in (ax_time, ax_acc):
+        axes.set(xlabel=f"--{option}", xticks=range(len(values)), xticklabels=[str(value) for value in values],
+                 xlim=(-0.5, len(values) - 0.5))
+    seconds_axis(ax_time, rows)
+    accuracy_axis(ax_acc, rows, random_backbone)
+    note = spread_note(rows, "value", lambda rows: ", ".join(f"{value_label(row, option)} at {row['tasks']} task(s)"
+                                                             for row in rows))
+    fig.suptitle(f"Python_QML_Basics by --{option}: {note}", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(fig, path):
     checkpoints.atomic_write(path, lambda file: fig.savefig(file, format="png", dpi=100))
     pyplot().close(fig)
 
 
 # ----------------------------------------------------------------------------
-# The table and report_main
+# The table, CSV and report_main
 
 
 def cell_text(value):
@@ -262,25 +494,58 @@ def markdown_table(header, rows):
     return "\n".join(lines)
 
 
-def report_main(argv):
-    parser = ArgumentParser(prog="qml.py report", description="Scaling table, CSV and plot of a sweep's "
-                            "metrics JSON files (runs/<jobid>/tasks-N.json, or tasks-N-repeat-R.json with repeats): "
-                            "per task count the runs' means and sample standard deviations, and the answer.")
-    parser.add_argument("rundir", help="folder with the metrics JSON files: runs/<jobid> of submit_qml.sbatch, or "
-                        "any folder the runs wrote with qml.py --metrics-json DIR/tasks-N.json")
-    rundir = parser.parse_args(argv).rundir
-    runs = load_runs(rundir)
-    rows, random_counts = scaling_rows(runs), random_backbone_counts(runs)
+def write_table(rows, csv_path):
+    """Print the rows as a markdown table and write them to csv_path."""
     header = list(rows[0])
     print(markdown_table(header, [row.values() for row in rows]))
-    csv_path, png_path = os.path.join(rundir, "scaling.csv"), os.path.join(rundir, "scaling.png")
-
     table = io.StringIO()
-    writer = csv.writer(table, lineterminator="\n")
-    writer.writerows([header, *([cell_text(v) for v in row.values()] for row in rows)])
+    csv.writer(table, lineterminator="\n").writerows([header, *([cell_text(v) for v in row.values()] for row in rows)])
     checkpoints.atomic_write(csv_path, lambda file: file.write(table.getvalue().encode()))
-    plot_scaling(rows, png_path, random_counts)
-    print(f"Scaling table: {csv_path}")
-    print(f"Scaling plot: {png_path}")
+
+
+def report_task_counts(runs, rundir):
+    rows, random_counts = scaling_rows(runs), random_backbone_counts(runs)
+    csv_path, png_path = os.path.join(rundir, "scaling.csv"), os.path.join(rundir, "scaling.png")
+    write_table(rows, csv_path)
+    save_figure(plot_figure(rows, random_counts), png_path)
+    print(f"Scaling table: {csv_path}\nScaling plot: {png_path}")
     print(answer_line(rows, random_counts))
+
+
+def report_axis(runs, rundir, key, listed):
+    """The table, CSV and plot by the compared option, and its answer at each task count."""
+    option = key.replace("_", "-")
+    rows, random_counts = axis_rows(runs, key, option, listed), random_backbone_counts(runs)
+    csv_path, png_path = os.path.join(rundir, f"by-{option}.csv"), os.path.join(rundir, f"by-{option}.png")
+    write_table(rows, csv_path)
+    save_figure(axis_figure(rows, option, bool(random_counts)), png_path)
+    print(f"Table by --{option}: {csv_path}\nPlot by --{option}: {png_path}")
+    counts = sorted({row["tasks"] for row in rows})
+    values = ",".join(str(value) for value in dict.fromkeys(row[option] for row in rows))
+    rerun = (f"submit_qml.sbatch {','.join(map(str, counts))} --vary {option}={values} "
+             f"--repeats {REPEATS_FOR_NOISE}")
+    for tasks in counts:
+        at_count = [row for row in rows if row["tasks"] == tasks]
+        caution = axis_caution(option, at_count) if tasks in random_counts else ""
+        prefix = "Answer" if len(counts) == 1 else f"Answer at {tasks} task(s)"
+        print(f"{prefix}: {axis_answer(at_count, option, rerun)}{caution}")
+
+
+def report_main(argv):
+    parser = ArgumentParser(prog="qml.py report", description="Table, CSV and plot of a sweep's metrics JSON files "
+                            "and the answer: per task count, or per task count and value of the option the runs "
+                            "vary, the runs' means and sample standard deviations.")
+    parser.add_argument("rundir", help="folder with the metrics JSON files: runs/<jobid> of submit_qml.sbatch, or "
+                        "any folder the runs wrote with qml.py --metrics-json DIR/tasks-N.json")
+    parser.add_argument("--by", metavar="OPTION", help="compare the runs by this qml.py option (its config key, "
+                        "e.g. head or n-qubits) (default: the sweep's --vary, read from RUNDIR/sweep.args; without "
+                        "that file, the one option whose value differs between runs of one task count; else none: "
+                        "the task counts)")
+    args = parser.parse_args(argv)
+    runs = load_runs(args.rundir)
+    axis = find_axis(runs, args.rundir, args.by)
+    if axis:
+        report_axis(runs, args.rundir, *axis)
+    else:
+        report_task_counts(runs, args.rundir)
     return 0
