@@ -531,7 +531,7 @@ def report_axis(runs, rundir, key, listed):
         print(f"{prefix}: {axis_answer(at_count, option, rerun)}{caution}")
 
 
-def report_main(argv):
+def get_args_parser():
     parser = ArgumentParser(prog="qml.py report", description="Table, CSV and plot of a sweep's metrics JSON files "
                             "and the answer: per task count, or per task count and value of the option the runs "
                             "vary, the runs' means and sample standard deviations.")
@@ -541,7 +541,11 @@ def report_main(argv):
                         "e.g. head or n-qubits) (default: the sweep's --vary, read from RUNDIR/sweep.args; without "
                         "that file, the one option whose value differs between runs of one task count; else none: "
                         "the task counts)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def report_main(argv):
+    args = get_args_parser().parse_args(argv)
     runs = load_runs(args.rundir)
     axis = find_axis(runs, args.rundir, args.by)
     if axis:

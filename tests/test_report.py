@@ -590,12 +590,12 @@ def test_axis_answer_of_a_single_value_has_nothing_to_compare():
 @pytest.fixture
 def heads(tmp_path):
     """submit_qml.sbatch 1 --vary head=quantum,classical,linear --repeats 5 on ImageNet weights, hand-made:
-    quantum 0.95 +- 0.0071 (2086 parameters), classical 0.80 +- 0.0071 (2062), linear 0.94 +- 0.01 (1026)."""
+    quantum 0.95 +- 0.0071 (2086 parameters), classical 0.80 +- 0.0071 (2082), linear 0.94 +- 0.01 (1026)."""
     record_sweep(tmp_path, "1", "--repeats", "5", "--vary", "head=quantum,classical,linear")
     write_repeats(tmp_path, "tasks-1-head-quantum", 1, (0.94, 0.96, 0.95, 0.95, 0.95), seconds=90.0,
                   head="quantum", parameters=2086)
     write_repeats(tmp_path, "tasks-1-head-classical", 1, (0.79, 0.81, 0.80, 0.80, 0.80), seconds=40.0,
-                  head="classical", parameters=2062)
+                  head="classical", parameters=2082)
     write_repeats(tmp_path, "tasks-1-head-linear", 1, (0.93, 0.95, 0.94, 0.93, 0.95), seconds=38.0,
                   head="linear", parameters=1026)
     return tmp_path
@@ -630,13 +630,13 @@ def test_report_by_value_writes_a_csv_row_per_value_in_the_sweeps_order(heads, c
     assert list(rows[0]) == ["tasks", "head", "runs", "trainable_parameters", "seconds", "seconds_std",
                              "best_val_acc", "best_val_acc_std", "best_val_loss", "best_val_loss_std"]
     assert [(r["head"], r["runs"], r["trainable_parameters"], r["seconds"], r["best_val_acc"]) for r in rows] == [
-        ("quantum", "5", "2086", "92.0", "0.95"), ("classical", "5", "2062", "42.0", "0.8"),
+        ("quantum", "5", "2086", "92.0", "0.95"), ("classical", "5", "2082", "42.0", "0.8"),
         ("linear", "5", "1026", "40.0", "0.94")]
 
 
 def test_report_by_value_prints_the_table_and_writes_the_plot(heads, capsys):
     lines = report_lines(heads, capsys)
-    assert "| 1 | classical | 5 | 2062 | 42.0 | 1.58 | 0.8 | 0.0071 | 0.7 | 0.0 |" in lines
+    assert "| 1 | classical | 5 | 2082 | 42.0 | 1.58 | 0.8 | 0.0071 | 0.7 | 0.0 |" in lines
     assert (heads / "by-head.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (heads / "scaling.csv").exists()
 

@@ -371,13 +371,13 @@ def test_bad_task_count_fails_the_job_with_status_2(slurm_env, submit_dir):
 
 
 def test_vary_sweep_interrupted_by_the_warning_requeues_and_ends_with_every_value(slurm_env, submit_dir, tiny_data):
-    """1 --vary n-qubits=1,2 of one epoch: the warning comes once the first run is complete (as the second step
-    starts), the job requeues, and its restart skips that run, runs the other and reports once."""
+    """1 --vary head=quantum,classical of one epoch: the warning comes once the first run is complete (as the second
+    step starts), the job requeues, and its restart skips that run, runs the other and reports once."""
     env = dict(slurm_env, MASTER_PORT=str(free_port()))
     deadline = time.monotonic() + JOB_TIMEOUT
-    jobid, log = start_job(env, submit_dir, "1", "--vary", "n-qubits=1,2", "--data-dir", tiny_data, *TINY_RUN)
+    jobid, log = start_job(env, submit_dir, "1", "--vary", "head=quantum,classical", "--data-dir", tiny_data, *TINY_RUN)
     rundir = submit_dir / "runs" / jobid
-    first = rundir / "tasks-1-n-qubits-1-repeat-0.json"
+    first = rundir / "tasks-1-head-quantum-repeat-0.json"
     wait_for(first.exists, "the first run's metrics", deadline)
     subprocess.run(["scancel", "--signal=USR1", "--batch", jobid], env=env, check=True, timeout=30)
     wait_for(lambda: job_field(env, jobid, "Restarts") == "1" and job_field(env, jobid, "JobState") == "PENDING",
@@ -392,10 +392,11 @@ def test_vary_sweep_interrupted_by_the_warning_requeues_and_ends_with_every_valu
     assert "== wall-time warning" in text and f"job {jobid} is requeued" in text, context
     assert f"== continuing runs/{jobid} (restart 1" in text and text.count("== scaling report") == 1, context
     assert f"== 1 tasks: runs/{jobid}/{first.name} is complete, skipped" in text, context
-    runs = [json.loads((rundir / f"tasks-1-n-qubits-{q}-repeat-0.json").read_text()) for q in (1, 2)]
-    assert [(run["config"]["n_qubits"], run["complete"], len(run["epochs"])) for run in runs] == [
-        (1, True, 1), (2, True, 1)], context
-    assert (rundir / "sweep.args").read_bytes().split(b"\0")[:3] == [b"1", b"--repeats=1", b"--vary=n-qubits=1,2"]
+    runs = [json.loads((rundir / f"tasks-1-head-{head}-repeat-0.json").read_text()) for head in ("quantum", "classical")]
+    assert [(run["config"]["head"], run["complete"], len(run["epochs"])) for run in runs] == [
+        ("quantum", True, 1), ("classical", True, 1)], context
+    assert (rundir / "sweep.args").read_bytes().split(b"\0")[:3] == [b"1", b"--repeats=1",
+                                                                     b"--vary=head=quantum,classical"]
     assert "Answer:" in text, context
 
 
