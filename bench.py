@@ -60,7 +60,8 @@ def time_run(extra, args, tmp, launcher=()):
     result = subprocess.run(command, capture_output=True, text=True)
     wall = time.perf_counter() - start
     if result.returncode != 0:
-        raise command_line.UsageError(f"benchmark run {' '.join(extra)} failed: {result.stderr.strip().splitlines()[-1:]}")
+        last = result.stderr.strip().splitlines()[-1:]
+        raise command_line.UsageError(f"benchmark run {' '.join(extra)} failed: {last}")
     with open(metrics) as file:
         return wall, json.load(file)
 
@@ -163,7 +164,8 @@ def time_circuit_alone(qdevice, nqubits):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             cwd=os.path.dirname(QML))
     if result.returncode != 0:
-        raise command_line.UsageError(f"timing {qdevice} at {nqubits} qubits failed: {result.stderr.strip().splitlines()[-1:]}")
+        last = result.stderr.strip().splitlines()[-1:]
+        raise command_line.UsageError(f"timing {qdevice} at {nqubits} qubits failed: {last}")
     return float(result.stdout.split()[-1])
 
 
@@ -191,7 +193,8 @@ def get_args_parser():
                         "after the first is compared (default: %(default)s)")
     parser.add_argument("--cached-epochs", type=command_line.positive(int), default=30, help="epochs of each "
                         "--cache-features run, timed from process start to exit (default: %(default)s)")
-    parser.add_argument("--rounds", type=command_line.positive(int), default=1, help="time every setup this many times and "
+    parser.add_argument("--rounds", type=command_line.positive(int), default=1, help="time every setup this many times "
+                        "and "
                         "keep its fastest (on a machine shared with other work) (default: %(default)s)")
     parser.add_argument("--max-qubits", type=command_line.qubit_count, default=28, help="largest qubit count of the "
                         "qubit-scaling table (default: %(default)s; counts the memory check refuses are left out)")

@@ -279,7 +279,8 @@ class TorchCircuit:
             source = torch.cat((inputs, weights.expand(len(inputs), -1)), -1)
             return source.index_select(1, self.gather)  # (index_select: fancy indexing ran threads here)
         tape = self.trace.record(inputs, weights)
-        if [(op.name, op.wires) for op in tape.operations] != [(op.name, op.wires) for op in self.trace.tape.operations]:
+        gates = [(op.name, op.wires) for op in tape.operations]
+        if gates != [(op.name, op.wires) for op in self.trace.tape.operations]:
             raise RuntimeError("quantum_net's gates changed with its arguments' values; TorchCircuit needs the "
                                "same gates at every call")
         values = tape.get_parameters(trainable_only=False)
@@ -351,7 +352,8 @@ class TorchCircuit:
 
     def memory_bytes(self, batch, nqubits=None):
         """About what a batch's forward and backward pass keep at once: the states autograd saves (one per
-        block with parameters), the states being computed and their gradients (5, measured), for nqubits (default: the circuit's;
+        block with parameters), the states being computed and their gradients (5, measured), for nqubits (default:
+        the circuit's;
         another count scales the blocks with the width, as layered circuits grow)."""
         nqubits = nqubits or self.nqubits
         saved = sum(block.kind != "fixed" for block in self.blocks) * nqubits / self.nqubits
@@ -436,7 +438,8 @@ def gate_matrix(gate, values, dtype):
     """The gate's matrix at this call's parameter values ((batch, variable parameters)): (batch, 2^k, 2^k)."""
     if gate.matrix is not None:
         return gate.matrix
-    params = [values[:, slot] if slot is not None else value for slot, value in zip(gate.slots, gate.op.data)]
+    params = [values[:, slot] if slot is not None else value
+              for slot, value in zip(gate.slots, gate.op.data, strict=True)]
     if gate.op.name in KERNELS:
         return KERNELS[gate.op.name](params[0]).to(dtype)
     bound = qml.ops.functions.bind_new_parameters(gate.op, params)
@@ -449,7 +452,7 @@ def apply_equation(wires, nqubits, batched_matrix):
     new = LETTERS[nqubits + 1:nqubits + 1 + len(wires)]
     old = "".join(axes[w] for w in wires)
     out = axes
-    for wire, letter in zip(wires, new):
+    for wire, letter in zip(wires, new, strict=True):
         out = out.replace(axes[wire], letter)
     matrix = ("a" if batched_matrix else "") + new + old
     return f"{matrix},a{axes}->a{out}"
@@ -673,7 +676,8 @@ def describe_qdevice(head, qdevice):
         return dict(name=qdevice, runs_on=runs_on, summary=f"PennyLane device on the {runs_on}{via}")
     space = kokkos_space()
     runs_on = "gpu" if space["kokkos_device"] in ("Cuda", "HIP", "SYCL") else "cpu"
-    return dict(name=qdevice, runs_on=runs_on, **space, summary=f"Kokkos {space['kokkos_device']}, on the {runs_on}{via}")
+    summary = f"Kokkos {space['kokkos_device']}, on the {runs_on}{via}"
+    return dict(name=qdevice, runs_on=runs_on, **space, summary=summary)
 
 
 def kokkos_space():

@@ -44,7 +44,8 @@ KOKKOS_SPACE_PROBE = ("import re, pennylane\n"
                       "    [pennylane.Hadamard(0)], [pennylane.expval(pennylane.PauliZ(0))]))  # starts Kokkos\n"
                       "config = print_configuration()\n"
                       "pool = re.search(r'thread_pool_topology\\[ (.*?) \\]', config)\n"
-                      "print(re.search(r'Default Device: (\\S+)', config).group(1), pool.group(1) if pool else '-', sep='\\t')\n")
+                      "space = re.search(r'Default Device: (\\S+)', config).group(1)\n"
+                      "print(space, pool.group(1) if pool else '-', sep='\\t')\n")
 
 
 def kokkos_build(env=None):

@@ -80,7 +80,8 @@ def test_default_quantum_net_is_the_tutorials_four_qubits_depth_six():
     assert (qml.n_qubits, qml.q_depth) == (4, 6)
     inputs = random_angles(1, 4)
     weights = random_angles(2, 24)
-    np.testing.assert_allclose(run_circuit(qml.make_quantum_net(4, 6, 24), inputs, weights), expvals(inputs, weights, 4, 6),
+    np.testing.assert_allclose(run_circuit(qml.make_quantum_net(4, 6, 24), inputs, weights),
+                               expvals(inputs, weights, 4, 6),
                                rtol=0, atol=VALUE_ATOL)
 
 

@@ -143,10 +143,11 @@ def test_every_path_gives_default_qubits_values_and_gradients(edited, circuit, p
             inputs = (torch.rand(batch, nqubits, generator=gen, dtype=torch.float64) * 2 - 1) * torch.pi
             weights = (torch.rand(n_weights, generator=gen, dtype=torch.float64) * 2 - 1) * torch.pi
             expected = values_and_gradients(reference, inputs, weights)
-            for name, mine, theirs in zip(("values", "input gradients", "weight gradients"),
-                                          values_and_gradients(net, inputs, weights, per_sample=qnode), expected):
-                torch.testing.assert_close(mine, theirs, rtol=0, atol=ATOL,
-                                           msg=lambda m, name=name: f"{nqubits} qubits, batch {batch}, {name}: {m}")
+            mine = values_and_gradients(net, inputs, weights, per_sample=qnode)
+            for name, ours, theirs in zip(("values", "input gradients", "weight gradients"), mine, expected,
+                                          strict=True):
+                where = f"{nqubits} qubits, batch {batch}, {name}"
+                torch.testing.assert_close(ours, theirs, rtol=0, atol=ATOL, msg=lambda m, where=where: f"{where}: {m}")
             assert expected[2].abs().max() > 1e-3  # the weights really move the values
 
 

@@ -9,7 +9,8 @@ The checks, each of which fails with every offending page:line listed:
 1. Commands. In a command, the words after the first word that ends in `qml.py` are qml.py's arguments (the
    words before, python or torchrun or srun or mpiexec and their options, are the launcher's), up to `|`, `;`,
    `&&` or a redirection. They must parse with `qml.get_args_parser()`; `report` first: they must parse with
-   `report.get_args_parser()` (RUNDIR, `--by OPTION`). `bench.py` arguments must parse with `bench.get_args_parser()`. After
+   `report.get_args_parser()` (RUNDIR, `--by OPTION`). `bench.py` arguments must parse with
+   `bench.get_args_parser()`. After
    `submit_qml.sbatch`: an optional task count (4, 1,2,4,8, or a placeholder), the launcher's own options (those
    of sweep.py's parser, e.g. `--repeats K` with K a positive integer, `--continue DIR`, `--vary OPTION=V1,V2`
    with OPTION a qml.py option), and the rest must parse as qml.py's. After `build_frontier_env.sh`, options

@@ -72,8 +72,8 @@ def test_no_lr_scaling_keeps_the_given_lr():
 
 def test_global_batch_size_that_does_not_divide_the_ranks_is_refused():
     args = options("--global-batch-size", "4")
-    with pytest.raises(command_line.UsageError, match=r"--global-batch-size 4 cannot be split evenly over 3 ranks; give a "
-                                             r"multiple of 3 \(e.g. 6\)"):
+    refusal = r"--global-batch-size 4 cannot be split evenly over 3 ranks; give a multiple of 3 \(e.g. 6\)"
+    with pytest.raises(command_line.UsageError, match=refusal):
         qml.resolve_batch_and_lr(args, 3)
 
 

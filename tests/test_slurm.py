@@ -392,7 +392,8 @@ def test_vary_sweep_interrupted_by_the_warning_requeues_and_ends_with_every_valu
     assert "== wall-time warning" in text and f"job {jobid} is requeued" in text, context
     assert f"== continuing runs/{jobid} (restart 1" in text and text.count("== scaling report") == 1, context
     assert f"== 1 tasks: runs/{jobid}/{first.name} is complete, skipped" in text, context
-    runs = [json.loads((rundir / f"tasks-1-head-{head}-repeat-0.json").read_text()) for head in ("quantum", "classical")]
+    runs = [json.loads((rundir / f"tasks-1-head-{head}-repeat-0.json").read_text())
+            for head in ("quantum", "classical")]
     assert [(run["config"]["head"], run["complete"], len(run["epochs"])) for run in runs] == [
         ("quantum", True, 1), ("classical", True, 1)], context
     assert (rundir / "sweep.args").read_bytes().split(b"\0")[:3] == [b"1", b"--repeats=1",
@@ -1025,7 +1026,7 @@ def test_every_varied_value_is_checked_before_the_first_step(fake_job, tmp_path)
 
 
 @pytest.mark.parametrize("args, refused", [(["--n-qubits", "99"], "--n-qubits"),
-                                           (["--n-qubits", "30"], "--n-qubits 30 on --qdevice lightning.kokkos needs about"),
+                                           (["--n-qubits", "30"], "--n-qubits 30 on --qdevice lightning.kokkos needs"),
                                            (["--repeats", "2", "--seed", "abc"], "--seed"),
                                            (["--repeats", "2", "--shuffle-seed=-3"], "--shuffle-seed")],
                          ids=["qubits", "qubits-beyond-memory", "bad-seed", "negative-shuffle-seed"])

@@ -45,7 +45,8 @@ def test_torch_simulator_matches_pennylane_values_and_gradients(nqubits, batch_s
 
     torch_net = qml.make_quantum_net(nqubits, depth, nqubits * depth, simulators.TORCH_QDEVICE)
     ours = values_and_gradients(torch_net, inputs, weights, cotangent)
-    pennylane = values_and_gradients(qml.make_quantum_net(nqubits, depth, nqubits * depth, "default.qubit"), inputs, weights, cotangent)
+    reference = qml.make_quantum_net(nqubits, depth, nqubits * depth, "default.qubit")
+    pennylane = values_and_gradients(reference, inputs, weights, cotangent)
     for name, mine, theirs in zip(("values", "input gradients", "weight gradients"), ours, pennylane, strict=True):
         assert mine.shape == theirs.shape, name
         torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-10, msg=lambda m, name=name: f"{name}: {m}")
@@ -64,7 +65,8 @@ def test_device_api_circuit_matches_pennylanes_qnode_values_and_gradients(qdevic
     net = qml.make_quantum_net(nqubits, depth, nqubits * depth, qdevice)
     assert isinstance(net, simulators.AdjointCircuit)
     ours = values_and_gradients(net, inputs, weights, cotangent)
-    pennylane = values_and_gradients(qml.make_quantum_net(nqubits, depth, nqubits * depth, "default.qubit"), inputs, weights, cotangent)
+    reference = qml.make_quantum_net(nqubits, depth, nqubits * depth, "default.qubit")
+    pennylane = values_and_gradients(reference, inputs, weights, cotangent)
     for name, mine, theirs in zip(("values", "input gradients", "weight gradients"), ours, pennylane, strict=True):
         assert mine.shape == theirs.shape, name
         torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-10, msg=lambda m, name=name: f"{name}: {m}")
@@ -88,7 +90,8 @@ def test_torch_simulator_accepts_several_batch_dimensions():
     gen = torch.Generator().manual_seed(0)
     inputs = torch.rand(2, 3, nqubits, generator=gen, dtype=torch.float64) * np.pi
     weights = torch.rand(depth * nqubits, generator=gen, dtype=torch.float64) * np.pi
-    ours = torch.stack(qml.make_quantum_net(nqubits, depth, nqubits * depth, simulators.TORCH_QDEVICE)(inputs, weights), dim=-1)
+    ours = torch.stack(qml.make_quantum_net(nqubits, depth, nqubits * depth, simulators.TORCH_QDEVICE)(inputs, weights),
+                       dim=-1)
     pennylane = qml.make_quantum_net(nqubits, depth, nqubits * depth, "default.qubit")
     expected = torch.stack([torch.stack(list(pennylane(row, weights)), dim=-1) for row in inputs.reshape(-1, nqubits)])
     torch.testing.assert_close(ours, expected.reshape(2, 3, nqubits), rtol=0, atol=1e-10)
