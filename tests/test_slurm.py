@@ -351,7 +351,9 @@ def test_sweep_with_repeats_writes_a_json_per_run_and_a_report_with_spread(slurm
     assert [(row["tasks"], row["runs"]) for row in rows] == [("1", "2"), ("2", "2")], rows
     assert all(row["seconds_std"] and row["best_val_acc_std"] for row in rows), rows
     answers = [line for line in log.splitlines() if line.startswith("Answer:")]
-    assert len(answers) == 1 and "Welch's t-test at 5%" in answers[0], context
+    # Welch's test where the accuracies differ; on the tiny set every run often reaches the same accuracy.
+    assert len(answers) == 1 and ("Welch's t-test at 5%" in answers[0] or "accuracies are identical" in answers[0]), \
+        context
 
 
 def test_sweep_stops_at_first_failed_step(slurm_env, submit_dir, tiny_data):
