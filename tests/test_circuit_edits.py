@@ -7,14 +7,17 @@ values and gradients, for 1 to 8 qubits and batches of 1 and 4. An edited copy o
 printed losses on every simulator, and its checkpoint is not resumed by the original.
 """
 
+import contextlib
+import importlib.util
+import io
 import shutil
+import signal
 import subprocess
-import sys
 
 import pennylane
 import pytest
 import torch
-from conftest import PROGRAM_FILES, QML, cpu_env, one_stderr_line
+from conftest import PROGRAM_FILES, one_stderr_line
 
 import qml
 import simulators
@@ -293,19 +296,37 @@ def edited_program(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def edited_epochs(edited_program, tiny_data):
+def edited_qml(edited_program):
+    """The edited qml.py, imported as a module of its own (the modules beside it are the same files)."""
+    spec = importlib.util.spec_from_file_location("edited_qml", edited_program / "qml.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_main(program, argv):
+    """program.main(argv) in this process: (status, stdout, stderr). The runs need no process of their own: what they
+    train depends only on their arguments and on the circuit their qml.py records."""
+    out, err = io.StringIO(), io.StringIO()
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            status = program.main(argv)
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    return subprocess.CompletedProcess(argv, status, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture(scope="module")
+def edited_epochs(edited_program, edited_qml, tiny_data):
     """{qdevice: CompletedProcess}: one epoch of the edited program on each simulator, and ("original", its
-    CompletedProcess): the same epoch of qml.py itself on the torch simulator; all started at once."""
+    CompletedProcess): the same epoch of qml.py itself on the torch simulator."""
     common = ["--data-dir", tiny_data, "--weights", "none", "--epochs", "1", "--print-freq", "0"]
-    commands = {qdevice: [str(edited_program / "qml.py"), *common, "--qdevice", qdevice,
-                          "--checkpoint", str(edited_program / f"{qdevice}.pt")]
-                for qdevice in ("torch", "lightning.kokkos", "lightning.qubit", "default.qubit")}
-    commands["original"] = [QML, *common, "--qdevice", "torch"]
-    started = {name: subprocess.Popen([sys.executable, *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True, env=cpu_env()) for name, command in commands.items()}
-    outputs = {name: process.communicate(timeout=600) for name, process in started.items()}
-    return {name: subprocess.CompletedProcess(process.args, process.returncode, *outputs[name])
-            for name, process in started.items()}
+    runs = {qdevice: run_main(edited_qml, [*common, "--qdevice", qdevice,
+                                           "--checkpoint", str(edited_program / f"{qdevice}.pt")])
+            for qdevice in ("torch", "lightning.kokkos", "lightning.qubit", "default.qubit")}
+    return dict(runs, original=run_main(qml, [*common, "--qdevice", "torch"]))
 
 
 def printed_metrics(result):

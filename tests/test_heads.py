@@ -1,16 +1,19 @@
 """--head: the quantum head, its classical control and a linear baseline, built, trained and resumed by the same
 code; the run's first line and its metrics JSON name the head and its trainable parameters."""
 
+import contextlib
+import io
 import json
+import signal
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
+from conftest import QML, assert_ranks_agree, cpu_env, free_port
 
 import qml
-from conftest import QML, assert_ranks_agree, cpu_env, free_port
 
 TRAINABLE = {"quantum": 2086, "classical": 2082, "linear": 1026}  # 512 -> 4 -> 2 around 24 / 20 weights; 512 -> 2
 
@@ -66,45 +69,59 @@ def test_a_head_without_a_circuit_builds_none_and_checks_no_circuit_memory(monke
 EPOCHS = ["--epochs", "2", "--step-size", "1", "--gamma", "0.5"]  # the rate decays within the run
 
 
-def qml_command(ranks, port):
-    if ranks == 1:
-        return [sys.executable, QML]
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(ranks),
-            "--master-addr", "127.0.0.1", "--master-port", str(port), QML]
+def run_main(argv):
+    """qml.main(argv) in this process, as one rank: (status, the first line it printed)."""
+    out = io.StringIO()
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        with contextlib.redirect_stdout(out):
+            status = qml.main(argv)
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    return status, out.getvalue().splitlines()[0]
+
+
+def torchrun(argv):
+    """qml.py on two ranks (torchrun): its Popen."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+               "--master-addr", "127.0.0.1", "--master-port", str(free_port()), QML, *argv]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cpu_env())
 
 
 @pytest.fixture(scope="module")
 def head_runs(tiny_data, tmp_path_factory):
     """{(head, ranks): (uninterrupted metrics, resumed metrics, first line)}: two epochs straight, and one epoch then
-    a resume to two, of the classical head on one and two ranks and the linear head on one; all started at once."""
+    a resume to two, of the classical and linear heads on one rank (in this process) and of the classical head on
+    two (torchrun, its runs started beside the others)."""
     folder = tmp_path_factory.mktemp("heads")
-    cases = [("classical", 1), ("linear", 1), ("classical", 2)]
     common = ["--data-dir", tiny_data, "--weights", "none", "--print-freq", "0", "--workers", "0", "--bn-mode", "eval",
               "--cache-features"]
-    started = {}
-    for head, ranks in cases:
+    first_epoch = ["--epochs", "1", "--step-size", "1", "--gamma", "0.5"]
+
+    def argv(head, ranks, name, schedule, *extra):
         stem = folder / f"{head}-{ranks}"
-        for name, extra in (("straight", EPOCHS), ("first", ["--epochs", "1", "--step-size", "1", "--gamma", "0.5"])):
-            command = [*qml_command(ranks, free_port()), *common, "--head", head, *extra,
-                       "--checkpoint", f"{stem}-{name}.pt", "--metrics-json", f"{stem}-{name}.json"]
-            started[(head, ranks, name)] = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                                            text=True, env=cpu_env())
-    outputs = {key: process.communicate(timeout=600) for key, process in started.items()}
-    for key, process in started.items():
-        assert process.returncode == 0, (key, outputs[key][1])
-    resumed = {}
-    for head, ranks in cases:
-        stem = folder / f"{head}-{ranks}"
-        command = [*qml_command(ranks, free_port()), *common, "--head", head, *EPOCHS,
-                   "--resume", f"{stem}-first.pt", "--metrics-json", f"{stem}-resumed.json"]
-        resumed[(head, ranks)] = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                                  env=cpu_env())
-    for key, process in resumed.items():
-        assert process.wait(timeout=600) == 0, (key, process.stderr.read())
-    return {(head, ranks): (json.loads((folder / f"{head}-{ranks}-straight.json").read_text()),
-                            json.loads((folder / f"{head}-{ranks}-resumed.json").read_text()),
-                            outputs[(head, ranks, "straight")][0].splitlines()[0])
-            for head, ranks in cases}
+        return [*common, "--head", head, *schedule, "--metrics-json", f"{stem}-{name}.json", *extra]
+
+    two_ranks = {name: torchrun(argv("classical", 2, name, schedule, "--checkpoint", str(folder / f"{name}.pt")))
+                 for name, schedule in (("straight", EPOCHS), ("first", first_epoch))}
+    first_lines = {}
+    for head in ("classical", "linear"):
+        status, first_lines[(head, 1)] = run_main(argv(head, 1, "straight", EPOCHS))
+        assert status == 0
+        checkpoint = str(folder / f"{head}-1.pt")
+        assert run_main(argv(head, 1, "first", first_epoch, "--checkpoint", checkpoint))[0] == 0
+        assert run_main(argv(head, 1, "resumed", EPOCHS, "--resume", checkpoint, "--checkpoint", checkpoint))[0] == 0
+    for name, process in two_ranks.items():
+        stdout, stderr = process.communicate(timeout=600)
+        assert process.returncode == 0, (name, stderr)
+        if name == "straight":
+            first_lines[("classical", 2)] = stdout.splitlines()[0]
+    resumed = torchrun(argv("classical", 2, "resumed", EPOCHS, "--resume", str(folder / "first.pt")))
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
+    return {key: (json.loads((folder / f"{key[0]}-{key[1]}-straight.json").read_text()),
+                  json.loads((folder / f"{key[0]}-{key[1]}-resumed.json").read_text()), first_lines[key])
+            for key in CASES}
 
 
 CASES = [("classical", 1), ("linear", 1), ("classical", 2)]
@@ -144,9 +161,9 @@ def test_the_first_line_and_the_metrics_name_the_head_and_its_trainable_paramete
 
 
 def test_a_finished_runs_metrics_written_from_its_checkpoint_name_the_head(head_runs, tiny_data, tmp_path):
-    straight, _, _ = head_runs[("linear", 1)]
+    _, resumed, _ = head_runs[("linear", 1)]
     finished = tmp_path / "again.json"
-    checkpoint = straight["config"]["checkpoint"]
+    checkpoint = resumed["config"]["checkpoint"]  # holds both epochs
     assert qml.main(["--data-dir", tiny_data, "--weights", "none", "--print-freq", "0", "--bn-mode", "eval",
                      "--cache-features", "--head", "linear", *EPOCHS, "--resume", checkpoint,
                      "--metrics-json", str(finished)]) == 0
