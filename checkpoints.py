@@ -2,7 +2,6 @@
 --resume) that cannot silently change the experiment (rank 0 writes them all), and the stop between batches on
 Slurm's wall-time warning, which keeps the last complete epoch."""
 
-import contextlib
 import io
 import os
 import signal
@@ -12,36 +11,12 @@ import time
 import numpy as np
 import torch
 
-from command_line import RunFailed, UsageError, raise_interrupt
+from command_line import UsageError, atomic_write, raise_interrupt
 from process_group import broadcast_error, reduce_sums
 
 # Options that must match for a checkpoint to be resumed.
 RESUME_KEYS = ("head", "n_qubits", "q_depth", "q_delta", "weights", "bn_mode", "cache_features", "batch_size",
                "lr", "gamma", "step_size", "seed", "shuffle_seed", "n_classes", "classes", "precision", "circuit")
-
-
-def atomic_write(path, write):
-    """Call write(file) on a temporary file beside `path`, fsync it, then rename it over `path`.
-
-    Whatever fails, `path` keeps its previous content and no temporary file stays; an OSError (a full
-    disk, a read-only or vanished folder) becomes RunFailed, one line that names it.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")  # open() keeps the umask
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with open(tmp, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        with contextlib.suppress(OSError):  # nothing to remove when open() failed
-            os.unlink(tmp)
-        if isinstance(err, OSError):
-            raise RunFailed(f"cannot write {path} ({err.strerror or err}); its previous version, if any, "
-                            f"is unchanged; make room or choose another path") from err
-        raise
 
 
 def torch_bytes(obj):

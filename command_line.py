@@ -1,14 +1,17 @@
 """How qml.py, bench.py and sweep.py talk to their user: options read by argparse types that refuse a bad value in
-one line, and every failure that is not a bug here as one line on stderr, never a traceback, with its exit status.
+one line, every failure that is not a bug here as one line on stderr, never a traceback, with its exit status, and
+files written whole or not at all (atomic_write).
 
 UsageError is bad input or environment (exit status 2, found before the long work starts); RunFailed is a
 started run that cannot go on (exit status 1: a full disk, a rank gone, an image gone). RESUMABLE is the exit status
 of a run stopped between batches on request (checkpoints.stop_between_batches), which the sweep driver (sweep.py)
-requeues. Nothing here imports torch, so that sweep.py starts in a fraction of a second.
+requeues. Nothing here imports torch, so that sweep.py and the report start in a fraction of a second.
 """
 
 import argparse
+import contextlib
 import math
+import os
 import re
 import signal
 import traceback
@@ -31,6 +34,30 @@ class ImageUnreadable(Exception):
     def __init__(self, message):
         last = message.rstrip().splitlines()[-1]
         super().__init__(last.split(f"{type(self).__name__}: ", 1)[-1])
+
+
+def atomic_write(path, write):
+    """Call write(file) on a temporary file beside `path`, fsync it, then rename it over `path`.
+
+    Whatever fails, `path` keeps its previous content and no temporary file stays; an OSError (a full
+    disk, a read-only or vanished folder) becomes RunFailed, one line that names it.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")  # open() keeps the umask
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(tmp, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        with contextlib.suppress(OSError):  # nothing to remove when open() failed
+            os.unlink(tmp)
+        if isinstance(err, OSError):
+            raise RunFailed(f"cannot write {path} ({err.strerror or err}); its previous version, if any, "
+                            f"is unchanged; make room or choose another path") from err
+        raise
 
 
 PEER_GONE = re.compile(r"Connection (closed|reset) by peer|Broken pipe")  # gloo, when a peer process is gone

@@ -45,6 +45,12 @@ import socket
 import sys
 import time
 
+# `qml.py report RUNDIR`, a sweep's last step, needs neither torch nor PennyLane: it starts before they load.
+if __name__ == "__main__" and sys.argv[1:2] == ["report"]:
+    import report
+
+    sys.exit(report.main(sys.argv[2:]))
+
 # Launchers of MPI programs set these; mpiexec started us when one is present.
 MPI_LAUNCHER_VARS = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALRANKID")
 if any(var in os.environ for var in MPI_LAUNCHER_VARS):
@@ -88,7 +94,7 @@ except ModuleNotFoundError as err:  # qml.py copied alone: README's "Layout" lis
     sys.exit(2)
 
 # The tutorial's `import pennylane as qml`, loaded when a circuit is first built: importing PennyLane takes
-# about 2 s, which a --qdevice torch run, `report` and a refused option do not need.
+# about 2 s, which `--help` and a refused option do not need.
 qml = lazy_import("pennylane")
 
 # The tutorial's hyperparameters of the quantum layer.
@@ -769,7 +775,7 @@ def main(argv=None):
         if argv[:1] == ["report"]:
             import report
 
-            return report.report_main(argv[1:])
+            return report.main(argv[1:])
         args = get_args_parser().parse_args(argv)
         validate_args(args)
         if args.check:

@@ -11,10 +11,10 @@ import json
 import math
 import os
 import statistics
+import sys
 
-import checkpoints
 import sweep
-from command_line import ArgumentParser, UsageError
+from command_line import ArgumentParser, RunFailed, UsageError, atomic_write
 
 SIGNIFICANCE = 0.05  # Welch's t-test: a p-value below this tells a mean best accuracy from the top one's
 # Times within 5% of the least are a tie: one setup timed twice on one machine differs by a few percent (docs/speed.md:
@@ -475,12 +475,12 @@ def axis_figure(rows, option, random_backbone=False):
 
 
 def save_figure(fig, path):
-    checkpoints.atomic_write(path, lambda file: fig.savefig(file, format="png", dpi=100))
+    atomic_write(path, lambda file: fig.savefig(file, format="png", dpi=100))
     pyplot().close(fig)
 
 
 # ----------------------------------------------------------------------------
-# The table, CSV and report_main
+# The table, CSV and main
 
 
 def cell_text(value):
@@ -500,7 +500,7 @@ def write_table(rows, csv_path):
     print(markdown_table(header, [row.values() for row in rows]))
     table = io.StringIO()
     csv.writer(table, lineterminator="\n").writerows([header, *([cell_text(v) for v in row.values()] for row in rows)])
-    checkpoints.atomic_write(csv_path, lambda file: file.write(table.getvalue().encode()))
+    atomic_write(csv_path, lambda file: file.write(table.getvalue().encode()))
 
 
 def report_task_counts(runs, rundir):
@@ -544,12 +544,18 @@ def get_args_parser():
     return parser
 
 
-def report_main(argv):
-    args = get_args_parser().parse_args(argv)
-    runs = load_runs(args.rundir)
-    axis = find_axis(runs, args.rundir, args.by)
-    if axis:
-        report_axis(runs, args.rundir, *axis)
-    else:
-        report_task_counts(runs, args.rundir)
-    return 0
+def main(argv):
+    """`qml.py report ARGS` (qml.py hands them over before it loads torch, which no report needs): the exit status;
+    a refusal or a failed write is one line on stderr, as qml.py's own."""
+    try:
+        args = get_args_parser().parse_args(argv)
+        runs = load_runs(args.rundir)
+        axis = find_axis(runs, args.rundir, args.by)
+        if axis:
+            report_axis(runs, args.rundir, *axis)
+        else:
+            report_task_counts(runs, args.rundir)
+        return 0
+    except (UsageError, RunFailed) as err:
+        print("qml.py: error:", " ".join(str(err).split()), file=sys.stderr)
+        return 2 if isinstance(err, UsageError) else 1

@@ -23,7 +23,7 @@ import signal
 import subprocess
 import sys
 
-from command_line import RESUMABLE, RunFailed, UsageError
+from command_line import RESUMABLE, RunFailed, UsageError, atomic_write
 
 # Frontier (OLCF's "Frontier User Guide"): 8 GCDs a node, one per task; 64 cores a node less 8 for the system
 # (core specialisation -S 8), 7 per task. srun -c counts physical cores there: SLURM_CPUS_ON_NODE may count
@@ -332,19 +332,8 @@ def find_rundir(sweep, job_id):
 
 def record_sweep(rundir, sweep):
     """Make the folder and write its sweep.args (the words, each ended by NUL) whole or not at all."""
-    path = os.path.join(rundir, "sweep.args")
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        os.makedirs(rundir, exist_ok=True)
-        with open(tmp, "wb") as file:
-            file.write("".join(f"{word}\0" for word in sweep.words()).encode())
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise RunFailed(f"cannot write {path} ({err.strerror or err}); choose a writable submit directory") from None
+    words = "".join(f"{word}\0" for word in sweep.words()).encode()
+    atomic_write(os.path.join(rundir, "sweep.args"), lambda file: file.write(words))
 
 
 def check_qml_args(python, script, sweep):

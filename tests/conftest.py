@@ -77,6 +77,16 @@ def pytest_runtest_setup(item):
             unavailable(mark.args[0])
 
 
+# README's test command runs the files in two pytest-xdist workers, a file to each at a time: the longest start
+# first, so that the workers end together instead of one running the real Slurm jobs alone at the end.
+LONGEST_FIRST = ("test_slurm.py", "test_faults.py")
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: LONGEST_FIRST.index(item.path.name) if item.path.name in LONGEST_FIRST
+               else len(LONGEST_FIRST))
+
+
 def make_image_folder(root, counts, size=(40, 48), seed=0):
     """Write random RGB JPEGs: counts = {split: {class: n}}. Returns root."""
     rng = np.random.default_rng(seed)

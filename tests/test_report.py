@@ -7,8 +7,11 @@ import csv
 import json
 import math
 import re
+import subprocess
+import sys
 
 import pytest
+from conftest import ROOT
 from matplotlib.container import ErrorbarContainer
 
 import command_line
@@ -337,7 +340,7 @@ def test_one_count_on_a_random_backbone_gets_the_caution():
 
 
 # ----------------------------------------------------------------------------
-# report_main: table, CSV and plot
+# main: table, CSV and plot
 
 
 @pytest.fixture
@@ -376,6 +379,16 @@ def test_report_table_shows_a_blank_cell_for_the_std_of_a_single_run(sweep, caps
 def test_report_writes_a_png_plot(sweep, capsys):
     qml.main(["report", str(sweep)])
     assert (sweep / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_qml_py_report_loads_neither_torch_nor_pennylane(sweep):
+    """The sweep's last step: qml.py hands `report` over before its imports of torch and PennyLane (seconds each)."""
+    probe = ("import atexit, runpy, sys; atexit.register(lambda: print('LOADED', 'torch' in sys.modules, "
+             f"'pennylane' in sys.modules)); sys.argv = ['qml.py', 'report', {str(sweep)!r}]; "
+             "runpy.run_path('qml.py', run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "Answer" in proc.stdout, proc.stdout + proc.stderr
+    assert proc.stdout.splitlines()[-1] == "LOADED False False", proc.stdout
 
 
 def test_report_of_a_one_count_folder_names_no_fastest_count(tmp_path, capsys):

@@ -162,41 +162,67 @@ def assert_final_lines(log, context):
         assert re.match(pattern, line), f"log does not end with the tutorial's two result lines: {context}"
 
 
-def load_metrics(cwd, jobid, tasks, context):
-    path = Path(cwd) / "runs" / jobid / f"tasks-{tasks}.json"
+def load_metrics(cwd, jobid, run, context):
+    path = Path(cwd) / "runs" / jobid / f"tasks-{run}.json"
     assert path.is_file(), f"missing {path}: {context}"
     return json.loads(path.read_text())
 
 
-def test_single_task_job_like_the_tutorial(slurm_env, submit_dir, tiny_data):
-    """One task, submitted as the tutorial does (--export=NONE style: only the named variables travel)."""
-    # Not OMP_PROC_BIND: nobody sets it, and Kokkos must not complain about that in the log.
-    keep = ",".join(f"{k}={slurm_env[k]}" for k in ("QML_PYTHON", "QML_SITE", "OMP_NUM_THREADS"))
-    rc, jobid, log, context = submit(slurm_env, submit_dir, 1, "--data-dir", tiny_data, *QML_ARGS,
+@pytest.fixture(scope="module")
+def sweep_job(slurm_env, tmp_path_factory, tiny_data):
+    """One job for the tests of a sweep's steps and report, submitted as the tutorial does (--export=NONE style:
+    only the named variables travel) from a folder holding only submit_qml.sbatch, qml.py found through QML_SCRIPT,
+    with a MASTER_ADDR from the login shell: `1,2 --repeats 2 ... --metrics-json mine.json`, four runs, repeats 0
+    and 1 with seeds 42 and 43, then the report. Returns (submit folder, job id, log, context)."""
+    folder = tmp_path_factory.mktemp("sweep")
+    shutil.copy(SBATCH_SCRIPT, folder / "submit_qml.sbatch")
+    # Not OMP_PROC_BIND: nobody sets it, and Kokkos must not complain about that in the log. A MASTER_ADDR from
+    # the login shell (OLCF's pages suggest `export MASTER_ADDR=$(hostname -i)`) reaches the steps; qml.py ignores
+    # it, with a warning, as none of the step's nodes.
+    keep = ",".join([*(f"{k}={slurm_env[k]}" for k in ("QML_PYTHON", "QML_SITE", "OMP_NUM_THREADS")),
+                     f"QML_SCRIPT={QML}", "MASTER_ADDR=10.0.0.7"])
+    rc, jobid, log, context = submit(slurm_env, folder, "1,2", "--repeats", "2", "--data-dir", tiny_data, *QML_ARGS,
                                      "--metrics-json", "mine.json", sbatch_opts=[f"--export={keep}"])
     assert rc == 0, context
-    assert_final_lines(log, context)
+    return folder, jobid, log, context
+
+
+def step_logs(log):
+    """{header: text} of each part of a job log that a line '== ...' of sweep.py begins."""
+    parts = re.split(r"^(== .*)$", log, flags=re.M)
+    return dict(zip(parts[1::2], parts[2::2], strict=True))
+
+
+def test_every_step_of_the_sweep_ends_with_the_tutorials_result_lines(sweep_job):
+    _, _, log, context = sweep_job
+    steps = {header: text for header, text in step_logs(log).items() if header.startswith("== tasks-")}
+    assert len(steps) == 4, context
+    for text in steps.values():
+        assert_final_lines(text, context)
+
+
+def test_the_1_task_steps_run_like_the_tutorials_job(sweep_job):
+    folder, jobid, log, context = sweep_job
     assert "+ srun -n1 " in log and "--gpus-per-task" not in log, context
     assert "OMP_PROC_BIND" not in log, context
-    metrics = load_metrics(submit_dir, jobid, 1, context)
-    assert metrics["world_size"] == 1, metrics
-    # The user's own --metrics-json is written too, not silently replaced by the launcher's.
-    assert json.loads((submit_dir / "mine.json").read_text())["epochs"] == metrics["epochs"]
+    assert load_metrics(folder, jobid, "1-repeat-0", context)["world_size"] == 1
 
 
-def test_two_task_job_shares_the_node_and_reports_world_size_2(slurm_env, submit_dir, tiny_data):
-    # A MASTER_ADDR from the login shell (OLCF's pages suggest `export MASTER_ADDR=$(hostname -i)`) reaches the
-    # step; qml.py ignores it, with a warning, as none of the step's nodes.
-    rc, jobid, log, context = submit(slurm_env, submit_dir, 2, "--data-dir", tiny_data, *QML_ARGS,
-                                     extra_env={"MASTER_ADDR": "10.0.0.7"})
-    assert rc == 0, context
+def test_the_users_own_metrics_json_is_written_too(sweep_job):
+    """The user's --metrics-json is written by every run (the last one's stays), not silently replaced."""
+    folder, jobid, _, context = sweep_job
+    last = load_metrics(folder, jobid, "2-repeat-1", context)
+    assert json.loads((folder / "mine.json").read_text())["epochs"] == last["epochs"]
+
+
+def test_the_2_task_steps_share_the_node_and_report_world_size_2(sweep_job):
+    folder, jobid, log, context = sweep_job
     assert "qml.py: warning: MASTER_ADDR=10.0.0.7 is none of this step's nodes (localhost); using localhost" in log
-    assert_final_lines(log, context)
     # 8 CPUs on the node, shared by 2 tasks; no GPU flags without GPUs in the allocation.
     assert re.search(r"^\+ srun -n2 -N1 --ntasks-per-node=2 -c4 --kill-on-bad-exit=1 \S+ -W ignore -u ", log,
                      re.M), context
     assert "--gpus-per-task" not in log, context
-    metrics = load_metrics(submit_dir, jobid, 2, context)
+    metrics = load_metrics(folder, jobid, "2-repeat-0", context)
     assert metrics["world_size"] == 2, metrics
     assert metrics["provenance"]["master"] == f"localhost:{10000 + int(jobid) % 20000}", metrics["provenance"]
     for key in ("training_seconds", "best_val_acc", "best_val_loss"):
@@ -303,15 +329,9 @@ def test_cancelled_step_leaves_a_loadable_checkpoint(slurm_env, submit_dir, tiny
     assert not list((submit_dir / "runs" / jobid).glob(".*.tmp"))  # no half-written checkpoint beside it
 
 
-def test_sweep_writes_table_csv_png_and_answer(slurm_env, tmp_path, tiny_data):
-    """A 1,2 sweep in one allocation, qml.py found through QML_SCRIPT, then the scaling report."""
-    shutil.copy(SBATCH_SCRIPT, tmp_path / "submit_qml.sbatch")
-    rc, jobid, log, context = submit(slurm_env, tmp_path, "1,2", "--data-dir", tiny_data, *QML_ARGS,
-                                     extra_env={"QML_SCRIPT": str(QML)})
-    assert rc == 0, context
-    assert log.count("Training completed in") == 2, context
-    for tasks in (1, 2):
-        assert load_metrics(tmp_path, jobid, tasks, context)["world_size"] == tasks
+def test_sweep_writes_table_csv_png_and_answer(sweep_job):
+    folder, jobid, log, context = sweep_job
+    assert log.count("Training completed in") == 4, context
     report = log[log.index("== scaling report"):]
     lines = report.splitlines()
     assert any(line.lstrip().startswith("|") and "tasks" in line for line in lines), context
@@ -319,7 +339,7 @@ def test_sweep_writes_table_csv_png_and_answer(slurm_env, tmp_path, tiny_data):
     assert plot_lines, context
     assert any(line.startswith("Answer:") for line in lines), context
 
-    rundir = tmp_path / "runs" / jobid
+    rundir = folder / "runs" / jobid
     with open(rundir / "scaling.csv", newline="") as fh:
         rows = [row for row in csv.reader(fh) if row]
     assert len(rows) == 3, rows  # header + one row per task count
@@ -327,18 +347,12 @@ def test_sweep_writes_table_csv_png_and_answer(slurm_env, tmp_path, tiny_data):
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 8, png
     shown = Path(plot_lines[-1].split(":", 1)[1].strip())
-    assert (shown if shown.is_absolute() else tmp_path / shown).resolve() == png.resolve(), plot_lines
+    assert (shown if shown.is_absolute() else folder / shown).resolve() == png.resolve(), plot_lines
 
 
-def test_sweep_with_repeats_writes_a_json_per_run_and_a_report_with_spread(slurm_env, submit_dir, tiny_data):
-    """1,2 --repeats 2 in one allocation: four runs, repeats 0 and 1 with seeds 42 and 43, then the report with std
-    columns."""
-    # A free MASTER_PORT: the job-id-derived one (10000 + id) collides with another throwaway cluster's job
-    # of the same id on this host.
-    rc, jobid, log, context = submit(slurm_env, submit_dir, "1,2", "--repeats", "2", "--data-dir", tiny_data,
-                                     *QML_ARGS, extra_env={"MASTER_PORT": str(free_port())})
-    assert rc == 0, context
-    rundir = submit_dir / "runs" / jobid
+def test_sweep_with_repeats_writes_a_json_per_run_and_a_report_with_spread(sweep_job):
+    folder, jobid, log, context = sweep_job
+    rundir = folder / "runs" / jobid
     names = sorted(path.name for path in rundir.glob("*.json"))
     assert names == [f"tasks-{n}-repeat-{r}.json" for n in (1, 2) for r in (0, 1)], context
     for n in (1, 2):
@@ -948,7 +962,7 @@ def test_job_level_gpu_requests_do_not_reach_a_step_of_another_shape(fake_job):
 def test_a_master_addr_from_the_login_shell_is_left_to_qml_py(fake_job):
     # qml.py alone decides: under srun it ignores, with a warning, a MASTER_ADDR that is none of the step's nodes
     # (test_master_addr_outside_the_step_is_ignored_with_a_warning_from_rank_0; on the real local Slurm:
-    # test_two_task_job_shares_the_node_and_reports_world_size_2).
+    # test_the_2_task_steps_share_the_node_and_report_world_size_2).
     proc = fake_job("1,2", QML_SITE="generic", MASTER_ADDR="10.0.0.7")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert all(env["MASTER_ADDR"] == "10.0.0.7" for _, env in step_envs(proc.stdout).values())
@@ -994,7 +1008,7 @@ def test_every_step_checkpoints_beside_its_metrics_and_the_folder_records_the_sw
     for step in srun_lines(proc.stdout):
         n = step[0].removeprefix("-n")
         assert option_values(step, "--checkpoint") == [f"runs/4242/tasks-{n}.pt"] and "--resume" not in step
-    saved = (tmp_path / "submit" / "runs" / "4242").glob("sweep.args*")
+    saved = (tmp_path / "submit" / "runs" / "4242").glob("*sweep.args*")
     assert [path.read_bytes().split(b"\0")[:-1] for path in saved] == [[b"1,2", b"--repeats=1", b"--epochs", b"2"]]
 
 
