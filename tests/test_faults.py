@@ -533,7 +533,7 @@ def refuse_to_open(*args, **kwargs):
 def test_write_whose_open_fails_reports_that_error_and_leaves_no_temporary_file(tmp_path, monkeypatch):
     path = tmp_path / "run.pt"
     path.write_bytes(b"epoch 1")
-    monkeypatch.setattr(checkpoints, "open", refuse_to_open, raising=False)  # shadows the builtin inside checkpoints
+    monkeypatch.setattr(command_line, "open", refuse_to_open, raising=False)  # shadows the builtin there
     with pytest.raises(command_line.RunFailed, match=rf"cannot write {path} \(Permission denied\)") as failure:
         checkpoints.atomic_write(str(path), lambda file: file.write(b"epoch 2"))
     assert isinstance(failure.value.__cause__, PermissionError)
@@ -570,7 +570,7 @@ def fill_the_disk(monkeypatch):
     def full_disk_open(path, mode="r"):
         return FullDiskFile(path, mode.replace("b", "")) if "w" in mode else builtins.open(path, mode)
 
-    monkeypatch.setattr(checkpoints, "open", full_disk_open, raising=False)
+    monkeypatch.setattr(command_line, "open", full_disk_open, raising=False)  # atomic_write's
 
 
 def full_disk_run(capfd, argv):
