@@ -1,7 +1,9 @@
 """Shared fixtures: tiny generated ImageFolder data sets, a quiet environment whose qml.py runs stay on the CPU
 (GPUs hidden from them) even on a GPU machine, ports reserved for the session, and skips that fail under CI=true."""
 
+import contextlib
 import glob
+import io
 import os
 import signal
 import socket
@@ -123,6 +125,20 @@ def restore_sigterm():
     yield
     for signum, handler in handlers.items():
         signal.signal(signum, handler)
+
+
+def run_main(program, argv):
+    """program.main(argv) (qml or a copy) in this process, as one rank, as a CompletedProcess: for runs whose outcome
+    needs no process of their own. A module fixture's run comes before restore_sigterm, so it restores them itself."""
+    out, err = io.StringIO(), io.StringIO()
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            status = program.main(argv)
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    return subprocess.CompletedProcess(argv, status, out.getvalue(), err.getvalue())
 
 
 _RESERVED_PORTS = []  # sockets that hold free_port()'s ports until the session ends

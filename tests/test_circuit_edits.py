@@ -7,17 +7,13 @@ values and gradients, for 1 to 8 qubits and batches of 1 and 4. An edited copy o
 printed losses on every simulator, and its checkpoint is not resumed by the original.
 """
 
-import contextlib
 import importlib.util
-import io
 import shutil
-import signal
-import subprocess
 
 import pennylane
 import pytest
 import torch
-from conftest import PROGRAM_FILES, one_stderr_line
+from conftest import PROGRAM_FILES, one_stderr_line, run_main
 
 import qml
 import simulators
@@ -302,20 +298,6 @@ def edited_qml(edited_program):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def run_main(program, argv):
-    """program.main(argv) in this process: (status, stdout, stderr). The runs need no process of their own: what they
-    train depends only on their arguments and on the circuit their qml.py records."""
-    out, err = io.StringIO(), io.StringIO()
-    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGUSR1)}
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            status = program.main(argv)
-    finally:
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
-    return subprocess.CompletedProcess(argv, status, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="module")

@@ -1,17 +1,14 @@
 """--head: the quantum head, its classical control and a linear baseline, built, trained and resumed by the same
 code; the run's first line and its metrics JSON name the head and its trainable parameters."""
 
-import contextlib
-import io
 import json
-import signal
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import QML, assert_ranks_agree, cpu_env, free_port
+from conftest import QML, assert_ranks_agree, cpu_env, free_port, run_main
 
 import qml
 
@@ -69,19 +66,6 @@ def test_a_head_without_a_circuit_builds_none_and_checks_no_circuit_memory(monke
 EPOCHS = ["--epochs", "2", "--step-size", "1", "--gamma", "0.5"]  # the rate decays within the run
 
 
-def run_main(argv):
-    """qml.main(argv) in this process, as one rank: (status, the first line it printed)."""
-    out = io.StringIO()
-    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGUSR1)}
-    try:
-        with contextlib.redirect_stdout(out):
-            status = qml.main(argv)
-    finally:
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
-    return status, out.getvalue().splitlines()[0]
-
-
 def torchrun(argv):
     """qml.py on two ranks (torchrun): its Popen."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
@@ -107,11 +91,13 @@ def head_runs(tiny_data, tmp_path_factory):
                  for name, schedule in (("straight", EPOCHS), ("first", first_epoch))}
     first_lines = {}
     for head in ("classical", "linear"):
-        status, first_lines[(head, 1)] = run_main(argv(head, 1, "straight", EPOCHS))
-        assert status == 0
+        straight = run_main(qml, argv(head, 1, "straight", EPOCHS))
+        assert straight.returncode == 0, straight.stderr
+        first_lines[(head, 1)] = straight.stdout.splitlines()[0]
         checkpoint = str(folder / f"{head}-1.pt")
-        assert run_main(argv(head, 1, "first", first_epoch, "--checkpoint", checkpoint))[0] == 0
-        assert run_main(argv(head, 1, "resumed", EPOCHS, "--resume", checkpoint, "--checkpoint", checkpoint))[0] == 0
+        for name, schedule, extra in (("first", first_epoch, ()), ("resumed", EPOCHS, ("--resume", checkpoint))):
+            run = run_main(qml, argv(head, 1, name, schedule, *extra, "--checkpoint", checkpoint))
+            assert run.returncode == 0, run.stderr
     for name, process in two_ranks.items():
         stdout, stderr = process.communicate(timeout=600)
         assert process.returncode == 0, (name, stderr)
