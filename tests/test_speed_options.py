@@ -1,6 +1,6 @@
 """The speed options change no result they promise to keep: --image-cache (decode once) and --precision.
 
-Runs are one process on the tiny data set for two epochs, with the torch simulator (the circuit's device
+Runs train in this process on the tiny data set for two epochs, with the torch simulator (the circuit's device
 plays no part in what is tested here).
 """
 
@@ -11,7 +11,7 @@ import types
 import pytest
 import torch
 import torchvision
-from conftest import TINY_COUNTS, run_qml
+from conftest import TINY_COUNTS, run_main
 from PIL import Image
 from torchvision import transforms
 
@@ -27,10 +27,10 @@ RESULT_KEYS = ("train_loss", "train_acc", "train_count", "val_loss", "val_acc", 
 
 
 def train(data_dir, out, *extra):
-    """Two epochs; returns (metrics JSON, saved head)."""
+    """Two epochs, in this process; returns (metrics JSON, saved head)."""
     metrics, head = out / "metrics.json", out / "head.pt"
-    result = run_qml("--data-dir", data_dir, "--weights", "none", "--epochs", "2", "--print-freq", "0",
-                     "--qdevice", "torch", "--metrics-json", metrics, "--save", head, *extra)
+    result = run_main(qml, ["--data-dir", data_dir, "--weights", "none", "--epochs", "2", "--print-freq", "0",
+                            "--qdevice", "torch", "--metrics-json", str(metrics), "--save", str(head), *extra])
     assert result.returncode == 0, result.stderr
     return json.loads(metrics.read_text()), torch.load(head, weights_only=True)
 
