@@ -180,10 +180,11 @@ def test_draw_defaults_to_the_tutorials_four_wires_and_six_layers(capsys):
     assert drawing.count("●") == 3 * 6
 
 
-def test_draw_runs_as_a_script(tmp_path):
-    from conftest import run_qml
+def test_draw_prints_the_circuit_of_the_options_from_any_folder(tmp_path, monkeypatch):
+    from conftest import run_main
 
-    result = run_qml("--draw", "--n-qubits", "2", "--q-depth", "1", cwd=tmp_path)
+    monkeypatch.chdir(tmp_path)
+    result = run_main(qml, ["--draw", "--n-qubits", "2", "--q-depth", "1"])
     assert result.returncode == 0, result.stderr
     assert wire_labels(result.stdout) == {0, 1}
     assert result.stdout.count("<Z>") == 2

@@ -456,28 +456,6 @@ def test_each_of_two_ranks_decodes_only_the_images_it_has_not_seen_and_keeps_the
     assert [(e["images_decoded"], e["images_kept"]) for e in torchrun_run[0]["epochs"]] == expected
 
 
-@pytest.fixture(scope="module")
-def eval_bn_runs(tiny_data, tmp_path_factory):
-    """Two 2-rank runs with --bn-mode eval, launched through RANK/WORLD_SIZE: {"images": ..., "cached": ...}."""
-    metrics = {}
-    for name, extra in (("images", []), ("cached", ["--cache-features"])):
-        out = tmp_path_factory.mktemp(name)
-        launch_by_env([QML, *run_args(tiny_data, out / "metrics.json", "--bn-mode", "eval", *extra)], out)
-        metrics[name] = json.loads((out / "metrics.json").read_text())
-    return metrics
-
-
-def test_cached_features_give_the_same_metrics_as_images_on_two_ranks(eval_bn_runs):
-    images, cached = eval_bn_runs["images"], eval_bn_runs["cached"]
-    assert images["world_size"] == cached["world_size"] == 2
-    assert len(images["epochs"]) == len(cached["epochs"]) == 2
-    for from_images, from_cache in zip(images["epochs"], cached["epochs"], strict=True):
-        for key in ("train_count", "val_count"):
-            assert from_cache[key] == from_images[key], key
-        for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
-            assert from_cache[key] == pytest.approx(from_images[key], abs=1e-5), key
-
-
 # Lightning's cached import tracebacks keep train_model's frame alive. A DDP wrapper left to interpreter exit
 # takes gloo's threads down during finalization, which now and then aborts a rank; the collector is off so that
 # only qml's own cleanup can free it.
@@ -494,12 +472,41 @@ DDP_COUNTER = textwrap.dedent("""\
 """)
 
 
-def test_two_ranks_free_the_ddp_wrapper_before_python_exits(tiny_data, tmp_path):
-    counter = tmp_path / "count_ddp.py"
+def write_ddp_counter(folder):
+    counter = folder / "count_ddp.py"
     counter.write_text(DDP_COUNTER.format(root=ROOT))
-    launch_by_env([str(counter), *run_args(tiny_data, tmp_path / "metrics.json", "--epochs", "1")], tmp_path)
+    return counter
+
+
+@pytest.fixture(scope="module")
+def eval_bn_runs(tiny_data, tmp_path_factory):
+    """Two 2-rank runs with --bn-mode eval, launched through RANK/WORLD_SIZE: {"images": (metrics, output folder),
+    "cached": ...}. The run of images goes through DDP_COUNTER, whose ranks' logs say how many DDP wrappers
+    outlived qml.main."""
+    runs = {}
+    for name, extra in (("images", []), ("cached", ["--cache-features"])):
+        out = tmp_path_factory.mktemp(name)
+        script = [str(write_ddp_counter(out))] if name == "images" else [QML]
+        launch_by_env([*script, *run_args(tiny_data, out / "metrics.json", "--bn-mode", "eval", *extra)], out)
+        runs[name] = json.loads((out / "metrics.json").read_text()), out
+    return runs
+
+
+def test_cached_features_give_the_same_metrics_as_images_on_two_ranks(eval_bn_runs):
+    (images, _), (cached, _) = eval_bn_runs["images"], eval_bn_runs["cached"]
+    assert images["world_size"] == cached["world_size"] == 2
+    assert len(images["epochs"]) == len(cached["epochs"]) == 2
+    for from_images, from_cache in zip(images["epochs"], cached["epochs"], strict=True):
+        for key in ("train_count", "val_count"):
+            assert from_cache[key] == from_images[key], key
+        for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
+            assert from_cache[key] == pytest.approx(from_images[key], abs=1e-5), key
+
+
+def test_two_ranks_free_the_ddp_wrapper_before_python_exits(eval_bn_runs):
+    _, out = eval_bn_runs["images"]
     for rank in (0, 1):
-        assert "DDP wrappers alive after main: 0" in (tmp_path / f"rank{rank}.log").read_text(), rank
+        assert "DDP wrappers alive after main: 0" in (out / f"rank{rank}.log").read_text(), rank
 
 
 # ----------------------------------------------------------------------------
@@ -539,7 +546,8 @@ def test_mpiexec_run_takes_its_ranks_from_mpi(mpiexec_run):
                                  pytest.param("mpiexec_run", marks=pytest.mark.needs(NO_MPIEXEC))])
 def test_every_rank_of_a_two_rank_run_ends_with_the_same_head_and_buffers(request, run):
     fixture, _, name = run.partition(":")
-    metrics = request.getfixturevalue(fixture)
-    metrics = metrics[name] if name else metrics[0] if isinstance(metrics, tuple) else metrics
+    found = request.getfixturevalue(fixture)
+    found = found[name] if name else found
+    metrics = found[0] if isinstance(found, tuple) else found  # (metrics, output folder) or metrics
     assert metrics["world_size"] == 2
     assert_ranks_agree(metrics)

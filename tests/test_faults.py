@@ -30,7 +30,7 @@ import zipfile
 
 import pytest
 import torch
-from conftest import QML, ROOT, TINY_COUNTS, assert_ranks_agree, cpu_env, free_port, one_stderr_line, run_qml
+from conftest import QML, ROOT, TINY_COUNTS, assert_ranks_agree, cpu_env, free_port, one_stderr_line, run_main, run_qml
 from PIL import Image
 
 import checkpoints
@@ -327,10 +327,10 @@ def test_rank_1_with_unreachable_master_exits_2_with_one_line_after_dist_timeout
 
 
 def metrics_run(data, metrics, *extra):
-    """Train 3 epochs with SCHEDULE in a fresh process, as the interrupted run does; returns the --metrics-json
-    report. (In this process, earlier tests may have changed torch's thread count, which moves the last float bits.)
-    """
-    result = run_qml("--data-dir", data, *BASE, *SCHEDULE, "--epochs", "3", "--metrics-json", metrics, *extra)
+    """Train 3 epochs with SCHEDULE in this process, as the interrupted run does in its own; returns the
+    --metrics-json report."""
+    result = run_main(qml, ["--data-dir", data, *BASE, *SCHEDULE, "--epochs", "3", "--metrics-json", str(metrics),
+                            *extra])
     assert result.returncode == 0, result.stderr
     with open(metrics) as file:
         return json.load(file)

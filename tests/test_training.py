@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torchvision
-from conftest import GPU_SPACES, TINY_COUNTS, kokkos_build, run_qml
+from conftest import GPU_SPACES, TINY_COUNTS, kokkos_build, run_main, run_qml
 from PIL import Image
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
@@ -61,10 +61,11 @@ def one_epoch(one_epoch_run):
 
 @pytest.fixture(scope="module")
 def two_workers(tiny_data, tmp_path_factory):
-    """Same run with two decoding workers and no --print-freq, logged to a pipe: (raw stdout, metrics)."""
+    """Same run in this process with two decoding workers and no --print-freq, its output not a terminal:
+    (raw stdout, metrics)."""
     metrics = tmp_path_factory.mktemp("two_workers") / "metrics.json"
-    result = finished(run_qml("--data-dir", tiny_data, "--weights", "none", "--epochs", "1", "--workers", "2",
-                              "--metrics-json", metrics))
+    result = finished(run_main(qml, ["--data-dir", tiny_data, "--weights", "none", "--epochs", "1", "--workers", "2",
+                                     "--metrics-json", str(metrics)]))
     return result.stdout, json.loads(metrics.read_text())
 
 
