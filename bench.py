@@ -143,9 +143,7 @@ def qubit_rows(args):
                 cells.append(stop or "-")
                 continue
             try:
-                qml.check_circuit_memory(argparse.Namespace(n_qubits=nqubits, q_depth=qml.q_depth, q_delta=qml.q_delta,
-                                                            qdevice=qdevice, per_sample=False, batch_size=4),
-                                         one_process())
+                qml.check_circuit_memory(qubit_args(qdevice, nqubits), one_process())
             except command_line.UsageError as refused:
                 stop = f"needs {re.search(r'needs about (.*?) [(]', str(refused)).group(1)}"
                 cells.append(stop)
@@ -155,6 +153,11 @@ def qubit_rows(args):
             stop = f"> {args.qubit_seconds:g} s" if seconds > args.qubit_seconds else None
         rows.append((qdevice, *cells))
     return rows
+
+
+def qubit_args(qdevice, nqubits):
+    """qml.py's options for a batch of 4 through this circuit, the others at their defaults."""
+    return qml.get_args_parser().parse_args(["--qdevice", qdevice, "--n-qubits", str(nqubits), "--batch-size", "4"])
 
 
 def time_circuit_alone(qdevice, nqubits):

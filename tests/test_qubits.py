@@ -5,6 +5,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import types
 
 import pytest
 import torch
@@ -128,3 +129,17 @@ def test_memory_is_checked_before_any_image_is_read(tiny_data, monkeypatch, caps
     assert qml.main(["--n-qubits", "24", "--qdevice", "torch", "--data-dir", tiny_data, "--weights", "none"]) == 2
     assert "needs about" in one_stderr_line(capsys.readouterr().err)
     assert read == []
+
+
+def test_the_benchmarks_qubit_table_times_what_fits_and_marks_what_memory_refuses(monkeypatch):
+    import bench
+
+    monkeypatch.setattr(bench, "time_circuit_alone", lambda qdevice, nqubits: 0.002)  # the check is what is tested
+    monkeypatch.setattr(images, "rank_memory", lambda ctx, on_gpu: (3 * GiB, "this rank"))
+    rows = bench.qubit_rows(types.SimpleNamespace(max_qubits=28, qubit_seconds=60))
+    assert [row[0] for row in rows] == bench.circuit_qdevices()
+    for qdevice, *cells in rows:
+        net = head_net(4, qdevice)
+        fits = [count for count in bench.QUBIT_COUNTS if simulators.memory_needed(net, qdevice, 4, count)[0] <= 3 * GiB]
+        assert cells[:len(fits)] == ["2.0"] * len(fits), (qdevice, cells)
+        assert fits and all(cell.startswith("needs ") for cell in cells[len(fits):]), (qdevice, cells)
