@@ -66,18 +66,29 @@ def test_a_head_without_a_circuit_builds_none_and_checks_no_circuit_memory(monke
 EPOCHS = ["--epochs", "2", "--step-size", "1", "--gamma", "0.5"]  # the rate decays within the run
 
 
-def torchrun(argv):
-    """qml.py on two ranks (torchrun): its Popen."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-               "--master-addr", "127.0.0.1", "--master-port", str(free_port()), QML, *argv]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cpu_env())
+def two_ranks(argv):
+    """qml.py as the two ranks of one gloo run, started as a launcher would (RANK, WORLD_SIZE, MASTER_*, one
+    thread each): their Popens."""
+    port = str(free_port())
+    return [subprocess.Popen([sys.executable, QML, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=cpu_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                                         MASTER_PORT=port, OMP_NUM_THREADS="1"))
+            for rank in (0, 1)]
+
+
+def finished(ranks, name):
+    """Rank 0's stdout, once both ranks ended with status 0."""
+    outputs = [rank.communicate(timeout=600) for rank in ranks]
+    for rank, (_, stderr) in zip(ranks, outputs, strict=True):
+        assert rank.returncode == 0, (name, stderr)
+    return outputs[0][0]
 
 
 @pytest.fixture(scope="module")
 def head_runs(tiny_data, tmp_path_factory):
     """{(head, ranks): (uninterrupted metrics, resumed metrics, first line)}: two epochs straight, and one epoch then
     a resume to two, of the classical and linear heads on one rank (in this process) and of the classical head on
-    two (torchrun, its runs started beside the others)."""
+    two (two_ranks, its runs started beside the others)."""
     folder = tmp_path_factory.mktemp("heads")
     common = ["--data-dir", tiny_data, "--weights", "none", "--print-freq", "0", "--workers", "0", "--bn-mode", "eval",
               "--cache-features"]
@@ -87,8 +98,8 @@ def head_runs(tiny_data, tmp_path_factory):
         stem = folder / f"{head}-{ranks}"
         return [*common, "--head", head, *schedule, "--metrics-json", f"{stem}-{name}.json", *extra]
 
-    two_ranks = {name: torchrun(argv("classical", 2, name, schedule, "--checkpoint", str(folder / f"{name}.pt")))
-                 for name, schedule in (("straight", EPOCHS), ("first", first_epoch))}
+    two_rank_runs = {name: two_ranks(argv("classical", 2, name, schedule, "--checkpoint", str(folder / f"{name}.pt")))
+                     for name, schedule in (("straight", EPOCHS), ("first", first_epoch))}
     first_lines = {}
     for head in ("classical", "linear"):
         straight = run_main(qml, argv(head, 1, "straight", EPOCHS))
@@ -98,13 +109,9 @@ def head_runs(tiny_data, tmp_path_factory):
         for name, schedule, extra in (("first", first_epoch, ()), ("resumed", EPOCHS, ("--resume", checkpoint))):
             run = run_main(qml, argv(head, 1, name, schedule, *extra, "--checkpoint", checkpoint))
             assert run.returncode == 0, run.stderr
-    for name, process in two_ranks.items():
-        stdout, stderr = process.communicate(timeout=600)
-        assert process.returncode == 0, (name, stderr)
-        if name == "straight":
-            first_lines[("classical", 2)] = stdout.splitlines()[0]
-    resumed = torchrun(argv("classical", 2, "resumed", EPOCHS, "--resume", str(folder / "first.pt")))
-    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
+    first_lines[("classical", 2)] = finished(two_rank_runs["straight"], "straight").splitlines()[0]
+    finished(two_rank_runs["first"], "first")
+    finished(two_ranks(argv("classical", 2, "resumed", EPOCHS, "--resume", str(folder / "first.pt"))), "resumed")
     return {key: (json.loads((folder / f"{key[0]}-{key[1]}-straight.json").read_text()),
                   json.loads((folder / f"{key[0]}-{key[1]}-resumed.json").read_text()), first_lines[key])
             for key in CASES}
