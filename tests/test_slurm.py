@@ -280,6 +280,18 @@ def log_text(log):
     return log.read_text(errors="replace") if log.exists() else ""
 
 
+def start_requeued_job_now(env, jobid, log, deadline):
+    """A requeued job waits about 160 s for its begin time here: start it at once, once its first run has left the
+    node, and a few seconds later: slurmd refuses ("Job credential revoked") a credential made in the same second
+    as it revoked the old one (it compares whole seconds). Returns (exit status, job log, context for a failure)."""
+    wait_for(lambda: nodes_idle(env), "the node to be free again", deadline)
+    time.sleep(3)
+    subprocess.run(["scontrol", "update", f"JobId={jobid}", "StartTime=now"], env=env, check=True, timeout=30)
+    rc = wait_for_job(jobid, env, deadline)
+    text = log_text(log)
+    return rc, text, f"job {jobid}, exit {rc}\n---- job log ----\n{text}\n{cluster_logs(env)}"
+
+
 def test_wall_time_warning_requeues_the_sweep_which_ends_as_an_uninterrupted_one(slurm_env, submit_dir, tiny_data):
     env = dict(slurm_env, MASTER_PORT=str(free_port()))
     deadline = time.monotonic() + JOB_TIMEOUT
@@ -289,20 +301,12 @@ def test_wall_time_warning_requeues_the_sweep_which_ends_as_an_uninterrupted_one
     subprocess.run(["scancel", "--signal=USR1", "--batch", jobid], env=env, check=True, timeout=30)
     wait_for(lambda: job_field(env, jobid, "Restarts") == "1" and job_field(env, jobid, "JobState") == "PENDING",
              "the requeue", deadline)
-    # A requeued job waits about 160 s for its begin time here: let it start at once, once its first run has left
-    # the node, and a few seconds later: slurmd refuses ("Job credential revoked") a credential made in the same
-    # second as it revoked the old one (it compares whole seconds).
     # Meanwhile, the run that was never interrupted, to compare with.
     with open(submit_dir / "direct.err", "w") as err:
         direct = subprocess.Popen([sys.executable, QML, "--data-dir", tiny_data, *LONG_RUN, "--metrics-json",
                                    str(submit_dir / "direct.json")], stdout=subprocess.DEVNULL, stderr=err,
                                   env=dict(os.environ, **NO_GPUS, OMP_NUM_THREADS="1"))
-    wait_for(lambda: nodes_idle(env), "the node to be free again", deadline)
-    time.sleep(3)
-    subprocess.run(["scontrol", "update", f"JobId={jobid}", "StartTime=now"], env=env, check=True, timeout=30)
-    rc = wait_for_job(jobid, env, deadline)
-    text = log_text(log)
-    context = f"job {jobid}, exit {rc}\n---- job log ----\n{text}\n{cluster_logs(env)}"
+    rc, text, context = start_requeued_job_now(env, jobid, log, deadline)
     assert rc == 0, context
     assert "qml.py: stopped by SIGUSR1's request in epoch" in text and f"job {jobid} is requeued" in text, context
     assert f"== continuing runs/{jobid} (restart 1" in text and text.count("== scaling report") == 1, context
@@ -398,12 +402,7 @@ def test_vary_sweep_interrupted_by_the_warning_requeues_and_ends_with_every_valu
     subprocess.run(["scancel", "--signal=USR1", "--batch", jobid], env=env, check=True, timeout=30)
     wait_for(lambda: job_field(env, jobid, "Restarts") == "1" and job_field(env, jobid, "JobState") == "PENDING",
              "the requeue", deadline)
-    wait_for(lambda: nodes_idle(env), "the node to be free again", deadline)
-    time.sleep(3)  # a credential made in the second slurmd revoked the old one is refused
-    subprocess.run(["scontrol", "update", f"JobId={jobid}", "StartTime=now"], env=env, check=True, timeout=30)
-    rc = wait_for_job(jobid, env, deadline)
-    text = log_text(log)
-    context = f"job {jobid}, exit {rc}\n---- job log ----\n{text}\n{cluster_logs(env)}"
+    rc, text, context = start_requeued_job_now(env, jobid, log, deadline)
     assert rc == 0, context
     assert "== wall-time warning" in text and f"job {jobid} is requeued" in text, context
     assert f"== continuing runs/{jobid} (restart 1" in text and text.count("== scaling report") == 1, context
