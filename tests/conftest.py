@@ -118,6 +118,16 @@ def run_qml(*args, env=None, timeout=300, cwd=None, gpus=False):
                           env=full_env, timeout=timeout, cwd=cwd)
 
 
+def start_ranks(world, argv):
+    """qml.py as the `world` ranks of one gloo run on this host, started as a launcher would (RANK, LOCAL_RANK,
+    WORLD_SIZE, MASTER_*), its GPUs hidden and one thread each: their Popens, with text output on pipes."""
+    port = str(free_port())
+    return [subprocess.Popen([sys.executable, QML, *map(str, argv)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env=cpu_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                                                    MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1"))
+            for rank in range(world)]
+
+
 @pytest.fixture(autouse=True)
 def restore_sigterm():
     """qml.main installs SIGTERM and SIGUSR1 handlers; give pytest its own back."""

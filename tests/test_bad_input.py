@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import QML, cpu_env, free_port, make_image_folder, one_stderr_line
+from conftest import QML, cpu_env, make_image_folder, one_stderr_line, start_ranks
 from PIL import Image
 
 import qml
@@ -301,10 +301,7 @@ def test_missing_data_directory_exits_2_with_one_line(capfd, tmp_path):
 
 def run_ranks(world, *argv):
     """qml.py as `world` ranks of one gloo run on this host; returns [(stdout, stderr, status)] by rank."""
-    env = dict(os.environ, WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    procs = [subprocess.Popen([sys.executable, QML, *map(str, argv), "--dist-timeout", "30"],
-                              env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)), text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for rank in range(world)]
+    procs = start_ranks(world, [*argv, "--dist-timeout", "30"])
     try:
         return [proc.communicate(timeout=HANG_GUARD) + (proc.returncode,) for proc in procs]
     finally:

@@ -2,13 +2,11 @@
 code; the run's first line and its metrics JSON name the head and its trainable parameters."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import QML, assert_ranks_agree, cpu_env, free_port, run_main
+from conftest import assert_ranks_agree, run_main, start_ranks
 
 import qml
 
@@ -66,16 +64,6 @@ def test_a_head_without_a_circuit_builds_none_and_checks_no_circuit_memory(monke
 EPOCHS = ["--epochs", "2", "--step-size", "1", "--gamma", "0.5"]  # the rate decays within the run
 
 
-def two_ranks(argv):
-    """qml.py as the two ranks of one gloo run, started as a launcher would (RANK, WORLD_SIZE, MASTER_*, one
-    thread each): their Popens."""
-    port = str(free_port())
-    return [subprocess.Popen([sys.executable, QML, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env=cpu_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                                         MASTER_PORT=port, OMP_NUM_THREADS="1"))
-            for rank in (0, 1)]
-
-
 def finished(ranks, name):
     """Rank 0's stdout, once both ranks ended with status 0."""
     outputs = [rank.communicate(timeout=600) for rank in ranks]
@@ -88,7 +76,7 @@ def finished(ranks, name):
 def head_runs(tiny_data, tmp_path_factory):
     """{(head, ranks): (uninterrupted metrics, resumed metrics, first line)}: two epochs straight, and one epoch then
     a resume to two, of the classical and linear heads on one rank (in this process) and of the classical head on
-    two (two_ranks, its runs started beside the others)."""
+    two (start_ranks, its runs started beside the others)."""
     folder = tmp_path_factory.mktemp("heads")
     common = ["--data-dir", tiny_data, "--weights", "none", "--print-freq", "0", "--workers", "0", "--bn-mode", "eval",
               "--cache-features"]
@@ -98,7 +86,8 @@ def head_runs(tiny_data, tmp_path_factory):
         stem = folder / f"{head}-{ranks}"
         return [*common, "--head", head, *schedule, "--metrics-json", f"{stem}-{name}.json", *extra]
 
-    two_rank_runs = {name: two_ranks(argv("classical", 2, name, schedule, "--checkpoint", str(folder / f"{name}.pt")))
+    two_rank_runs = {name: start_ranks(2, argv("classical", 2, name, schedule, "--checkpoint",
+                                                str(folder / f"{name}.pt")))
                      for name, schedule in (("straight", EPOCHS), ("first", first_epoch))}
     first_lines = {}
     for head in ("classical", "linear"):
@@ -111,7 +100,7 @@ def head_runs(tiny_data, tmp_path_factory):
             assert run.returncode == 0, run.stderr
     first_lines[("classical", 2)] = finished(two_rank_runs["straight"], "straight").splitlines()[0]
     finished(two_rank_runs["first"], "first")
-    finished(two_ranks(argv("classical", 2, "resumed", EPOCHS, "--resume", str(folder / "first.pt"))), "resumed")
+    finished(start_ranks(2, argv("classical", 2, "resumed", EPOCHS, "--resume", str(folder / "first.pt"))), "resumed")
     return {key: (json.loads((folder / f"{key[0]}-{key[1]}-straight.json").read_text()),
                   json.loads((folder / f"{key[0]}-{key[1]}-resumed.json").read_text()), first_lines[key])
             for key in CASES}
