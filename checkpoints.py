@@ -4,6 +4,7 @@ Slurm's wall-time warning, which keeps the last complete epoch."""
 
 import io
 import os
+import shlex
 import signal
 import tempfile
 import time
@@ -189,3 +190,14 @@ def stop_between_batches(ctx, epoch, checkpoint):
                 if checkpoint else "nothing was saved: give --checkpoint PATH to make a run resumable")
         raise Interrupted(f"stopped by {requested or 'another rank'}'s request in epoch {epoch + 1}, between "
                           f"batches (Slurm's wall-time warning); {kept}")
+
+
+def how_to_continue(argv, checkpoint):
+    """What to run after a stop of `qml.py ARGV`: the same command resuming from its --checkpoint, or that nothing
+    was kept."""
+    if not checkpoint:
+        return "no --checkpoint was given, so nothing was kept: run again (--checkpoint PATH keeps every epoch)"
+    kept = [word for i, word in enumerate(argv) if not (word.startswith("--resume=") or word == "--resume" or
+                                                       (i and argv[i - 1] == "--resume"))]
+    command = shlex.join(["qml.py", *kept, "--resume", checkpoint])
+    return f"{checkpoint} holds the last complete epoch, if one was: continue with {command} (under the same launcher)"

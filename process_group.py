@@ -1,6 +1,8 @@
-"""Process-group plumbing around qml.py's rank discovery: Slurm node lists, joining and leaving the group,
-where each rank runs (rank_facts) and the one-GPU-per-rank check, and the few collectives the run needs."""
+"""Process-group plumbing around qml.py's rank discovery: the DistContext it fills, what MPI launchers and Slurm
+tell (ranks, node lists, the port), joining and leaving the group, where each rank runs (rank_facts) and the
+one-GPU-per-rank check, and the few collectives the run needs."""
 
+import dataclasses
 import datetime
 import gc
 import os
@@ -13,6 +15,72 @@ import torch
 import torch.distributed as dist
 
 from command_line import UsageError
+
+
+@dataclasses.dataclass
+class DistContext:
+    """Where this process runs among the run's ranks: found once by init_distributed_mode, then passed on."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    source: str = "single"  # who started the ranks: torchrun, slurm, mpi or single
+    master_addr: str = "127.0.0.1"
+    master_port: str = "29500"
+    device: torch.device = torch.device("cpu")
+    backend: str = "gloo"
+    rank_facts: list = dataclasses.field(default_factory=list)  # every rank's rank_facts(), in rank order
+    provenance: dict = dataclasses.field(default_factory=dict)  # what the run used: records.run_provenance
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    @property
+    def distributed(self):
+        """A launcher started us: even one task joins a process group and trains through DDP."""
+        return self.source != "single"
+
+
+# (rank, size, local rank, local size) variables of the MPI launchers that set all four:
+# MPICH's mpiexec (Hydra), Cray MPICH's (PALS), and Open MPI's mpirun.
+MPI_RANK_VARS = (("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
+                 ("PMI_RANK", "PMI_SIZE", "PMI_LOCAL_RANK", "PMI_LOCAL_SIZE"),  # Cray PALS
+                 ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
+                  "OMPI_COMM_WORLD_LOCAL_SIZE"))
+
+
+def mpi_ranks(env):
+    """(rank, world_size, local_rank, rank 0's host or None) of a process an MPI launcher started (the caller
+    knows it did), or None when neither its variables nor mpi4py tell.
+
+    The launcher's variables are enough when they give all four numbers and either MASTER_ADDR is set or
+    every rank is on this host; only otherwise is MPI initialised (mpi4py) to ask it.
+    """
+    for names in MPI_RANK_VARS:
+        if all(env.get(name, "").isdigit() for name in names):
+            rank, world, local, local_world = (int(env[name]) for name in names)
+            if "MASTER_ADDR" in env or local_world == world:
+                return rank, world, local, None
+    try:
+        from mpi4py import MPI
+    except (ImportError, RuntimeError, OSError):  # mpi4py absent, or no MPI library to load
+        return None
+    if not MPI.Is_initialized():
+        MPI.Init()
+    comm = MPI.COMM_WORLD
+    local_rank = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
+    return comm.Get_rank(), comm.Get_size(), local_rank, comm.bcast(socket.gethostname())
+
+
+def master_port(env):
+    """MASTER_PORT, else one derived from the Slurm job id (two jobs on a node do not collide), else 29500."""
+    if env.get("MASTER_PORT"):
+        return env["MASTER_PORT"]
+    job_id = env.get("SLURM_JOB_ID", "")
+    if job_id.isdigit():
+        return str(10000 + int(job_id) % 20000)
+    return "29500"
 
 
 def expand_nodelist(nodelist):

@@ -39,7 +39,6 @@ import dataclasses
 import functools
 import math
 import os
-import shlex
 import signal
 import socket
 import sys
@@ -83,8 +82,9 @@ try:  # the machinery beside this file
                               drop_frames, failure_line, number, positive, qubit_count, raise_interrupt)
     from images import (PRECISIONS, backbone_autocast, cast_frozen_convolutions, check_precision, fetch_weights_once,
                         load_backbone)
-    from process_group import (check_one_gpu_per_rank, expand_nodelist, gather_objects, join_process_group,
-                               leave_process_group, rank_facts, reduce_sums, step_master, sync_buffers)
+    from process_group import (DistContext, check_one_gpu_per_rank, expand_nodelist, gather_objects,
+                               join_process_group, leave_process_group, master_port, mpi_ranks, rank_facts,
+                               reduce_sums, step_master, sync_buffers)
     from simulators import (ADJOINT_QDEVICES, KOKKOS_QDEVICE, TORCH_QDEVICE, AdjointCircuit, CircuitTrace, NoAdjoint,
                             TorchCircuit, available_qdevices, check_memory, decomposed_templates, describe_qdevice,
                             lazy_import, qdevice_options, start_kokkos)
@@ -248,63 +248,6 @@ def trainable_parameters(head):
 # Distributed setup (the tutorial's `setup` and `__main__`): torchrun, then Slurm, then mpiexec, then one process
 
 
-@dataclasses.dataclass
-class DistContext:
-    """Where this process runs among the run's ranks: found once by init_distributed_mode, then passed on."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    source: str = "single"  # who started the ranks: torchrun, slurm, mpi or single
-    master_addr: str = "127.0.0.1"
-    master_port: str = "29500"
-    device: torch.device = torch.device("cpu")
-    backend: str = "gloo"
-    rank_facts: list = dataclasses.field(default_factory=list)  # every rank's rank_facts(), in rank order
-    provenance: dict = dataclasses.field(default_factory=dict)  # what the run used: records.run_provenance
-
-    @property
-    def is_main(self):
-        return self.rank == 0
-
-    @property
-    def distributed(self):
-        """A launcher started us: even one task joins a process group and trains through DDP."""
-        return self.source != "single"
-
-
-# (rank, size, local rank, local size) variables of the MPI launchers that set all four:
-# MPICH's mpiexec (Hydra), Cray MPICH's (PALS), and Open MPI's mpirun.
-MPI_RANK_VARS = (("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
-                 ("PMI_RANK", "PMI_SIZE", "PMI_LOCAL_RANK", "PMI_LOCAL_SIZE"),  # Cray PALS
-                 ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
-                  "OMPI_COMM_WORLD_LOCAL_SIZE"))
-
-
-def mpi_ranks(env):
-    """(rank, world_size, local_rank, rank 0's host or None) under mpiexec, else None.
-
-    The launcher's variables are enough when they give all four numbers and either MASTER_ADDR is set or
-    every rank is on this host; only otherwise is MPI initialised (mpi4py) to ask it.
-    """
-    if not any(var in env for var in MPI_LAUNCHER_VARS):
-        return None
-    for names in MPI_RANK_VARS:
-        if all(env.get(name, "").isdigit() for name in names):
-            rank, world, local, local_world = (int(env[name]) for name in names)
-            if "MASTER_ADDR" in env or local_world == world:
-                return rank, world, local, None
-    try:
-        from mpi4py import MPI
-    except (ImportError, RuntimeError, OSError):  # mpi4py absent, or no MPI library to load
-        return None
-    if not MPI.Is_initialized():
-        MPI.Init()
-    comm = MPI.COMM_WORLD
-    local_rank = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
-    return comm.Get_rank(), comm.Get_size(), local_rank, comm.bcast(socket.gethostname())
-
-
 def discover_ranks(env=None):
     """Where this process sits (a DistContext still on the CPU): from the launcher's variables."""
     env = os.environ if env is None else env
@@ -313,7 +256,7 @@ def discover_ranks(env=None):
     elif "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:  # only srun steps set the step count
         ctx = DistContext(int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"]),
                           int(env.get("SLURM_LOCALID", 0)), "slurm")
-    elif (mpi := mpi_ranks(env)) is not None:
+    elif any(var in env for var in MPI_LAUNCHER_VARS) and (mpi := mpi_ranks(env)) is not None:
         rank, world, local, rank0_host = mpi
         ctx = DistContext(rank, world, local, "mpi", master_addr=rank0_host or "127.0.0.1")
     else:
@@ -327,16 +270,6 @@ def discover_ranks(env=None):
         ctx.master_addr = env["MASTER_ADDR"]
     ctx.master_port = master_port(env)
     return ctx
-
-
-def master_port(env):
-    """MASTER_PORT, else one derived from the Slurm job id (two jobs on a node do not collide), else 29500."""
-    if env.get("MASTER_PORT"):
-        return env["MASTER_PORT"]
-    job_id = env.get("SLURM_JOB_ID", "")
-    if job_id.isdigit():
-        return str(10000 + int(job_id) % 20000)
-    return "29500"
 
 
 def pick_device(requested, local_rank):
@@ -755,22 +688,8 @@ def setup(args):
         leave_process_group()
 
 
-def how_to_continue(argv):
-    """What to run after a stop: the same command resuming from its --checkpoint, or that nothing was kept."""
-    try:
-        checkpoint = get_args_parser().parse_args(argv).checkpoint
-    except UsageError:
-        checkpoint = None
-    if not checkpoint:
-        return "no --checkpoint was given, so nothing was kept: run again (--checkpoint PATH keeps every epoch)"
-    kept = [word for i, word in enumerate(argv) if not (word.startswith("--resume=") or word == "--resume" or
-                                                       (i and argv[i - 1] == "--resume"))]
-    command = shlex.join(["qml.py", *kept, "--resume", checkpoint])
-    return f"{checkpoint} holds the last complete epoch, if one was: continue with {command} (under the same launcher)"
-
-
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
+    argv, args = sys.argv[1:] if argv is None else list(argv), None
     try:
         if argv[:1] == ["report"]:
             import report
@@ -797,7 +716,9 @@ def main(argv=None):
         # Ctrl-C reaches torchrun too, which then prints a traceback of its own that no rank can prevent.
         torchrun = " (torchrun's traceback below is its own report of this Ctrl-C)" if not str(err) and \
             "TORCHELASTIC_RUN_ID" in os.environ else ""
-        print(f"qml.py: stopped by {str(err) or 'Ctrl-C'}; {how_to_continue(argv)}{torchrun}", file=sys.stderr)
+        checkpoint = args.checkpoint if args is not None else None  # None: stopped while the options were parsed
+        print(f"qml.py: stopped by {str(err) or 'Ctrl-C'}; {checkpoints.how_to_continue(argv, checkpoint)}{torchrun}",
+              file=sys.stderr)
         return 130
 
 
