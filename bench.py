@@ -68,8 +68,10 @@ def time_run(extra, args, tmp, launcher=()):
 
 def bench_setups(device):
     """(label, options) of the epoch table: the tutorial's equivalent (its 1.00x row), the default, then each
-    speed option alone and the fastest combination; fp16 only on a GPU, bf16 where the device has it."""
-    precisions = [] if device.type == "cuda" and not torch.cuda.is_bf16_supported() else ["bf16"]
+    speed option alone and the fastest combination; fp16 only on a GPU, bf16 where the device computes it (qml.py
+    refuses it on a CPU without bfloat16 instructions)."""
+    has_bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else images.cpu_computes_bf16() is not False
+    precisions = ["bf16"] if has_bf16 else []
     precisions += ["fp16"] if device.type == "cuda" else []
     torch_qdevice = ["--qdevice", simulators.TORCH_QDEVICE]
     setups = [("tutorial-equivalent: --per-sample --image-cache off", ["--per-sample", "--image-cache", "off"]),
@@ -179,9 +181,16 @@ def one_process():
     return ctx
 
 
+def cpu_description():
+    """The CPU's model and whether it computes bfloat16, which decides what --precision bf16 does on it."""
+    bf16 = {True: "bfloat16 in hardware", False: "no bfloat16 (bf16 rows left out)",
+            None: "bfloat16 unknown"}[images.cpu_computes_bf16()]
+    return f"{platform.machine()} {images.cpu_name()} ({bf16})"
+
+
 def machine_description():
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{platform.machine()} {platform.processor() or platform.system()}, {os.cpu_count()} CPUs, {gpu}, "
+    return (f"{cpu_description()}, {os.cpu_count()} CPUs, {gpu}, "
             f"torch {torch.__version__}, pennylane {records.package_versions()['pennylane']}")
 
 

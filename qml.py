@@ -641,11 +641,13 @@ def resolve_batch_and_lr(args, world_size):
 
 
 def check_run(args):
-    """--check: the options (already validated), then the circuit against this machine's memory as one process.
+    """--check: the options (already validated), the precision on this machine's device, then the circuit against
+    its memory as one process.
     A step's ranks on one host share it, and each checks its share before training."""
     ctx = DistContext(device=pick_device(args.device, 0), rank_facts=[dict(host=socket.gethostname())])
     args = copy.copy(args)
     args.batch_size = args.batch_size or args.global_batch_size or DEFAULT_BATCH_SIZE
+    check_precision(args.precision, ctx.device)
     check_circuit_memory(args, ctx)
 
 

@@ -40,7 +40,9 @@ def runs(tiny_data, tmp_path_factory):
     """{setting: (metrics, head)} for the default cache, no cache, a 1 MiB cache and a bf16 backbone."""
     settings = {"auto": [], "off": ["--image-cache", "off"], "1MiB": ["--image-cache", "1"],
                 "bf16": ["--precision", "bf16"]}
-    return {name: train(tiny_data, tmp_path_factory.mktemp(name), *extra) for name, extra in settings.items()}
+    with pytest.MonkeyPatch.context() as patch:  # bf16's numbers are tested, not its speed: on any CPU
+        patch.setattr(images, "cpu_computes_bf16", lambda: True)
+        return {name: train(tiny_data, tmp_path_factory.mktemp(name), *extra) for name, extra in settings.items()}
 
 
 def results(metrics):
@@ -166,14 +168,60 @@ def test_bf16_first_epoch_loss_is_within_a_hundredth_of_fp32(runs, key):
 
 
 # ----------------------------------------------------------------------------
+# --precision bf16 only where the CPU computes bfloat16
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, expected", [(False, False, False), (True, False, True),
+                                                         (False, True, True)])
+def test_cpu_computes_bf16_with_avx512_bf16_or_amx(monkeypatch, avx512_bf16, amx, expected):
+    monkeypatch.setattr(images.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert images.cpu_computes_bf16() is expected
+
+
+def test_cpu_bf16_is_unknown_where_torch_cannot_tell(monkeypatch):
+    monkeypatch.setattr(images.platform, "machine", lambda: "aarch64")
+    assert images.cpu_computes_bf16() is None
+
+
+def bf16_run(capfd, monkeypatch, computes, *extra):
+    """qml.main with --precision bf16 on a CPU faked to compute bfloat16 or not; (status, stderr)."""
+    monkeypatch.setattr(images, "cpu_computes_bf16", lambda: computes)
+    status = qml.main(["--device", "cpu", "--precision", "bf16", "--weights", "none", *extra])
+    return status, capfd.readouterr().err
+
+
+def test_bf16_on_a_cpu_without_bfloat16_exits_2_naming_the_cpu_and_fp32_before_reading_data(capfd, monkeypatch,
+                                                                                             tmp_path):
+    status, stderr = bf16_run(capfd, monkeypatch, False, "--data-dir", str(tmp_path / "nowhere"))
+    assert status == 2 and stderr.count("\n") == 1, stderr
+    assert "--precision bf16" in stderr and images.cpu_name() in stderr and "use --precision fp32" in stderr
+
+
+@pytest.mark.parametrize("computes, expected", [(False, 2), (True, 0), (None, 0)])
+def test_check_refuses_bf16_only_on_a_cpu_without_bfloat16(capfd, monkeypatch, computes, expected):
+    status, stderr = bf16_run(capfd, monkeypatch, computes, "--check")
+    assert status == expected, stderr
+
+
+# ----------------------------------------------------------------------------
 # bench
 
 
-def test_bench_compares_against_the_tutorial_equivalent_and_offers_fp16_only_on_gpus():
+def test_bench_compares_against_the_tutorial_equivalent_and_offers_fp16_only_on_gpus(monkeypatch):
+    monkeypatch.setattr(images, "cpu_computes_bf16", lambda: True)
     labels = [label for label, _ in bench.bench_setups(torch.device("cpu"))]
     assert labels[:2] == ["tutorial-equivalent: --per-sample --image-cache off", "default"]
     assert "--precision bf16 --qdevice torch" in labels
     assert not any("fp16" in label for label in labels)
+
+
+def test_bench_leaves_out_bf16_on_a_cpu_without_bfloat16_and_says_so(monkeypatch):
+    monkeypatch.setattr(images, "cpu_computes_bf16", lambda: False)
+    labels = [label for label, _ in bench.bench_setups(torch.device("cpu"))]
+    assert "--qdevice torch" in labels and not any("bf16" in label for label in labels)
+    assert images.cpu_name() in bench.cpu_description() and "no bfloat16" in bench.cpu_description()
 
 
 def test_bench_table_keeps_each_setups_fastest_later_epoch_over_the_rounds(monkeypatch, tmp_path):
