@@ -22,12 +22,8 @@ import time
 import numpy as np
 import torch
 
-import command_line
-import images
 import qml
-import records
-import report
-import simulators
+from machinery import command_line, images, records, report, simulators
 
 QML = os.path.join(os.path.dirname(os.path.abspath(__file__)), "qml.py")
 QUBIT_COUNTS = (4, 8, 12, 16, 20, 24, 28)

@@ -7,7 +7,7 @@ dressed head trains, with DistributedDataParallel across Slurm/torchrun/MPI rank
 
     python qml.py                        # the tutorial's experiment
     python qml.py --help                 # every option
-    python qml.py report runs/<jobid>    # scaling table of a submit_qml.sbatch sweep (report.py)
+    python qml.py report runs/<jobid>    # scaling table of a submit_qml.sbatch sweep (machinery/report.py)
     python bench.py                      # speed benchmark table (bench.py, beside this file)
 
 Reading this file beside the tutorial; its sections come in this order:
@@ -29,14 +29,15 @@ Reading this file beside the tutorial; its sections come in this order:
     step, num_epochs, batch_size,            "Command line": --lr, --epochs, --batch-size, --gamma,
       gamma_lr_scheduler, manual_seed(42)      --seed (get_args_parser); setup: join, train, report, leave
 
-The machinery beyond the tutorial lives beside this file, in modules named for what they hold, none importing
-this one: simulators, images, process_group, checkpoints, records, command_line, report, and the sweep driver
-sweep.py (README's "Layout" says what each holds).
+The machinery beyond the tutorial lives beside this file in machinery/, in modules named for what they hold, none
+importing this one: simulators, images, process_group, checkpoints, records, command_line, report, and the sweep
+driver sweep (README's "Layout" says what each holds).
 """
 
 import copy
 import dataclasses
 import functools
+import importlib
 import math
 import os
 import signal
@@ -44,11 +45,11 @@ import socket
 import sys
 import time
 
-# `qml.py report RUNDIR`, a sweep's last step, needs neither torch nor PennyLane: it starts before they load.
-if __name__ == "__main__" and sys.argv[1:2] == ["report"]:
-    import report
-
-    sys.exit(report.main(sys.argv[2:]))
+# `qml.py report RUNDIR` and `qml.py sweep ...` (what submit_qml.sbatch runs) need neither torch nor PennyLane:
+# they start before those load.
+SUBCOMMANDS = (["report"], ["sweep"])
+if __name__ == "__main__" and sys.argv[1:2] in SUBCOMMANDS:
+    sys.exit(importlib.import_module(f"machinery.{sys.argv[1]}").main(sys.argv[2:]))
 
 # Launchers of MPI programs set these; mpiexec started us when one is present.
 MPI_LAUNCHER_VARS = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALRANKID")
@@ -73,24 +74,24 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 from torchvision import datasets, transforms
 
-try:  # the machinery beside this file
-    import checkpoints
-    import images
-    import records
-    from checkpoints import Interrupted, catch_wall_time_warning, stop_between_batches
-    from command_line import (DIST_TIMEOUT_MAX, RESUMABLE, SEEDS, ArgumentParser, RunFailed, UsageError, cache_size,
-                              drop_frames, failure_line, number, positive, qubit_count, raise_interrupt)
-    from images import (PRECISIONS, backbone_autocast, cast_frozen_convolutions, check_precision, fetch_weights_once,
-                        load_backbone)
-    from process_group import (DistContext, check_one_gpu_per_rank, expand_nodelist, gather_objects,
-                               join_process_group, leave_process_group, master_port, mpi_ranks, rank_facts,
-                               reduce_sums, step_master, sync_buffers)
-    from simulators import (ADJOINT_QDEVICES, KOKKOS_QDEVICE, TORCH_QDEVICE, AdjointCircuit, CircuitTrace, NoAdjoint,
-                            TorchCircuit, available_qdevices, check_memory, decomposed_templates, describe_qdevice,
-                            lazy_import, qdevice_options, start_kokkos)
-    from records import close_epoch, progress_every, time_split
+try:  # the machinery beside this file (machinery/)
+    from machinery import checkpoints, images, records
+    from machinery.checkpoints import Interrupted, catch_wall_time_warning, stop_between_batches
+    from machinery.command_line import (DIST_TIMEOUT_MAX, RESUMABLE, SEEDS, ArgumentParser, RunFailed, UsageError,
+                                        cache_size, drop_frames, failure_line, number, positive, qubit_count,
+                                        raise_interrupt)
+    from machinery.images import (PRECISIONS, backbone_autocast, cast_frozen_convolutions, check_precision,
+                                  fetch_weights_once, load_backbone)
+    from machinery.process_group import (DistContext, check_one_gpu_per_rank, expand_nodelist, gather_objects,
+                                         join_process_group, leave_process_group, master_port, mpi_ranks,
+                                         rank_facts, reduce_sums, step_master, sync_buffers)
+    from machinery.records import close_epoch, progress_every, time_split
+    from machinery.simulators import (ADJOINT_QDEVICES, KOKKOS_QDEVICE, TORCH_QDEVICE, AdjointCircuit, CircuitTrace,
+                                      NoAdjoint, TorchCircuit, available_qdevices, check_memory,
+                                      decomposed_templates, describe_qdevice, lazy_import, qdevice_options,
+                                      start_kokkos)
 except ModuleNotFoundError as err:  # qml.py copied alone: README's "Layout" lists what it needs
-    print(f"qml.py: error: no module {err.name}; keep qml.py with the other .py files of its folder", file=sys.stderr)
+    print(f"qml.py: error: no module {err.name}; keep qml.py beside its machinery/ folder", file=sys.stderr)
     sys.exit(2)
 
 # The tutorial's `import pennylane as qml`, loaded when a circuit is first built: importing PennyLane takes
@@ -693,10 +694,8 @@ def setup(args):
 def main(argv=None):
     argv, args = sys.argv[1:] if argv is None else list(argv), None
     try:
-        if argv[:1] == ["report"]:
-            import report
-
-            return report.main(argv[1:])
+        if argv[:1] in SUBCOMMANDS:
+            return importlib.import_module(f"machinery.{argv[0]}").main(argv[1:])
         args = get_args_parser().parse_args(argv)
         validate_args(args)
         if args.check:

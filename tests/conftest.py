@@ -5,6 +5,7 @@ import contextlib
 import glob
 import io
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -16,8 +17,15 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QML = os.path.join(ROOT, "qml.py")
-# qml.py and the modules beside it (README, "Layout"): what a copy of the program needs.
-PROGRAM_FILES = sorted(glob.glob(os.path.join(ROOT, "*.py")))
+# qml.py, bench.py and the modules of machinery/ (README, "Layout"): what a copy of the program needs.
+PROGRAM_FILES = sorted(glob.glob(os.path.join(ROOT, "*.py")) + glob.glob(os.path.join(ROOT, "machinery", "*.py")))
+
+
+def copy_program(folder):
+    """Copy the program (PROGRAM_FILES, machinery/ as a folder) into `folder`, as a user copies it to a cluster."""
+    os.makedirs(os.path.join(folder, "machinery"), exist_ok=True)
+    for path in PROGRAM_FILES:
+        shutil.copy(path, os.path.join(folder, os.path.relpath(path, ROOT)))
 sys.path.insert(0, ROOT)
 
 # No launcher variables may leak into the tests' single-process runs, nor an OpenMP binding: qml.py

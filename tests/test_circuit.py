@@ -8,7 +8,7 @@ import torch
 from numpy_circuit import batched_expvals, expvals
 
 import qml
-import simulators
+from machinery import simulators
 
 # lightning.kokkos is the tutorial's (and the default) device; "torch" is qml.py's own simulator.
 QDEVICES = ["lightning.kokkos", simulators.TORCH_QDEVICE]

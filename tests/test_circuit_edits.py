@@ -8,15 +8,14 @@ printed losses on every simulator, and its checkpoint is not resumed by the orig
 """
 
 import importlib.util
-import shutil
 
 import pennylane
 import pytest
 import torch
-from conftest import PROGRAM_FILES, one_stderr_line, run_main
+from conftest import copy_program, one_stderr_line, run_main
 
 import qml
-import simulators
+from machinery import simulators
 
 DEPTH = 2
 QUBITS = range(1, 9)
@@ -281,8 +280,7 @@ def edited_program(tmp_path_factory):
     """A copy of the program whose qml.py closes the CNOT ladder into a ring and follows each RY by an RZ of the
     same angle (complex amplitudes, every weight and input used twice)."""
     folder = tmp_path_factory.mktemp("edited")
-    for path in PROGRAM_FILES:
-        shutil.copy(path, folder)
+    copy_program(folder)
     source = (folder / "qml.py").read_text()
     for old, new in RING_AND_RZ:
         assert source.count(old) == 1, old

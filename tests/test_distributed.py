@@ -12,8 +12,7 @@ import pytest
 import torch
 from conftest import NO_GPUS, QML, ROOT, TINY_COUNTS, assert_ranks_agree, free_port
 
-import command_line
-import process_group
+from machinery import command_line, process_group
 import qml
 
 N_VAL = sum(TINY_COUNTS["val"].values())  # 9: odd, so padding the validation split over 2 ranks would show

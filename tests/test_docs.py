@@ -43,10 +43,9 @@ from pathlib import Path
 import pytest
 
 import bench
-import command_line
+from machinery import command_line
 import qml
-import report
-import sweep
+from machinery import report, sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "data" / "README.md"]
@@ -221,6 +220,8 @@ def parse_error(parser, arguments, program):
 def qml_error(arguments):
     if arguments[:1] == ["report"]:
         return parse_error(REPORT_PARSER, arguments[1:], "qml.py report")
+    if arguments[:1] == ["sweep"]:  # what submit_qml.sbatch runs: its arguments
+        return launcher_error(arguments[1:])
     return parse_error(QML_PARSER, arguments, "qml.py")
 
 

@@ -33,9 +33,7 @@ import torch
 from conftest import QML, ROOT, TINY_COUNTS, assert_ranks_agree, cpu_env, free_port, one_stderr_line, run_main, run_qml
 from PIL import Image
 
-import checkpoints
-import command_line
-import images
+from machinery import checkpoints, command_line, images
 import qml
 
 BASE = ["--weights", "none", "--qdevice", "torch", "--workers", "0", "--print-freq", "0", "--device", "cpu"]
@@ -56,7 +54,7 @@ def first_call_of_epoch_2(rank, world):
 WRAPPER = f"""
 import gc, os, signal, sys, time
 sys.path.insert(0, {ROOT!r})
-import checkpoints
+from machinery import checkpoints
 import qml
 from torch.nn.parallel import DistributedDataParallel
 

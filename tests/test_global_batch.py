@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import QML, assert_ranks_agree, cpu_env, free_port, one_stderr_line
 
-import command_line
+from machinery import command_line
 import qml
 from qml import validate_args
 

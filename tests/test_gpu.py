@@ -30,11 +30,9 @@ from conftest import (
     run_qml,
 )
 
-import command_line
-import images
-import process_group
+from machinery import command_line, images, process_group
 import qml
-import simulators
+from machinery import simulators
 
 # ----------------------------------------------------------------------------
 # Rules, with faked GPUs

@@ -2,9 +2,11 @@
 
 import ast
 import os
+import shutil
+import subprocess
 import sys
 
-from conftest import PROGRAM_FILES, ROOT
+from conftest import PROGRAM_FILES, ROOT, cpu_env
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
@@ -57,7 +59,7 @@ def imported_modules(path):
 
 
 def test_every_third_party_module_the_program_imports_is_required():
-    ours = {os.path.basename(path)[:-3] for path in PROGRAM_FILES}
+    ours = {os.path.basename(path)[:-3] for path in PROGRAM_FILES} | {"machinery"}
     imported = set().union(*(imported_modules(path) for path in PROGRAM_FILES))
     assert "pennylane" in imported and "scipy" in imported
     third_party = imported - set(sys.stdlib_module_names) - ours
@@ -68,8 +70,8 @@ def test_every_third_party_module_the_program_imports_is_required():
     assert needed - provided_by_torch <= set(requirements("requirements.txt")), needed
 
 
-def test_the_modules_beside_qml_py_never_import_it():
-    # The arrows point one way: qml.py is the story, the modules beside it its machinery.
+def test_the_machinery_never_imports_qml_py():
+    # The arrows point one way: qml.py is the story, machinery/ its machinery.
     for path in PROGRAM_FILES:
         if os.path.basename(path) not in ("qml.py", "bench.py"):
             assert "qml" not in imported_modules(path), path
@@ -79,3 +81,12 @@ def test_fresh_install_asks_for_no_pre_release():
     # A specifier naming a pre-release (e.g. >=0.39.0.dev0) lets pip install development builds from the registry.
     for requirement in requirements("requirements.txt").values():
         assert not any(Version(spec.version).is_prerelease for spec in requirement.specifier), str(requirement)
+
+
+def test_qml_py_copied_alone_names_the_folder_it_needs(tmp_path):
+    shutil.copy(os.path.join(ROOT, "qml.py"), tmp_path)
+    result = subprocess.run([sys.executable, str(tmp_path / "qml.py"), "--help"], capture_output=True, text=True,
+                            cwd=tmp_path, env=cpu_env())
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "qml.py: error: no module machinery; keep qml.py beside its machinery/ folder"]

@@ -12,10 +12,9 @@ import torchvision
 from conftest import ROOT
 from numpy_circuit import dressed_logits
 
-import command_line
-import images
+from machinery import command_line, images
 import qml
-import simulators
+from machinery import simulators
 
 IMAGENET_FILE = "resnet18-f37072fd.pth"  # the name torchvision caches ImageNet ResNet18 weights under
 

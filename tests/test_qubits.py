@@ -11,10 +11,10 @@ import pytest
 import torch
 from conftest import ROOT, cpu_env, one_stderr_line
 
-import images
+from machinery import images
 import qml
-import simulators
-from command_line import UsageError
+from machinery import simulators
+from machinery.command_line import UsageError
 
 GiB = 2**30
 
@@ -61,7 +61,8 @@ def test_the_estimate_doubles_with_each_qubit_and_grows_with_the_batch():
 PEAK_PROBE = textwrap.dedent("""\
     import sys
     sys.path.insert(0, {root!r})
-    import torch, qml, simulators
+    import torch, qml
+    from machinery import simulators
 
     def status(field):
         with open("/proc/self/status") as file:

@@ -14,10 +14,9 @@ import pytest
 from conftest import ROOT
 from matplotlib.container import ErrorbarContainer
 
-import command_line
+from machinery import command_line
 import qml
-import report
-import sweep as sweep_driver
+from machinery import report, sweep as sweep_driver
 
 
 def write_metrics(folder, name, tasks, seconds, best_acc=0.5, best_loss=0.7, val_accs=(0.5,), batch_size=4,

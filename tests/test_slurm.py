@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import NO_GPUS, PROGRAM_FILES, QML, ROOT, assert_ranks_agree, free_port, free_port_block, one_stderr_line
+from conftest import NO_GPUS, QML, ROOT, assert_ranks_agree, copy_program, free_port, free_port_block, one_stderr_line
 
 import qml
 from qml import validate_args
@@ -105,8 +105,7 @@ def slurm2_env():
 def submit_dir(tmp_path):
     """A submit directory holding copies of submit_qml.sbatch, qml.py and the modules beside it, as README sets up."""
     shutil.copy(SBATCH_SCRIPT, tmp_path / "submit_qml.sbatch")
-    for path in PROGRAM_FILES:
-        shutil.copy(path, tmp_path)
+    copy_program(tmp_path)
     return tmp_path
 
 
@@ -424,9 +423,8 @@ if "--check" not in sys.argv:
 
 def test_your_sbatch_cpus_per_task_reaches_the_step(slurm_env, tmp_path):
     """sbatch -c 1: srun -c1, and Slurm gives each task of the step 1 CPU (what a task sees: SLURM_CPUS_PER_TASK,
-    set by srun from the step's -c). A probe stands in for qml.py (QML_SCRIPT), beside sweep.py."""
-    for name in ("sweep.py", "command_line.py"):
-        shutil.copy(REPO / name, tmp_path)
+    set by srun from the step's -c). A probe stands in for qml.py's steps (QML_SCRIPT), beside the program."""
+    copy_program(tmp_path)
     (tmp_path / "probe.py").write_text(PROBE)
     shutil.copy(SBATCH_SCRIPT, tmp_path / "submit_qml.sbatch")
     rc, jobid, log, context = submit(slurm_env, tmp_path, 2, sbatch_opts=["-c", "1"],
@@ -514,6 +512,9 @@ echo "ACTIVATED $1"
 # Stands in for qml.py where a test needs no training: prints its arguments; --check passes, but when
 # FAKE_CHECK_FAILS names one of the arguments it checks.
 FAKE_QML = """import os, sys
+if sys.argv[1:2] == ["sweep"]:  # submit_qml.sbatch's hand-over, as qml.py does it: the sweep then runs this fake
+    from machinery import sweep
+    sys.exit(sweep.main(sys.argv[2:]))
 print("QML", *sys.argv[1:], flush=True)
 if "--check" in sys.argv and os.environ.get("FAKE_CHECK_FAILS", "--check") in sys.argv[1:-1]:
     sys.exit(print("qml.py: error: argument --n-qubits: must be 1..30", file=sys.stderr) or 2)
@@ -532,8 +533,8 @@ def fake_job(tmp_path):
         (bin_dir / name).chmod(0o755)
     submit = tmp_path / "submit"
     submit.mkdir()
-    for path in [*PROGRAM_FILES, MODULE_LIST]:
-        shutil.copy(path, submit)
+    copy_program(submit)
+    shutil.copy(MODULE_LIST, submit)
     base = {k: v for k, v in os.environ.items()
             if not k.startswith(("SLURM_", "OMP_", "QML_", "MIOPEN_", "MASTER_", "LMOD_")) and k not in (
                 "NCCL_SOCKET_IFNAME",)}
@@ -593,7 +594,7 @@ def test_sbatch_is_a_short_environment_setup_handing_over_to_sweep_py():
     text = SBATCH_SCRIPT.read_text()
     assert len(text.splitlines()) <= 150
     assert "<<" not in text and " - " not in text  # no heredoc, no script on stdin
-    assert re.search(r'^exec "\$PY" -u "\$HERE/sweep.py" "\$@"$', text, re.M)
+    assert re.search(r'^exec "\$PY" -u "\$HERE/qml.py" sweep "\$@"$', text, re.M)
     assert "75" not in text and "MASTER_ADDR" not in text and "cpe/26.03" not in text  # Python's, or the list's
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import qml
-import simulators
+from machinery import simulators
 
 # Every device named in the spec that is installed here; all but "torch" are PennyLane's.
 HEAD_QDEVICES = [d for d in ("lightning.kokkos", "lightning.qubit", "default.qubit", simulators.TORCH_QDEVICE)

@@ -16,10 +16,9 @@ from PIL import Image
 from torchvision import transforms
 
 import bench
-import images
+from machinery import images
 import qml
-import records
-import simulators
+from machinery import records, simulators
 
 N_IMAGES = sum(TINY_COUNTS["train"].values()) + sum(TINY_COUNTS["val"].values())  # 21
 CROP_BYTES = 3 * 224 * 224  # one uint8 crop

@@ -25,9 +25,9 @@ from conftest import GPU_SPACES, TINY_COUNTS, kokkos_build, run_main, run_qml
 from PIL import Image
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-import checkpoints
+from machinery import checkpoints
 import qml
-import records
+from machinery import records
 
 N_TRAIN = sum(TINY_COUNTS["train"].values())  # 12
 N_VAL = sum(TINY_COUNTS["val"].values())  # 9

@@ -13,8 +13,8 @@ import os
 import statistics
 import sys
 
-import sweep
-from command_line import ArgumentParser, RunFailed, UsageError, atomic_write
+from . import sweep
+from .command_line import ArgumentParser, RunFailed, UsageError, atomic_write
 
 SIGNIFICANCE = 0.05  # Welch's t-test: a p-value below this tells a mean best accuracy from the top one's
 # Times within 5% of the least are a tie: one setup timed twice on one machine differs by a few percent (docs/speed.md:

@@ -14,7 +14,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from command_line import UsageError
+from .command_line import UsageError
 
 
 @dataclasses.dataclass

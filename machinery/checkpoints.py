@@ -12,8 +12,8 @@ import time
 import numpy as np
 import torch
 
-from command_line import UsageError, atomic_write, raise_interrupt
-from process_group import broadcast_error, reduce_sums
+from .command_line import UsageError, atomic_write, raise_interrupt
+from .process_group import broadcast_error, reduce_sums
 
 # Options that must match for a checkpoint to be resumed.
 RESUME_KEYS = ("head", "n_qubits", "q_depth", "q_delta", "weights", "bn_mode", "cache_features", "batch_size",

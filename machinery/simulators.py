@@ -22,7 +22,7 @@ from importlib import metadata
 import numpy as np
 import torch
 
-from command_line import MAX_QUBITS, UsageError
+from .command_line import MAX_QUBITS, UsageError
 
 
 def lazy_import(name):

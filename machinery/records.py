@@ -16,9 +16,9 @@ import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel
 
-import checkpoints
-from images import ImageLoader, decoding_counts
-from process_group import gather_objects
+from . import checkpoints
+from .images import ImageLoader, decoding_counts
+from .process_group import gather_objects
 
 # ----------------------------------------------------------------------------
 # Each epoch

@@ -20,11 +20,12 @@ from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from command_line import ImageUnreadable, UsageError
-from process_group import broadcast_error, gather_shards, reduce_sums
+from .command_line import ImageUnreadable, UsageError
+from .process_group import broadcast_error, gather_shards, reduce_sums
 
 DATA_URL = "https://download.pytorch.org/tutorial/hymenoptera_data.zip"
-DEFAULT_DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "hymenoptera_data")
+DEFAULT_DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data",
+                                "hymenoptera_data")  # beside qml.py
 DOWNLOAD_TIMEOUT = 60  # seconds a stalled download may wait for the server
 # Image counts of the published ants/bees set, checked after a download.
 HYMENOPTERA_COUNTS = {"train": {"ants": 124, "bees": 121}, "val": {"ants": 70, "bees": 83}}

@@ -1,6 +1,6 @@
 """The sweep driver of submit_qml.sbatch, which sets up the site's environment and hands its arguments over:
 
-    sweep.py [TASKS[,TASKS...]] [--repeats K] [--vary OPTION=V1,V2,...] [--continue runs/<jobid>] [qml.py args]
+    qml.py sweep [TASKS[,TASKS...]] [--repeats K] [--vary OPTION=V1,V2,...] [--continue runs/<jobid>] [qml.py args]
 
 Every check comes before the first step: the arguments, every count against the job's nodes, CPUs and GPUs, the
 run folder against the sweep it was started with, and qml.py's own check of its arguments (`qml.py --check`).
@@ -23,7 +23,7 @@ import signal
 import subprocess
 import sys
 
-from command_line import RESUMABLE, RunFailed, UsageError, atomic_write
+from .command_line import RESUMABLE, RunFailed, UsageError, atomic_write
 
 # Frontier (OLCF's "Frontier User Guide"): 8 GCDs a node, one per task; 64 cores a node less 8 for the system
 # (core specialisation -S 8), 7 per task. srun -c counts physical cores there: SLURM_CPUS_ON_NODE may count
@@ -459,9 +459,10 @@ def set_up(sweep, env):
     alloc = read_allocation(env)
     counts = sweep.words()[0]
     steps = {tasks: plan_step(tasks, alloc, counts) for tasks in sweep.counts}  # all must fit before one runs
-    script = env.get("QML_SCRIPT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "qml.py")
+    script = env.get("QML_SCRIPT") or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                                   "qml.py")
     if not os.path.isfile(script):
-        raise RunFailed(f"training script {script} not found (copy qml.py next to sweep.py or set QML_SCRIPT)")
+        raise RunFailed(f"training script {script} not found (keep qml.py beside machinery/ or set QML_SCRIPT)")
     rundir, continuing = find_rundir(sweep, env["SLURM_JOB_ID"])
     if not continuing or sweep.continue_dir:  # a requeued job's own folder: its arguments passed at its first start
         check_qml_args(sys.executable, script, sweep)

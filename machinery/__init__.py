@@ -1,0 +1,2 @@
+"""The machinery around qml.py's story, one module for each thing it holds (README's "Layout"): simulators,
+images, process_group, checkpoints, records, command_line, report and the sweep driver. None imports qml.py."""
