@@ -118,10 +118,11 @@ def parts_in(records_of_runs):
                    for metric in ("loss", "acc"))]
 
 
-def finish_axes(ax_loss, ax_acc, n_classes, accuracies):
-    """Both panels' labels, integer epochs, the loss from 0 and the accuracy from chance to 1."""
+def finish_axes(ax_loss, ax_acc, n_classes, accuracies, stacked=False):
+    """Both panels' labels (stacked: the loss above the accuracy, which alone names the epochs), integer epochs,
+    the loss from 0 and the accuracy from chance to 1."""
     for axis, name in ((ax_loss, "loss"), (ax_acc, "accuracy")):
-        axis.set(xlabel="epoch", ylabel=name)
+        axis.set(xlabel="" if stacked and axis is ax_loss else "epoch", ylabel=name)
         axis.xaxis.get_major_locator().set_params(integer=True)
     level, label = chance(n_classes)
     ax_acc.axhline(level, linestyle=":", color="gray", label=label)
@@ -178,12 +179,12 @@ def curves_band_figure(groups, n_classes, title):
     """Learning curves of groups of runs (a sweep's task counts or values of its varied option), one colour each:
     a column per part (train, validation, test), loss above accuracy; each line the mean over the group's runs,
     its band one std. groups: (label, [each run's epoch records], [each run's (kept epoch, test accuracy) or
-    None]); the kept heads' test accuracies, where recorded, are a star at their mean epoch with a one-std bar."""
+    None]); the kept heads' test accuracies, where recorded, are a star at their mean epoch with a one-std bar (in
+    the test column when the epochs recorded a test part, else in the validation one)."""
     records_of_runs = [records for _, runs, _ in groups for records in runs]
     parts = parts_in(records_of_runs)
-    tested = any(test for _, _, tests in groups for test in tests)
-    if tested and ("test", "test") not in parts:
-        parts.append(("test", "test"))
+    keys = [key for key, _ in parts]
+    stars = keys.index("test") if "test" in keys else keys.index("val")  # the kept heads' test accuracies go there
     fig, axes = pyplot().subplots(2, len(parts), squeeze=False, figsize=(4.6 * len(parts), 7.4), sharex=True)
     accuracies = []
     for index, (label, runs, tests) in enumerate(groups):
@@ -199,7 +200,7 @@ def curves_band_figure(groups, n_classes, title):
                 axis.set_title(f"{part} {'loss' if metric == 'loss' else 'accuracy'}")
         kept = [test for test in tests if test]
         if kept:
-            column = parts.index(("test", "test"))
+            column = stars
             at = statistics.mean(epoch for epoch, _ in kept)
             values = [acc for _, acc in kept]
             spread = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -207,7 +208,7 @@ def curves_band_figure(groups, n_classes, title):
                                      color=color, capsize=4, label=f"{label}: test, kept head")
             accuracies.append(statistics.mean(values) - spread)
     for column in range(len(parts)):
-        finish_axes(axes[0][column], axes[1][column], n_classes, accuracies)
+        finish_axes(axes[0][column], axes[1][column], n_classes, accuracies, stacked=True)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
