@@ -61,7 +61,7 @@ def prediction_grid_figure(tiles, title):
                                   figsize=(GRID_COLUMNS * TILE_INCHES, rows * (TILE_INCHES + 0.55) + 0.5))
     for axis in axes.flat:
         axis.set_axis_off()
-    for axis, tile in zip(axes.flat, tiles):
+    for axis, tile in zip(axes.flat, tiles, strict=False):  # the last row may have empty places
         color = tile_color(tile["predicted"], tile["true"])
         axis.set_axis_on()
         axis.imshow(tile["image"])
@@ -166,7 +166,7 @@ def mean_band(records_of_runs, key):
     only one run did."""
     by_epoch = {}
     for records in records_of_runs:
-        for epoch, record in zip(epoch_numbers(records), records):
+        for epoch, record in zip(epoch_numbers(records), records, strict=True):
             if record.get(key) is not None:
                 by_epoch.setdefault(epoch, []).append(record[key])
     epochs = sorted(by_epoch)
@@ -194,9 +194,10 @@ def curves_band_figure(groups, n_classes, title):
                 epochs, means, stds = mean_band(runs, f"{key}_{metric}")
                 axis = axes[row][column]
                 axis.plot(epochs, means, "-", color=color, label=label)
-                axis.fill_between(epochs, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
-                                  color=color, alpha=0.2, linewidth=0)
-                accuracies += [m - s for m, s in zip(means, stds)] if metric == "acc" else []
+                lows = [mean - std for mean, std in zip(means, stds, strict=True)]
+                highs = [mean + std for mean, std in zip(means, stds, strict=True)]
+                axis.fill_between(epochs, lows, highs, color=color, alpha=0.2, linewidth=0)
+                accuracies += lows if metric == "acc" else []
                 axis.set_title(f"{part} {'loss' if metric == 'loss' else 'accuracy'}")
         kept = [test for test in tests if test]
         if kept:

@@ -255,7 +255,7 @@ def predict(model, margs, items, args, transform, device, picks):
         if crops:
             with torch.no_grad(), images.backbone_autocast(margs.precision, device):
                 logits = model(images.prepare_images(torch.stack(list(crops.values())), device))
-            probabilities = dict(zip(crops, torch.softmax(logits.float(), 1).cpu().tolist()))
+            probabilities = dict(zip(crops, torch.softmax(logits.float(), 1).cpu().tolist(), strict=True))
         for index, (path, true) in batch:
             crop = crops[index].permute(1, 2, 0).numpy() if index in picks and index in crops else None
             yield path, true, probabilities.get(index, failed.get(index)), crop
@@ -276,7 +276,7 @@ def confusion_lines(matrix, classes):
     lines = ["Confusion matrix (rows: true class, its folder; columns: predicted class):",
              " " * width + "".join(name.rjust(width) for name in classes)]
     lines += [name.ljust(width) + "".join(str(count).rjust(width) for count in row)
-              for name, row in zip(classes, matrix)]
+              for name, row in zip(classes, matrix, strict=True)]
     return lines
 
 
@@ -324,8 +324,8 @@ def run(args, build_model, transform, defaults):
         if true is not None:
             matrix[classes.index(true)][classes.index(predicted)] += 1
         if crop is not None:
-            tiles.append(dict(image=crop, name=os.path.join(*split_tail(path)), predicted=predicted, probability=probability,
-                              true=true))
+            tiles.append(dict(image=crop, name=os.path.join(*split_tail(path)), predicted=predicted,
+                              probability=probability, true=true))
     scored = sum(map(sum, matrix))
     correct = sum(matrix[i][i] for i in range(len(classes)))
     summary = None

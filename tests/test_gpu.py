@@ -284,7 +284,8 @@ def test_gpu_and_cpu_give_the_same_first_epoch(gpu_data, tmp_path, qdevice):
 
 
 @needs_gpu
-@pytest.mark.parametrize("trained_on, predicted_on", [("cuda", "cpu"), ("cpu", "cuda")], ids=["gpu-to-cpu", "cpu-to-gpu"])
+@pytest.mark.parametrize("trained_on, predicted_on", [("cuda", "cpu"), ("cpu", "cuda")],
+                         ids=["gpu-to-cpu", "cpu-to-gpu"])
 def test_a_model_saved_on_one_device_predicts_on_the_other(gpu_data, tmp_path, trained_on, predicted_on):
     """qml.py predict of its own validation folder with a model trained elsewhere: the loss the run recorded (to the
     float noise between devices), the accuracy within one image that may fall the other way."""
