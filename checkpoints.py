@@ -47,12 +47,13 @@ def save_model(path, model, state, config):
     """--save: all that `qml.py predict` needs to rebuild the model that trained, and no more: the run's config
     (head, qubits, depth, the circuit's digest, classes, backbone weights and seed, precision), the kept head, the
     digest of the frozen backbone (rebuilt from its weights or seed, not copied), and under --bn-mode train the
-    BatchNorm statistics that the kept head was validated with (training changes them). model: the model holding
+    BatchNorm statistics that the kept head was validated with (training changes them; None when a run resumed from
+    a checkpoint that predates them did not record them: predict then refuses the file). model: the model holding
     the kept head (train_model's)."""
     kept = state["best_head"] is not None
     buffers = None
     if config["bn_mode"] == "train":
-        buffers = state["best_buffers"] if kept else dict(model.named_buffers())
+        buffers = state.get("best_buffers") if kept else dict(model.named_buffers())
     payload = dict(format=MODEL_FORMAT, config=config, head=on_cpu(model.fc.state_dict()), buffers=on_cpu(buffers),
                    backbone_sha256=images.backbone_digest(model), selected_epoch=kept_epoch(state),
                    best_val_acc=state["best_acc"], torch=str(torch.__version__))

@@ -66,6 +66,10 @@ def read_model(path):
                          f"{MAKE_ONE}") from None
     try:
         if isinstance(saved, dict) and saved.get("format") == checkpoints.MODEL_FORMAT:
+            if saved["config"]["bn_mode"] == "train" and saved["buffers"] is None:
+                raise UsageError(f"{path}: its run resumed from a checkpoint from before checkpoints kept the "
+                                 f"BatchNorm statistics of the kept head (--bn-mode train changes them), so the model "
+                                 f"it validated cannot be rebuilt; train again with --save")
             return {key: saved[key] for key in ("config", "head", "buffers", "backbone_sha256", "selected_epoch",
                                                 "best_val_acc")}
         if isinstance(saved, dict) and CHECKPOINT_KEYS <= set(saved):

@@ -281,3 +281,20 @@ def test_a_missing_input_is_refused(trained, tmp_path, no_image_read):
     models, _ = trained
     line = refusal(predict(models["linear"] / "model.pt", tmp_path / "nothing-here"))
     assert "no such file or folder" in line
+
+
+def test_a_batch_of_images_is_one_circuit_call(trained, monkeypatch):
+    models, data = trained
+    calls, build_model = [], qml.build_model
+
+    def build_counting(args, n_classes, device_id=None):
+        model = build_model(args, n_classes, device_id)
+        circuit = model.fc.quantum_net
+        model.fc.quantum_net = lambda inputs, weights: calls.append(len(inputs)) or circuit(inputs, weights)
+        model.fc.quantum_net.trace = circuit.trace
+        return model
+
+    monkeypatch.setattr(qml, "build_model", build_counting)
+    result = predict(models["quantum"] / "model.pt", data / "val", "--batch-size", "4")
+    assert result.returncode == 0, result.stderr
+    assert calls == [4, 4, 1]  # 9 images
