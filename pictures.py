@@ -127,7 +127,8 @@ def finish_axes(ax_loss, ax_acc, n_classes, accuracies, stacked=False):
     level, label = chance(n_classes)
     ax_acc.axhline(level, linestyle=":", color="gray", label=label)
     ax_acc.set_ylim(*accuracy_limits(n_classes, accuracies))
-    ax_loss.set_ylim(bottom=0)
+    highest = ax_loss.dataLim.y1  # the highest loss drawn, whose line must not run along the top edge
+    ax_loss.set_ylim(0, 1.08 * highest if math.isfinite(highest) and highest > 0 else None)
     for axis in (ax_loss, ax_acc):
         axis.legend(loc="best", fontsize=8)
 

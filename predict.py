@@ -334,7 +334,7 @@ def run(args, build_model, transform, defaults):
     correct = sum(matrix[i][i] for i in range(len(classes)))
     summary = None
     if scored:
-        summary = f"accuracy {correct / scored:.4f} ({correct} of {scored} images in class folders)"
+        summary = f"accuracy {correct / scored:.4f}\n({correct} of {scored} images in class folders)"
         print(f"Accuracy: {correct / scored:.4f} ({correct} of {scored} images in class folders, each scored "
               f"against its folder)")
         print("\n".join(confusion_lines(matrix, classes)))
@@ -355,7 +355,8 @@ def write_outputs(args, rows, classes, tiles, matrix, summary, count):
     if args.grid:
         wrong = sum(tile["true"] is not None and tile["true"] != tile["predicted"] for tile in tiles)
         shown = f"{len(tiles)} of {count} images" + (" (evenly spaced)" if len(tiles) < count else "")
-        title = f"{name}: {shown}, {wrong} wrong (red)" + (f"; all scored: {summary}" if summary else "")
+        all_scored = " ".join(summary.split()) if summary else ""
+        title = f"{name}: {shown}, {wrong} wrong (red)" + (f"; all scored: {all_scored}" if summary else "")
         pictures.save_figure(pictures.prediction_grid_figure(tiles, title), args.grid)
         print(f"Prediction grid: {args.grid}")
     if args.confusion:
