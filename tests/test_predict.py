@@ -298,3 +298,23 @@ def test_a_batch_of_images_is_one_circuit_call(trained, monkeypatch):
     result = predict(models["quantum"] / "model.pt", data / "val", "--batch-size", "4")
     assert result.returncode == 0, result.stderr
     assert calls == [4, 4, 1]  # 9 images
+
+
+def test_imagenet_weights_other_than_those_it_trained_on_are_refused(trained, tmp_path, monkeypatch):
+    """A run on (a stand-in for) the cached ImageNet weights predicts its recorded accuracy while the cache holds
+    them, and is refused once the cache holds other weights."""
+    _, data = trained
+    cache = tmp_path / "torch_home" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.manual_seed(3)
+    torch.save(torchvision.models.resnet18().state_dict(), cache / "resnet18-f37072fd.pth")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    argv = ["--data-dir", str(data), *COMMON, *RUNS["linear"], "--weights", "imagenet"]  # the last --weights counts
+    run = run_main(qml, [*argv, "--save", str(tmp_path / "model.pt"), "--metrics-json", str(tmp_path / "m.json")])
+    assert run.returncode == 0, run.stderr
+    accuracy = json.loads((tmp_path / "m.json").read_text())["best_val_acc"]
+    assert f"Accuracy: {accuracy:.4f}" in predict(tmp_path / "model.pt", data / "val").stdout
+    torch.manual_seed(4)
+    torch.save(torchvision.models.resnet18().state_dict(), cache / "resnet18-f37072fd.pth")
+    line = refusal(predict(tmp_path / "model.pt", data / "val"))
+    assert "the ImageNet weights loaded here differ from those it trained on" in line
