@@ -31,16 +31,16 @@ def get_args_parser():
                             "line per image (path, predicted class, its probability); images inside class folders "
                             "(named as the model's classes) are scored against their folder.")
     add = parser.add_argument
-    add("model", help="a file written by qml.py --save, or a --checkpoint file (its kept head)")
+    add("model", metavar="MODEL", help="a file written by qml.py --save, or a --checkpoint file (its kept head)")
     add("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files, or folders searched for images as "
         "torchvision's ImageFolder finds them (e.g. a data set's val/)")
     add("--out", metavar="FILE.csv", help="write every prediction to this CSV file: path, predicted class, its "
         "probability, true class (its folder's, else empty), and the probability of each class")
     add("--grid", metavar="FILE.png", help="draw the images (evenly spaced among them, --grid-images at most) with "
         "their predicted and true class, wrong ones in red")
-    add("--grid-images", type=positive(int), default=16, help="images in the --grid picture (default: %(default)s)")
+    add("--grid-images", type=positive(int), default=16, metavar="N", help="images in the --grid picture (default: %(default)s)")
     add("--confusion", metavar="FILE.png", help="draw the confusion matrix of the images in class folders")
-    add("--batch-size", type=positive(int), default=32, help="images per forward pass, each one circuit call "
+    add("--batch-size", type=positive(int), default=32, metavar="N", help="images per forward pass, each one circuit call "
         "(default: %(default)s)")
     add("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: a GPU when visible "
         "(default: %(default)s)")
