@@ -190,3 +190,13 @@ def test_confusion_picture_writes_each_count_in_its_cell():
     assert cells == {(i, j): matrix[i][j] for i in range(3) for j in range(3)}
     assert [label.get_text() for label in axis.get_xticklabels()] == ["ants", "bees", "wasps"]
     assert (axis.get_xlabel(), axis.get_ylabel()) == ("predicted class", "true class (its folder)")
+
+
+def test_sweep_report_of_three_class_runs_draws_chance_at_a_third(tmp_path, monkeypatch):
+    drawn = {}
+    monkeypatch.setattr(report, "save_figure", lambda fig, path: drawn.setdefault(path, fig))
+    write_run(tmp_path / "tasks-1.json")
+    assert report.main([str(tmp_path)]) == 0
+    (accuracy,) = [axis for axis in drawn[str(tmp_path / "scaling.png")].axes
+                   if axis.get_title().startswith("Best validation")]
+    assert list(line_labelled(accuracy, "chance (1/3: 3 classes)").get_ydata()) == [1 / 3] * 2
