@@ -570,8 +570,8 @@ def report_run(path, by=None):
         records, config, best = metrics["epochs"], {"head": "quantum", **metrics["config"]}, metrics["best_val_acc"]
         selected, tasks = kept_epoch(metrics), metrics["world_size"]
     except (OSError, ValueError, KeyError, TypeError):
-        raise UsageError(f"{path} is not a metrics JSON written by qml.py --metrics-json; give one, or a folder of "
-                         f"them") from None
+        raise UsageError(f"{path} is not a metrics JSON written by qml.py --metrics-json; give one (its learning "
+                         f"curves are drawn), or a sweep's folder of them ({WHERE_METRICS_COME_FROM})") from None
     test = kept_test(metrics)
     tested = f", test accuracy {test['acc']:.4f}" if test else ""
     kept = f"epoch {selected} of {len(records)}, validation accuracy {best:.4f}{tested}"
