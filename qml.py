@@ -8,6 +8,7 @@ dressed head trains, with DistributedDataParallel across Slurm/torchrun/MPI rank
     python qml.py                        # the tutorial's experiment
     python qml.py --help                 # every option
     python qml.py report runs/<jobid>    # scaling table of a submit_qml.sbatch sweep (machinery/report.py)
+    python qml.py predict MODEL IMAGES   # classify images with a --save or --checkpoint file (machinery/predict.py)
     python bench.py                      # speed benchmark table (bench.py, beside this file)
 
 Reading this file beside the tutorial; its sections come in this order:
@@ -30,8 +31,8 @@ Reading this file beside the tutorial; its sections come in this order:
       gamma_lr_scheduler, manual_seed(42)      --seed (get_args_parser); setup: join, train, report, leave
 
 The machinery beyond the tutorial lives beside this file in machinery/, in modules named for what they hold, none
-importing this one: simulators, images, process_group, checkpoints, records, command_line, report, and the sweep
-driver sweep (README's "Layout" says what each holds).
+importing this one: simulators, images, process_group, checkpoints, records, command_line, report, predict,
+pictures, and the sweep driver sweep (README's "Layout" says what each holds).
 """
 
 import copy
@@ -360,6 +361,7 @@ def record_best(state, phase, loss, acc, model):
     if phase == "validation" and acc > state["best_acc"]:
         state["best_acc"] = acc
         state["best_head"] = {k: v.detach().clone() for k, v in model.fc.state_dict().items()}
+        state["best_buffers"] = {k: v.detach().clone() for k, v in model.named_buffers()}  # --bn-mode train moves them
     if phase == "validation" and loss < state["best_loss"]:
         state["best_loss"] = loss
     if phase == "train" and acc > state["best_acc_train"]:
@@ -528,7 +530,8 @@ def train_model(args, ctx):
 def get_args_parser():
     parser = ArgumentParser(prog="qml.py",
                             description="Hybrid quantum-classical transfer learning (OLCF Python_QML_Basics).",
-                            epilog="Subcommand: 'python qml.py report RUNDIR', a sweep's scaling table. "
+                            epilog="Subcommands: 'python qml.py report RUNDIR', a sweep's scaling table; "
+                                   "'python qml.py predict MODEL IMAGES', a trained model's classes. "
                                    "Speed: 'python bench.py'.")
     add = parser.add_argument
     add("--data-dir", default=None, help="ImageFolder root with train/ and val/ (default: $QML_DATA_DIR, "
@@ -589,7 +592,8 @@ def get_args_parser():
         "CPUs), at most 3; on CPUs: 0, as the OpenMP threads use every core)")
     add("--print-freq", type=number(int, 0), default=None, help="progress line every N batches; 0: never "
         "(default: each batch when stdout is a terminal, else every 10)")
-    add("--save", default=None, help="write the best dressed-head weights (state_dict) to this file")
+    add("--save", default=None, help="write the trained model (the kept head and all that 'qml.py predict' needs "
+        "to rebuild it) to this file")
     add("--checkpoint", default=None, help="write a resumable checkpoint to this file after every epoch")
     add("--resume", default=None, help="continue from a --checkpoint file")
     add("--resume-any-world-size", action="store_true", help="with --resume: continue on another number of "
@@ -675,7 +679,7 @@ def setup(args):
             print(f"Best average loss: {state['best_loss']:.4f} | Best average accuracy: {state['best_acc']:.4f}",
                   flush=True)
             if args.save:
-                checkpoints.save_weights(args.save, model.fc)
+                checkpoints.save_model(args.save, model, state, config)
             for path in args.metrics_json:
                 records.write_metrics(path, state, config, ctx)
         if ctx.world_size > 1:
@@ -696,6 +700,10 @@ def main(argv=None):
     try:
         if argv[:1] in SUBCOMMANDS:
             return importlib.import_module(f"machinery.{argv[0]}").main(argv[1:])
+        if argv[:1] == ["predict"]:  # classify images with a trained model, rebuilt by this file's build_model
+            from machinery import predict
+
+            return predict.main(argv[1:], build_model, data_transforms(), get_args_parser().parse_args([]))
         args = get_args_parser().parse_args(argv)
         validate_args(args)
         if args.check:

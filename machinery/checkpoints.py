@@ -8,16 +8,19 @@ import shlex
 import signal
 import tempfile
 import time
+import weakref
 
 import numpy as np
 import torch
 
+from . import images
 from .command_line import UsageError, atomic_write, raise_interrupt
 from .process_group import broadcast_error, reduce_sums
 
 # Options that must match for a checkpoint to be resumed.
 RESUME_KEYS = ("head", "n_qubits", "q_depth", "q_delta", "weights", "bn_mode", "cache_features", "batch_size",
                "lr", "gamma", "step_size", "seed", "shuffle_seed", "n_classes", "classes", "precision", "circuit")
+MODEL_FORMAT = "qml.py model"  # what --save writes: all that `qml.py predict` needs to rebuild the trained model
 
 
 def torch_bytes(obj):
@@ -28,9 +31,44 @@ def torch_bytes(obj):
     return buffer.getbuffer()
 
 
-def save_weights(path, module):
-    """module's state_dict in `path` (--save: the best dressed head)."""
-    atomic_write(path, lambda file: file.write(torch_bytes(module.state_dict())))
+BACKBONE_DIGESTS = weakref.WeakKeyDictionary()  # model: its backbone's digest, taken once (the backbone is frozen)
+
+
+def backbone_digest(model):
+    """images.backbone_digest of a training model, computed at its first checkpoint only (0.1 s to 0.5 s each)."""
+    if model not in BACKBONE_DIGESTS:
+        BACKBONE_DIGESTS[model] = images.backbone_digest(model)
+    return BACKBONE_DIGESTS[model]
+
+
+def on_cpu(tensors):
+    """{name: tensor} moved to the CPU (None stays None): a file saved on a GPU loads anywhere."""
+    return None if tensors is None else {name: tensor.detach().cpu() for name, tensor in tensors.items()}
+
+
+def kept_epoch(state):
+    """The 1-based epoch whose head the run keeps: the first to reach the best validation accuracy (the tutorial
+    keeps a head only when the accuracy rises), else the last."""
+    if state["best_head"] is None:
+        return len(state["history"])
+    return next(record["epoch"] for record in state["history"] if record["val_acc"] == state["best_acc"])
+
+
+def save_model(path, model, state, config):
+    """--save: all that `qml.py predict` needs to rebuild the model that trained, and no more: the run's config
+    (head, qubits, depth, the circuit's digest, classes, backbone weights and seed, precision), the kept head, the
+    digest of the frozen backbone (rebuilt from its weights or seed, not copied), and under --bn-mode train the
+    BatchNorm statistics that the kept head was validated with (training changes them; None when a run resumed from
+    a checkpoint that predates them did not record them: predict then refuses the file). model: the model holding
+    the kept head (train_model's)."""
+    kept = state["best_head"] is not None
+    buffers = None
+    if config["bn_mode"] == "train":
+        buffers = state.get("best_buffers") if kept else dict(model.named_buffers())
+    payload = dict(format=MODEL_FORMAT, config=config, head=on_cpu(model.fc.state_dict()), buffers=on_cpu(buffers),
+                   backbone_sha256=backbone_digest(model), selected_epoch=kept_epoch(state),
+                   best_val_acc=state["best_acc"], torch=str(torch.__version__))
+    atomic_write(path, lambda file: file.write(torch_bytes(payload)))
 
 
 def output_paths(args):
@@ -82,6 +120,7 @@ def save_checkpoint(path, run):
         config=run.config, state=state, head=run.model.fc.state_dict(),
         buffers=dict(run.model.named_buffers()),  # BatchNorm statistics move in --bn-mode train
         optimizer=run.optimizer.state_dict(), scheduler=run.scheduler.state_dict(),
+        backbone_sha256=backbone_digest(run.model),  # `qml.py predict` checks the backbone it rebuilds
         rng=dict(torch=torch.get_rng_state(), numpy=[numpy_rng[0], numpy_rng[1].tolist(), *numpy_rng[2:]]),
     )
     atomic_write(path, lambda file: file.write(torch_bytes(payload)))

@@ -4,6 +4,7 @@ turns them into features (its weights, ImageNet, none or a file, each checked, a
 
 import functools
 import glob
+import hashlib
 import os
 import pickle
 import platform
@@ -381,6 +382,16 @@ def load_backbone(weights):
     if weights != "none":
         model.load_state_dict(read_resnet18_state_dict(weights, model.state_dict()))
     return model
+
+
+def backbone_digest(model):
+    """SHA-256 of the frozen backbone's weights (every parameter but the head's, in name order, as stored after
+    --precision's cast): a model file records it, so that predict rebuilds the backbone it trained on or refuses."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.named_parameters(), key=lambda pair: pair[0]):
+        if not name.startswith("fc."):
+            digest.update(name.encode() + tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def read_resnet18_state_dict(path, expected):

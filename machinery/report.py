@@ -1,5 +1,6 @@
-"""`python qml.py report RUNDIR [--by OPTION]`: the table, CSV and plot of a submit_qml.sbatch sweep, and the answer
-to its question, which never claims more than the runs show. Without a varied option: which task count trains
+"""`python qml.py report RUNDIR [--by OPTION]`: the table, CSV and plots of a submit_qml.sbatch sweep (its learning
+curves too), and the answer to its question, which never claims more than the runs show; `python qml.py report
+RUN.json`: one run's learning curves. Without a varied option: which task count trains
 fastest at the greatest best average accuracy (the challenge's). With one (submit_qml.sbatch --vary, recorded in
 RUNDIR/sweep.args; in a folder of hand-made runs, the config key whose values differ; or --by): which value of it
 reaches the greatest best accuracy, and whether Welch's t-test tells the others from it."""
@@ -13,7 +14,7 @@ import os
 import statistics
 import sys
 
-from . import sweep
+from . import pictures, sweep
 from .command_line import ArgumentParser, RunFailed, UsageError, atomic_write
 
 SIGNIFICANCE = 0.05  # Welch's t-test: a p-value below this tells a mean best accuracy from the top one's
@@ -22,8 +23,7 @@ SIGNIFICANCE = 0.05  # Welch's t-test: a p-value below this tells a mean best ac
 # (time.time(), microseconds), so a smaller gap between single runs is no measured difference.
 TIME_TIE = 0.05
 REPEATS_FOR_NOISE = 3  # the runs per count suggested when there are none to estimate the noise from
-CHANCE = 0.5  # accuracy of guessing between two classes (ants and bees): the accuracy axis starts here ...
-ACCURACY_PAD = 0.02  # ... and ends at 1, each end padded so that a point or line there stays in sight
+ACCURACY_PAD = 0.02  # the accuracy axis runs from chance to 1, each end padded so that a point there stays in sight
 SERIES_SHIFT = 0.08  # on a plot against a varied value, each task count's points sit this far beside the others'
 WHERE_METRICS_COME_FROM = ("submit_qml.sbatch 1,2,4,8 writes them to runs/<jobid>; without Slurm, run qml.py with "
                            "--metrics-json DIR/tasks-N.json at each task count N, then report DIR")
@@ -412,23 +412,24 @@ def draw_speedup(axes, rows):
     axes.legend(loc="upper left")
 
 
-def accuracy_axis(axes, rows, random_backbone):
-    """The accuracy panel's chance line, title and axis: from chance (lower if a point or its error bar is) to 1,
-    padded by ACCURACY_PAD."""
-    axes.axhline(CHANCE, linestyle=":", color="gray", label="chance (two classes)")
+def accuracy_axis(axes, rows, random_backbone, n_classes=2):
+    """The accuracy panel's chance line (one over the number of classes), title and axis: from chance (lower if a
+    point or its error bar is) to 1, padded by ACCURACY_PAD."""
+    level, label = pictures.chance(n_classes)
+    axes.axhline(level, linestyle=":", color="gray", label=label)
     lowest = min(row["best_val_acc"] - (row["best_val_acc_std"] or 0) for row in rows)
-    axes.set_ylim(min(CHANCE, math.floor(lowest * 20) / 20) - ACCURACY_PAD, 1 + ACCURACY_PAD)
+    axes.set_ylim(min(level, math.floor(lowest * 20) / 20) - ACCURACY_PAD, 1 + ACCURACY_PAD)
     backbone = "\non a random backbone (--weights none)" if random_backbone else ""
     axes.set(title=f"Best validation accuracy{backbone}", ylabel="best validation accuracy")
     axes.legend(loc="best")  # where it hides no point
 
 
-def draw_accuracy(axes, rows, random_counts):
+def draw_accuracy(axes, rows, random_counts, n_classes=2):
     """Best validation accuracy against the task count as points (separate experiments, no trend line)."""
     tasks = [row["tasks"] for row in rows]
     draw_means(axes, tasks, rows, "best_val_acc", "s", "tab:red", "best validation accuracy")
     axes.set(xlabel="tasks", xticks=tasks)
-    accuracy_axis(axes, rows, random_counts)
+    accuracy_axis(axes, rows, random_counts, n_classes)
 
 
 def spread_note(rows, what="count", where=lambda rows: f"{task_list(rows)} task(s)"):
@@ -441,17 +442,17 @@ def spread_note(rows, what="count", where=lambda rows: f"{task_list(rows)} task(
     return f"error bars: one std over each {what}'s runs; points: means"
 
 
-def plot_figure(rows, random_counts=()):
+def plot_figure(rows, random_counts=(), n_classes=2):
     fig, (ax_time, ax_speed, ax_acc) = pyplot().subplots(1, 3, figsize=(15, 4.5))
     draw_time(ax_time, rows)
     draw_speedup(ax_speed, rows)
-    draw_accuracy(ax_acc, rows, random_counts)
+    draw_accuracy(ax_acc, rows, random_counts, n_classes)
     fig.suptitle(f"Python_QML_Basics scaling: {spread_note(rows)}", fontsize=10)
     fig.tight_layout()
     return fig
 
 
-def axis_figure(rows, option, random_backbone=False):
+def axis_figure(rows, option, random_backbone=False, n_classes=2):
     """Training time and best accuracy against the compared option's values (in the rows' order), one series of
     points per task count, each shifted by SERIES_SHIFT so that their error bars stay apart."""
     values = list(dict.fromkeys(row[option] for row in rows))
@@ -466,7 +467,7 @@ def axis_figure(rows, option, random_backbone=False):
         axes.set(xlabel=f"--{option}", xticks=range(len(values)), xticklabels=[str(value) for value in values],
                  xlim=(-0.5, len(values) - 0.5))
     seconds_axis(ax_time, rows)
-    accuracy_axis(ax_acc, rows, random_backbone)
+    accuracy_axis(ax_acc, rows, random_backbone, n_classes)
     note = spread_note(rows, "value", lambda rows: ", ".join(f"{value_label(row, option)} at {row['tasks']} task(s)"
                                                              for row in rows))
     fig.suptitle(f"Python_QML_Basics by --{option}: {note}", fontsize=10)
@@ -507,7 +508,7 @@ def report_task_counts(runs, rundir):
     rows, random_counts = scaling_rows(runs), random_backbone_counts(runs)
     csv_path, png_path = os.path.join(rundir, "scaling.csv"), os.path.join(rundir, "scaling.png")
     write_table(rows, csv_path)
-    save_figure(plot_figure(rows, random_counts), png_path)
+    save_figure(plot_figure(rows, random_counts, class_count(runs)), png_path)
     print(f"Scaling table: {csv_path}\nScaling plot: {png_path}")
     print(answer_line(rows, random_counts))
 
@@ -518,7 +519,7 @@ def report_axis(runs, rundir, key, listed):
     rows, random_counts = axis_rows(runs, key, option, listed), random_backbone_counts(runs)
     csv_path, png_path = os.path.join(rundir, f"by-{option}.csv"), os.path.join(rundir, f"by-{option}.png")
     write_table(rows, csv_path)
-    save_figure(axis_figure(rows, option, bool(random_counts)), png_path)
+    save_figure(axis_figure(rows, option, bool(random_counts), class_count(runs)), png_path)
     print(f"Table by --{option}: {csv_path}\nPlot by --{option}: {png_path}")
     counts = sorted({row["tasks"] for row in rows})
     values = ",".join(str(value) for value in dict.fromkeys(row[option] for row in rows))
@@ -531,12 +532,98 @@ def report_axis(runs, rundir, key, listed):
         print(f"{prefix}: {axis_answer(at_count, option, rerun)}{caution}")
 
 
+# ----------------------------------------------------------------------------
+# Learning curves: of one run (RUN.json), and of a sweep's task counts or values (mean and one std over repeats)
+
+
+def class_count(runs):
+    """The most classes any run trained on (files from before the count was recorded had two): the plots' chance
+    is one over it."""
+    return max(run["config"].get("n_classes", 2) for run in runs)
+
+
+def kept_epoch(metrics):
+    """The 1-based epoch whose head the run kept: recorded (selected_epoch), else the first that reached the best
+    validation accuracy (the tutorial keeps a head only when the accuracy rises), else the last."""
+    if metrics.get("selected_epoch"):
+        return metrics["selected_epoch"]
+    records = metrics["epochs"]
+    best = [index for index, record in enumerate(records, 1) if record.get("val_acc") == metrics.get("best_val_acc")]
+    return best[0] if best else len(records)
+
+
+def kept_test(metrics):
+    """The kept head's test loss and accuracy ({"loss", "acc"}), or None for a run without a test part."""
+    if metrics.get("test_acc") is None:
+        return None
+    return dict(loss=metrics.get("test_loss"), acc=metrics["test_acc"])
+
+
+def report_run(path, by=None):
+    """`qml.py report RUN.json`: one run's learning curves, drawn beside it as RUN-curves.png."""
+    if by:
+        raise UsageError(f"--by compares the runs of a folder; {path} is one run's file: give its folder")
+    try:
+        with open(path) as file:
+            metrics = json.load(file)
+        records, config, best = metrics["epochs"], {"head": "quantum", **metrics["config"]}, metrics["best_val_acc"]
+        selected, tasks = kept_epoch(metrics), metrics["world_size"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UsageError(f"{path} is not a metrics JSON written by qml.py --metrics-json; give one (its learning "
+                         f"curves are drawn), or a sweep's folder of them ({WHERE_METRICS_COME_FROM})") from None
+    test = kept_test(metrics)
+    tested = f", test accuracy {test['acc']:.4f}" if test else ""
+    kept = f"epoch {selected} of {len(records)}, validation accuracy {best:.4f}{tested}"
+    title = (f"{os.path.basename(path)}: {config['head']} head, --weights {config.get('weights')}, {tasks} task(s); "
+             f"kept head: {kept}")
+    png_path = os.path.splitext(path)[0] + "-curves.png"
+    pictures.save_figure(pictures.learning_curves_figure(records, config.get("n_classes", 2), title, selected, test),
+                         png_path)
+    print(f"Learning curves: {png_path}\nKept head: {kept}")
+
+
+def curve_groups(rundir, key, listed=()):
+    """[(label, [each run's epoch records], [each run's (kept epoch, test accuracy), or None])] of the metrics
+    files in rundir (load_runs has checked them), one group per task count, or per task count and value of
+    config[key], in task then value_order."""
+    groups, order = {}, value_order(listed)
+    for path in sorted(glob.glob(os.path.join(rundir, "*.json"))):
+        with open(path) as file:
+            metrics = json.load(file)
+        value = metrics["config"].get(key) if key else None
+        test = kept_test(metrics)
+        runs, tests = groups.setdefault((metrics["world_size"], order(value) if key else (), value), ([], []))
+        runs.append(metrics["epochs"])
+        tests.append((kept_epoch(metrics), test["acc"]) if test else None)
+    counts = {tasks for tasks, _, _ in groups}
+    labels = {}
+    for tasks, _, value in groups:
+        at = f" at {tasks} task(s)" if len(counts) > 1 else ""
+        labels[tasks, value] = f"{tasks} task(s)" if not key else f"{key.replace('_', '-')}={value}{at}"
+    return [(labels[tasks, value], *groups[tasks, rank, value]) for tasks, rank, value in sorted(groups)]
+
+
+def report_curves(runs, rundir, axis):
+    """The sweep's learning curves: one line per task count or varied value (axis: find_axis'), the mean over
+    its repeats, in a band of one std."""
+    key, listed = axis or (None, ())
+    groups = curve_groups(rundir, key, listed)
+    name = f"curves-by-{key.replace('_', '-')}.png" if key else "curves.png"
+    repeats = max(len(runs_) for _, runs_, _ in groups)
+    band = "lines: means over each one's runs, bands: one std" if repeats > 1 else "one run each: no band"
+    by = f"--{key.replace('_', '-')}" if key else "task count"
+    figure = pictures.curves_band_figure(groups, class_count(runs), f"Learning curves by {by} ({band})")
+    pictures.save_figure(figure, os.path.join(rundir, name))
+    print(f"Learning curves: {os.path.join(rundir, name)}")
+
+
 def get_args_parser():
     parser = ArgumentParser(prog="qml.py report", description="Table, CSV and plot of a sweep's metrics JSON files "
                             "and the answer: per task count, or per task count and value of the option the runs "
                             "vary, the runs' means and sample standard deviations.")
     parser.add_argument("rundir", help="folder with the metrics JSON files: runs/<jobid> of submit_qml.sbatch, or "
-                        "any folder the runs wrote with qml.py --metrics-json DIR/tasks-N.json")
+                        "any folder the runs wrote with qml.py --metrics-json DIR/tasks-N.json; or one run's metrics "
+                        "JSON file, whose learning curves are drawn beside it (RUN-curves.png)")
     parser.add_argument("--by", metavar="OPTION", help="compare the runs by this qml.py option (its config key, "
                         "e.g. head or n-qubits) (default: the sweep's --vary, read from RUNDIR/sweep.args; without "
                         "that file, the one option whose value differs between runs of one task count; else none: "
@@ -549,12 +636,16 @@ def main(argv):
     a refusal or a failed write is one line on stderr, as qml.py's own."""
     try:
         args = get_args_parser().parse_args(argv)
+        if os.path.isfile(args.rundir):
+            report_run(args.rundir, args.by)
+            return 0
         runs = load_runs(args.rundir)
         axis = find_axis(runs, args.rundir, args.by)
         if axis:
             report_axis(runs, args.rundir, *axis)
         else:
             report_task_counts(runs, args.rundir)
+        report_curves(runs, args.rundir, axis)
         return 0
     except (UsageError, RunFailed) as err:
         print("qml.py: error:", " ".join(str(err).split()), file=sys.stderr)

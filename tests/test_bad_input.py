@@ -563,7 +563,7 @@ def test_bench_with_a_missing_data_set_exits_2_with_one_line(tmp_path):
 
 
 def report_path(tmp_path, case):
-    """The RUNDIR of a report case: a missing path, a metrics file instead of its folder, an empty folder."""
+    """The RUNDIR of a report case: a missing path, a file that is no metrics JSON, an empty folder."""
     if case == "missing":
         return tmp_path / "runs" / "4242"
     if case == "file":
@@ -574,8 +574,8 @@ def report_path(tmp_path, case):
 
 REPORT_CASES = [
     ("missing", ["runs/4242 does not exist", "--metrics-json DIR/tasks-N.json"]),
-    ("file", ["tasks-1.json is a file, not a folder", "the folder that holds the metrics JSON files (this file's: "
-              "{tmp})", "--metrics-json"]),
+    ("file", ["tasks-1.json is not a metrics JSON written by qml.py --metrics-json", "learning curves",
+              "folder of them", "DIR/tasks-N.json"]),
     ("empty-folder", ["no metrics JSON files (*.json) in {tmp}", "submit_qml.sbatch", "--metrics-json"]),
 ]
 

@@ -9,7 +9,8 @@ The checks, each of which fails with every offending page:line listed:
 1. Commands. In a command, the words after the first word that ends in `qml.py` are qml.py's arguments (the
    words before, python or torchrun or srun or mpiexec and their options, are the launcher's), up to `|`, `;`,
    `&&` or a redirection. They must parse with `qml.get_args_parser()`; `report` first: they must parse with
-   `report.get_args_parser()` (RUNDIR, `--by OPTION`). `bench.py` arguments must parse with
+   `report.get_args_parser()` (RUNDIR, `--by OPTION`); `predict` first: with `predict.get_args_parser()`
+   (MODEL, IMAGE_OR_FOLDER..., its options). `bench.py` arguments must parse with
    `bench.get_args_parser()`. After
    `submit_qml.sbatch`: an optional task count (4, 1,2,4,8, or a placeholder), the launcher's own options (those
    of sweep.py's parser, e.g. `--repeats K` with K a positive integer, `--continue DIR`, `--vary OPTION=V1,V2`
@@ -43,7 +44,7 @@ from pathlib import Path
 import pytest
 
 import bench
-from machinery import command_line
+from machinery import command_line, predict
 import qml
 from machinery import report, sweep
 
@@ -52,6 +53,7 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "data
 README_MAX_LINES = 250
 QML_PARSER = qml.get_args_parser()
 REPORT_PARSER = report.get_args_parser()
+PREDICT_PARSER = predict.get_args_parser()
 BENCH_PARSER = bench.get_args_parser()
 
 # Options of other programs that the pages name in inline spans, by program.
@@ -222,6 +224,8 @@ def qml_error(arguments):
         return parse_error(REPORT_PARSER, arguments[1:], "qml.py report")
     if arguments[:1] == ["sweep"]:  # what submit_qml.sbatch runs: its arguments
         return launcher_error(arguments[1:])
+    if arguments[:1] == ["predict"]:
+        return parse_error(PREDICT_PARSER, arguments[1:], "qml.py predict")
     return parse_error(QML_PARSER, arguments, "qml.py")
 
 
@@ -236,6 +240,7 @@ BUILD_OPTIONS = case_options("build_frontier_env.sh")
 QML_OPTIONS = {option for option in QML_PARSER._option_string_actions if option.startswith("--")}
 REPORT_OPTIONS = {option for option in REPORT_PARSER._option_string_actions if option.startswith("--")}
 BENCH_OPTIONS = {option for option in BENCH_PARSER._option_string_actions if option.startswith("--")}
+PREDICT_OPTIONS = {option for option in PREDICT_PARSER._option_string_actions if option.startswith("--")}
 
 
 def launcher_error(arguments):
@@ -302,7 +307,7 @@ def test_every_build_frontier_env_sh_command_uses_its_options():
 
 
 def test_every_option_named_in_a_span_is_an_option_of_a_program():
-    known = QML_OPTIONS | REPORT_OPTIONS | BENCH_OPTIONS | LAUNCHER_OPTIONS | BUILD_OPTIONS
+    known = QML_OPTIONS | REPORT_OPTIONS | PREDICT_OPTIONS | BENCH_OPTIONS | LAUNCHER_OPTIONS | BUILD_OPTIONS
     known |= set().union(*OTHER_PROGRAMS_OPTIONS.values())
     failures = [f"{name}:{line}: `{span}`: {option} is no option of qml.py, bench.py, submit_qml.sbatch, "
                 f"build_frontier_env.sh or {', '.join(OTHER_PROGRAMS_OPTIONS)}"

@@ -161,7 +161,8 @@ def global_batch_8(tiny_data, tmp_path_factory):
                                       "--lr-scaling", "linear", "--bn-mode", "eval",
                                       "--metrics-json", str(out / "metrics.json"), "--save", str(out / "head.pt")])
         assert [status for _, _, status in results] == [0] * world, results
-        runs[world] = json.loads((out / "metrics.json").read_text()), torch.load(out / "head.pt", weights_only=True)
+        saved = torch.load(out / "head.pt", weights_only=True)
+        runs[world] = json.loads((out / "metrics.json").read_text()), saved["head"]
     return runs
 
 

@@ -9,7 +9,9 @@ of the suite hides the GPUs from its runs, see conftest.NO_GPUS); a run meant fo
 this process sees, whichever physical GPU that is.
 """
 
+import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -277,6 +279,26 @@ def test_gpu_and_cpu_give_the_same_first_epoch(gpu_data, tmp_path, qdevice):
     _, cpu = metrics_of(gpu_data, tmp_path, "cpu", "--device", "cpu", "--qdevice", qdevice)
     assert (gpu["device"], cpu["device"]) == ("cuda:0", "cpu")
     assert_same_first_epoch(gpu, cpu)
+
+
+@needs_gpu
+@pytest.mark.parametrize("trained_on, predicted_on", [("cuda", "cpu"), ("cpu", "cuda")],
+                         ids=["gpu-to-cpu", "cpu-to-gpu"])
+def test_a_model_saved_on_one_device_predicts_on_the_other(gpu_data, tmp_path, trained_on, predicted_on):
+    """qml.py predict of its own validation folder with a model trained elsewhere: the loss the run recorded (to the
+    float noise between devices), the accuracy within one image that may fall the other way."""
+    model, table = tmp_path / "model.pt", tmp_path / "predictions.csv"
+    _, metrics = metrics_of(gpu_data, tmp_path, "run", "--device", trained_on, "--save", model)
+    result = run_qml("predict", model, os.path.join(gpu_data, "val"), "--device", predicted_on, "--out", table,
+                     gpus=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert f"device: {'cuda:0' if predicted_on == 'cuda' else 'cpu'}" in result.stdout.splitlines()[0]
+    with open(table) as file:
+        rows = list(csv.DictReader(file))
+    accuracy = sum(row["predicted"] == row["true_class"] for row in rows) / len(rows)
+    loss = -sum(math.log(float(row[f"p_{row['true_class']}"])) for row in rows) / len(rows)
+    assert abs(accuracy - metrics["best_val_acc"]) <= 1 / len(rows) + 1e-9
+    assert loss == pytest.approx(metrics["epochs"][0]["val_loss"], abs=1e-3)
 
 
 @needs_gpu

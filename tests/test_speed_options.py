@@ -31,7 +31,7 @@ def train(data_dir, out, *extra):
     result = run_main(qml, ["--data-dir", data_dir, "--weights", "none", "--epochs", "2", "--print-freq", "0",
                             "--qdevice", "torch", "--metrics-json", str(metrics), "--save", str(head), *extra])
     assert result.returncode == 0, result.stderr
-    return json.loads(metrics.read_text()), torch.load(head, weights_only=True)
+    return json.loads(metrics.read_text()), torch.load(head, weights_only=True)["head"]
 
 
 @pytest.fixture(scope="module")

@@ -241,7 +241,7 @@ def test_metrics_best_values_agree_with_the_epoch_records(one_epoch):
 
 def test_save_writes_the_dressed_head_state_dict(one_epoch):
     _, _, head = one_epoch
-    state = torch.load(head, map_location="cpu", weights_only=True)
+    state = torch.load(head, map_location="cpu", weights_only=True)["head"]
     assert {k: tuple(v.shape) for k, v in state.items()} == HEAD_SHAPES
     ReferenceHead().load_state_dict(state)  # strict: loads into a head built independently of qml.py
 
@@ -349,7 +349,7 @@ def test_loss_and_accuracy_match_the_tutorial(one_epoch, tutorial_epoch, phase, 
 
 def test_saved_head_matches_the_tutorial_head_after_one_epoch(one_epoch, tutorial_epoch):
     _, _, head = one_epoch
-    saved, expected = torch.load(head, map_location="cpu", weights_only=True), tutorial_epoch[1]
+    saved, expected = torch.load(head, map_location="cpu", weights_only=True)["head"], tutorial_epoch[1]
     for name, value in expected.items():
         torch.testing.assert_close(saved[name], value, atol=1e-5, rtol=1e-4, msg=name)
 
@@ -404,7 +404,8 @@ def best_not_last(tmp_path_factory):
     in_process_run(["--data-dir", data, *SEVERAL_EPOCHS, "--epochs", "3", "--lr", "0.01", "--step-size", "1",
                     "--gamma", "10", "--metrics-json", str(tmp / "metrics.json"), "--save", str(tmp / "head.pt")],
                    tmp, lambda run: heads.append({k: v.detach().clone() for k, v in run.model.fc.state_dict().items()}))
-    return (json.loads((tmp / "metrics.json").read_text()), torch.load(tmp / "head.pt", weights_only=True), heads)
+    return (json.loads((tmp / "metrics.json").read_text()), torch.load(tmp / "head.pt", weights_only=True)["head"],
+            heads)
 
 
 @pytest.mark.parametrize("best, key, pick", [("best_val_acc", "val_acc", max), ("best_val_loss", "val_loss", min),
