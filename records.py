@@ -17,6 +17,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from torch.nn.parallel import DistributedDataParallel
 
 import checkpoints
+import heldout
 from images import ImageLoader, decoding_counts
 from process_group import gather_objects
 
@@ -194,6 +195,7 @@ def write_metrics(path, state, config, ctx):
                   epochs=state["history"], training_seconds=state["seconds"],
                   best_val_acc=best["best_acc"], best_val_loss=best["best_loss"],
                   best_train_acc=best["best_acc_train"], best_train_loss=best["best_loss_train"],
+                  **heldout.metrics_fields(state),
                   resumed=state.get("resumed", 0), complete=True)  # written only when the last epoch is done
     text = json.dumps(report, indent=2) + "\n"
     checkpoints.atomic_write(path, lambda file: file.write(text.encode()))
