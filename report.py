@@ -686,6 +686,9 @@ def main(argv):
         args = get_args_parser().parse_args(argv)
         runs = load_runs(args.rundir)
         axis = find_axis(runs, args.rundir, args.by)
+        if args.tune and not axis:
+            raise UsageError("--tune picks a setting for each value of a compared option, but these runs compare task "
+                             "counts only; name the option to compare with --by OPTION")
         tuned = tuned_keys(runs, args.rundir, axis[0], args.tune) if axis else []
         if axis:
             refuse_pooling(runs, axis[0], tuned)
