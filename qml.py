@@ -30,7 +30,7 @@ Reading this file beside the tutorial; its sections come in this order:
       gamma_lr_scheduler, manual_seed(42)      --seed (get_args_parser); setup: join, train, report, leave
 
 The machinery beyond the tutorial lives beside this file, in modules named for what they hold, none importing
-this one: simulators, images, process_group, checkpoints, records, command_line, report, and the sweep driver
+this one: simulators, images, process_group, checkpoints, heldout, records, command_line, report, and the sweep driver
 sweep.py (README's "Layout" says what each holds).
 """
 
@@ -135,8 +135,7 @@ def entangling_layer(nqubits):
 
 
 def quantum_net(q_input_features, q_weights_flat, nqubits=n_qubits, depth=q_depth, entangle=True):
-    """The variational circuit: H layer, RY embedding, depth x [entangle, RY], <Z> on every wire; without
-    `entangle` (--entangle off, Bowles et al.'s "separable" ablation) no CNOT: every wire on its own.
+    """The variational circuit: H layer, RY embedding, depth x [entangle (unless --entangle off), RY], <Z> on each wire.
 
     The tutorial decorates it with @qml.qnode(dev) for one device; make_quantum_net wraps it for any.
     """
@@ -321,7 +320,6 @@ def data_transforms():
 
 
 def load_datasets(data_dir):
-    """train/ and val/, and test/ where there is one (the test part: heldout.py)."""
     splits = ("train", "val", "test") if os.path.isdir(os.path.join(data_dir, "test")) else ("train", "val")
     return {split: datasets.ImageFolder(os.path.join(data_dir, split), data_transforms(),
                                         loader=images.read_training_image)
@@ -518,7 +516,7 @@ def train_model(args, ctx):
         state["epoch"] = epoch + 1
         if state["epoch"] == args.epochs and "test" in run.loaders:  # the kept head, scored once on unseen images
             state["test"] = heldout.score_kept_head(run.model.fc, state["best_head"],
-                                                    lambda: run_phase("test", run, ctx, args, epoch))
+                                                    functools.partial(run_phase, "test", run, ctx, args, epoch))
         if args.checkpoint and ctx.is_main:
             checkpoints.save_checkpoint(args.checkpoint, run)
     state["seconds"] += time.time() - run.started
@@ -565,13 +563,10 @@ def get_args_parser():
         "0 is the tutorial's DistributedSampler default (default: %(default)s)")
     add("--repeat", type=number(int, 0), default=0, help="the R-th repeat of an experiment: trains with --seed + R "
         "and --shuffle-seed + R; submit_qml.sbatch --repeats sets it (default: %(default)s)")
-    add("--holdout", type=number(float, 0, 1, above_low=True), default=None, help="hold out this share of every "
-        "class of val/ as the test part, scored once with the kept head; the rest selects it (default: none; a "
-        "test/ folder beside train/ and val/ is the test part)")
-    add("--holdout-seed", type=number(int, **SEEDS), default=0, help="seed of --holdout's split, which --repeat "
-        "leaves alone (default: %(default)s)")
-    add("--entangle", choices=("on", "off"), default="on", help="off: quantum_net without its entangling layers "
-        "(the separable ablation) (default: %(default)s)")
+    add("--holdout", type=number(float, 0, 1, above_low=True), default=None, help="score the kept head on this share "
+        "of each class of val/, held out from selection (default: none; else a test/ folder beside train/ and val/)")
+    add("--holdout-seed", type=number(int, **SEEDS), default=0, help="--holdout's split (default: %(default)s)")
+    add("--entangle", choices=("on", "off"), default="on", help="off: no entangling layers (default: %(default)s)")
     add("--head", choices=HEADS, default="quantum", help="what replaces ResNet18's fc: quantum, the tutorial's "
         "DressedQuantumNet; classical, the same with its circuit replaced by a classical layer of the same inputs, "
         "outputs and about its number of weights (the control); linear, Linear(512 -> classes), Mari et al.'s "

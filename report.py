@@ -371,8 +371,9 @@ def tuned_keys(runs, rundir, key, tune):
         named = [name.replace("-", "_") for text in tune for name in text.split(",") if name]
         missing = [name for name in named if name not in plain_keys(runs) or name == key]
         if missing:
+            others = ", ".join(sorted(map(option_name, plain_keys(runs) - {key})))
             raise UsageError(f"--tune {option_name(missing[0])}: not an option of every run's config other than the "
-                             f"compared one (--by); tune one of: {', '.join(sorted(map(option_name, plain_keys(runs) - {key})))}")
+                             f"compared one (--by); tune one of: {others}")
         return list(dict.fromkeys(named))
     swept = read_sweep(rundir)
     if swept and swept.varied:
@@ -467,9 +468,10 @@ def report_tuned(runs, rundir, key, listed, tuned):
              f"accuracy (column pick)" if tuned else ""
     print(f"Table by --{option}{tuning}: {csv_path}\nPlot by --{option}: {png_path}")
     counts = sorted({row["tasks"] for row in rows})
-    rerun = (f"submit_qml.sbatch {','.join(map(str, counts))} --vary {option}="
-             f"{','.join(str(value) for value in dict.fromkeys(row[option] for row in rows))} "
-             f"{''.join(f'--vary {option_name(name)}=... ' for name in tuned)}--repeats {REPEATS_FOR_NOISE} --holdout 0.5")
+    values = ",".join(str(value) for value in dict.fromkeys(row[option] for row in rows))
+    tuned_vary = "".join(f"--vary {option_name(name)}=... " for name in tuned)
+    rerun = (f"submit_qml.sbatch {','.join(map(str, counts))} --vary {option}={values} {tuned_vary}"
+             f"--repeats {REPEATS_FOR_NOISE} --holdout 0.5")
     on_test = all(row["test_acc"] is not None for row in rows)
     for tasks in counts:
         at_count = [row for row in rows if row["tasks"] == tasks]

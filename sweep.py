@@ -4,9 +4,10 @@
 
 Every check comes before the first step: the arguments, every count against the job's nodes, CPUs and GPUs, the
 run folder against the sweep it was started with, and qml.py's own check of its arguments (`qml.py --check`).
-Then one `srun` step per run (task count x combination of the varied values x repeat), each writing its metrics JSON and checkpoint in
-runs/<jobid>; Slurm's wall-time warning (SIGUSR1) goes on to the running step, and a step stopped by it requeues
-the job, which then skips the complete runs and resumes the begun one; a sweep ends with `qml.py report`.
+Then one `srun` step per run (task count x combination of the varied values x repeat), each writing its metrics
+JSON and checkpoint in runs/<jobid>; Slurm's wall-time warning (SIGUSR1) goes on to the running step, and a step
+stopped by it requeues the job, which then skips the complete runs and resumes the begun one; a sweep ends with
+`qml.py report`.
 
 Only the standard library and command_line.py: no torch, no qml.py, so it starts at once on a batch node.
 docs/slurm.md says what it plans and why.
