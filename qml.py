@@ -159,7 +159,8 @@ def make_quantum_net(nqubits, depth, n_weights, qdevice=DEFAULT_QDEVICE, device_
     otherwise those devices run a batch through AdjointCircuit, or a QNode where it cannot (`qnode_reason`).
     qdevice "torch" is not PennyLane's: see TorchCircuit.
     """
-    circuit = functools.partial(quantum_net, nqubits=nqubits, depth=depth, entangle=entangle)
+    ablation = {} if entangle else dict(entangle=False)  # so an edited quantum_net need not take `entangle`
+    circuit = functools.partial(quantum_net, nqubits=nqubits, depth=depth, **ablation)
     if qdevice == TORCH_QDEVICE:
         return TorchCircuit(circuit, nqubits, n_weights)
     options = qdevice_options(qdevice, device_id, nqubits)
