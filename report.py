@@ -456,6 +456,26 @@ def tuned_answer(rows, option, key, rerun):
             f"{'; '.join(verdicts)}")
 
 
+TEST_SHIFT = 0.2  # on the accuracy panel, each pick's test accuracy sits this far right of its selection accuracy
+
+
+def draw_test_accuracy(fig, rows, option):
+    """On axis_figure's accuracy panel, beside each pick's selection accuracy: its mean test accuracy (diamonds, one
+    std error bars where repeated), the panel retitled and its axis widened to show them."""
+    axes = fig.axes[1]
+    values = list(dict.fromkeys(row[option] for row in rows))
+    counts = sorted({row["tasks"] for row in rows})
+    for index, tasks in enumerate(counts):
+        series = [row for row in rows if row["tasks"] == tasks]
+        xs = [values.index(row[option]) + SERIES_SHIFT * (index - (len(counts) - 1) / 2) + TEST_SHIFT for row in series]
+        draw_means(axes, xs, series, "test_acc", "D", f"C{index}", f"{tasks} task(s), test")
+    lowest = min(row["test_acc"] - (row["test_acc_std"] or 0) for row in rows)
+    axes.set_ylim(min(axes.get_ylim()[0], math.floor(lowest * 20) / 20 - ACCURACY_PAD), 1 + ACCURACY_PAD)
+    axes.set(title=axes.get_title().replace("Best validation accuracy", "At each pick: selection (squares), test "
+                                             "(diamonds)"), ylabel="accuracy")
+    axes.legend(loc="best")
+
+
 def report_tuned(runs, rundir, key, listed, tuned):
     """The table (a row per task count and value, at its pick), CSV and plot by the compared option, and its answer
     at each task count: on test accuracy where every pick has a test part, else on validation accuracy, cautioned."""
@@ -463,7 +483,11 @@ def report_tuned(runs, rundir, key, listed, tuned):
     rows, random_counts = tuned_rows(runs, key, tuned, listed), random_backbone_counts(runs)
     csv_path, png_path = os.path.join(rundir, f"by-{option}.csv"), os.path.join(rundir, f"by-{option}.png")
     write_table(rows, csv_path)
-    save_figure(axis_figure(rows, option, bool(random_counts)), png_path)
+    on_test = all(row["test_acc"] is not None for row in rows)
+    fig = axis_figure(rows, option, bool(random_counts))
+    if on_test:
+        draw_test_accuracy(fig, rows, option)
+    save_figure(fig, png_path)
     tuning = f", each at the setting of {', '.join(map(option_name, tuned))} with the best mean selection " \
              f"accuracy (column pick)" if tuned else ""
     print(f"Table by --{option}{tuning}: {csv_path}\nPlot by --{option}: {png_path}")
@@ -472,7 +496,6 @@ def report_tuned(runs, rundir, key, listed, tuned):
     tuned_vary = "".join(f"--vary {option_name(name)}=... " for name in tuned)
     rerun = (f"submit_qml.sbatch {','.join(map(str, counts))} --vary {option}={values} {tuned_vary}"
              f"--repeats {REPEATS_FOR_NOISE} --holdout 0.5")
-    on_test = all(row["test_acc"] is not None for row in rows)
     for tasks in counts:
         at_count = [row for row in rows if row["tasks"] == tasks]
         caution = axis_caution(option, at_count) if tasks in random_counts else ""

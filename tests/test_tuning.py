@@ -169,3 +169,16 @@ def test_the_table_names_each_values_pick_in_its_own_column(tmp_path, capsys, op
     lines = report_out(tmp_path, capsys, "--by", option)
     header = next(line for line in lines if line.startswith("| tasks"))
     assert header.startswith(f"| tasks | {option} | pick | settings | runs |"), header
+
+
+def test_the_plot_shows_each_picks_test_accuracy_beside_its_selection_accuracy(tmp_path, capsys):
+    write_grid(tmp_path, CONTROL_WINS)
+    report_out(tmp_path, capsys)
+    rows = report.tuned_rows(report.load_runs(str(tmp_path)), "head", ["lr"], ("quantum", "linear"))
+    fig = report.axis_figure(rows, "head")
+    report.draw_test_accuracy(fig, rows, "head")
+    accuracy = fig.axes[1]
+    test = next(line for line in accuracy.get_lines() if line.get_label() == "1 task(s), test")
+    assert (list(test.get_xdata()), list(test.get_ydata())) == ([0.2, 1.2], [0.88, 0.93])
+    assert accuracy.get_title() == "At each pick: selection (squares), test (diamonds)"
+    report.pyplot().close(fig)
