@@ -366,19 +366,22 @@ def option_name(key):
 
 def tuned_keys(runs, rundir, key, tune):
     """The config keys tuned for each value of key: --tune's (names or comma lists), else every other varied option:
-    the sweep's other --vary options, or for hand-made runs every other key their configs differ in."""
-    if tune:
-        named = [name.replace("-", "_") for text in tune for name in text.split(",") if name]
-        missing = [name for name in named if name not in plain_keys(runs) or name == key]
-        if missing:
-            others = ", ".join(sorted(map(option_name, plain_keys(runs) - {key})))
-            raise UsageError(f"--tune {option_name(missing[0])}: not an option of every run's config other than the "
-                             f"compared one (--by); tune one of: {others}")
-        return list(dict.fromkeys(named))
+    the sweep's other --vary options, or for hand-made runs every other key their configs differ in. One that is not
+    in every run's config is refused."""
     swept = read_sweep(rundir)
-    if swept and swept.varied:
-        return [option.replace("-", "_") for option, _ in swept.varied if option.replace("-", "_") != key]
-    return [name for name in varied_keys(runs) if name != key]
+    if tune:
+        named, given = [name.replace("-", "_") for text in tune for name in text.split(",") if name], "--tune"
+    elif swept and swept.varied:
+        named, given = [option.replace("-", "_") for option, _ in swept.varied], "sweep.args' --vary"
+    else:
+        named, given = varied_keys(runs), ""
+    named = list(dict.fromkeys(name for name in named if not (name == key and given != "--tune")))
+    missing = [name for name in named if name not in plain_keys(runs) or name == key]
+    if missing:
+        others = ", ".join(sorted(map(option_name, plain_keys(runs) - {key})))
+        raise UsageError(f"{given} {option_name(missing[0])}: not an option of every run's config other than the "
+                         f"compared one (--by); tune one of: {others}")
+    return named
 
 
 def refuse_pooling(runs, key, tuned):

@@ -182,3 +182,13 @@ def test_the_plot_shows_each_picks_test_accuracy_beside_its_selection_accuracy(t
     assert (list(test.get_xdata()), list(test.get_ydata())) == ([0.2, 1.2], [0.88, 0.93])
     assert accuracy.get_title() == "At each pick: selection (squares), test (diamonds)"
     report.pyplot().close(fig)
+
+
+def test_a_varied_option_that_the_runs_do_not_record_is_refused_in_one_line(tmp_path, capsys):
+    write_grid(tmp_path, CONTROL_WINS)  # files without `entangle`, as before --entangle
+    sweep_driver.record_sweep(str(tmp_path), sweep_driver.parse_sweep(
+        ["1", "--vary", "head=quantum,linear", "--vary", "lr=0.0004,0.01", "--vary", "entangle=on,off"]))
+    assert qml.main(["report", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("qml.py: error: sweep.args' --vary entangle: not an option of every run's config") and \
+        error.count("\n") == 1
