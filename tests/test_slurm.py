@@ -1053,6 +1053,14 @@ def test_every_varied_value_is_checked_before_the_first_step(fake_job, tmp_path)
     assert one_stderr_line(proc.stderr) == "qml.py: error: argument --n-qubits: must be 1..30"
 
 
+def test_every_combination_of_a_grid_is_checked_before_the_first_step(fake_job, tmp_path):
+    proc = fake_job("1", "--vary", "head=quantum,linear", "--vary", "n-qubits=2,99", QML_SITE="generic",
+                    FAKE_CHECK_FAILS="99")
+    assert proc.returncode == 2 and not srun_lines(proc.stdout) and not (tmp_path / "submit" / "runs").exists()
+    assert qml_lines(proc.stdout) == [["--head", "quantum", "--n-qubits", "2", "--check"],
+                                      ["--head", "quantum", "--n-qubits", "99", "--check"]]  # the first refused ends it
+
+
 # The real qml.py's refusals of a value and of a circuit the memory cannot hold; its other messages are
 # test_bad_input's, in one process.
 @pytest.mark.parametrize("args, refused", [(["--n-qubits", "30"], "--n-qubits 30 on --qdevice lightning.kokkos needs"),
@@ -1275,7 +1283,8 @@ def test_a_vary_sweep_continues_where_it_stopped(fake_job, tmp_path):
                                          (["--vary", "n-qubits=2,2"], "twice"),
                                          (["--vary", "checkpoint=a,b"], "sets --checkpoint itself"),
                                          (["--vary", "n-qubits=2,4", "--n-qubits", "3"], "--n-qubits"),
-                                         (["--vary", "n-qubits=2,4", "--vary", "lr=1,2"], "--vary is given twice"),
+                                         (["--vary", "n-qubits=2,4", "--vary", "n-qubits=8"],
+                                          "--vary n-qubits=... is given twice"),
                                          (["--continue", "runs/1", "--continue=runs/2"], "--continue is given twice")],
                          ids=["no-values", "empty", "dashes", "path", "twice", "ours", "given-too", "two", "continue"])
 def test_bad_vary_exits_2_with_one_line(fake_job, args, named):
