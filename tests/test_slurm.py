@@ -392,15 +392,15 @@ def test_bad_task_count_fails_the_job_with_status_2(slurm_env, submit_dir):
 
 def test_grid_sweep_interrupted_by_the_warning_requeues_and_ends_with_every_combination(slurm_env, submit_dir,
                                                                                         tiny_data):
-    """1 --vary head=quantum,linear --vary lr=0.0004,0.01 --holdout 0.5 of one epoch: four runs, announced before the
+    """1 --vary head=classical,linear --vary lr=0.0004,0.01 --holdout 0.5 of one epoch: four runs, announced before the
     first step; the warning comes once the first run is complete (as the second step starts), the job requeues, and
     its restart skips that run, runs the three others and reports once: each head at its better rate, on test."""
     env = dict(slurm_env, MASTER_PORT=str(free_port()))
     deadline = time.monotonic() + JOB_TIMEOUT
-    jobid, log = start_job(env, submit_dir, "1", "--vary", "head=quantum,linear", "--vary", "lr=0.0004,0.01",
+    jobid, log = start_job(env, submit_dir, "1", "--vary", "head=classical,linear", "--vary", "lr=0.0004,0.01",
                            "--holdout", "0.5", "--data-dir", tiny_data, *TINY_RUN)
     rundir = submit_dir / "runs" / jobid
-    first = rundir / "tasks-1-head-quantum-lr-0.0004-repeat-0.json"
+    first = rundir / "tasks-1-head-classical-lr-0.0004-repeat-0.json"
     wait_for(first.exists, "the first run's metrics", deadline)
     subprocess.run(["scancel", "--signal=USR1", "--batch", jobid], env=env, check=True, timeout=30)
     wait_for(lambda: job_field(env, jobid, "Restarts") == "1" and job_field(env, jobid, "JobState") == "PENDING",
@@ -413,20 +413,20 @@ def test_grid_sweep_interrupted_by_the_warning_requeues_and_ends_with_every_comb
     announced = [line for line in text.splitlines() if line.startswith("== 4 runs (2 head x 2 lr x 1 task count(s) "
                                                                         "x 1 repeat(s)), ")]
     assert [line.rsplit(", ", 1)[1] for line in announced] == ["0 complete already", "1 complete already"], context
-    assert text.index(announced[0]) < text.index("== tasks-1-head-quantum-lr-0.0004-repeat-0"), context
+    assert text.index(announced[0]) < text.index("== tasks-1-head-classical-lr-0.0004-repeat-0"), context
     runs = {(head, lr): json.loads((rundir / f"tasks-1-head-{head}-lr-{lr}-repeat-0.json").read_text())
-            for head in ("quantum", "linear") for lr in ("0.0004", "0.01")}
+            for head in ("classical", "linear") for lr in ("0.0004", "0.01")}
     assert {key: (run["config"]["head"], str(run["config"]["lr"]), run["complete"], run["test_count"])
             for key, run in runs.items()} == {key: (*key, True, 5) for key in runs}, context  # 3 ants + 2 bees
     assert (rundir / "sweep.args").read_bytes().split(b"\0")[:4] == [
-        b"1", b"--repeats=1", b"--vary=head=quantum,linear", b"--vary=lr=0.0004,0.01"]
+        b"1", b"--repeats=1", b"--vary=head=classical,linear", b"--vary=lr=0.0004,0.01"]
     with open(rundir / "by-head.csv", newline="") as file:
         rows = list(csv.DictReader(file))
-    picks = {head: max(("0.0004", "0.01"), key=lambda lr: runs[(head, lr)]["best_val_acc"]) for head in ("quantum",
+    picks = {head: max(("0.0004", "0.01"), key=lambda lr: runs[(head, lr)]["best_val_acc"]) for head in ("classical",
                                                                                                      "linear")}
     assert [(row["head"], row["pick"], row["test_count"]) for row in rows] == [
-        (head, f"lr={picks[head]}", "5") for head in ("quantum", "linear")], rows
-    assert "Answer: one run per value and setting, test accuracy at the picks: head=quantum " in text, context
+        (head, f"lr={picks[head]}", "5") for head in ("classical", "linear")], rows
+    assert "Answer: one run per value and setting, test accuracy at the picks: head=classical " in text, context
 
 
 PROBE = """import os, sys
