@@ -566,7 +566,7 @@ def get_args_parser():
         "and --shuffle-seed + R; submit_qml.sbatch --repeats sets it (default: %(default)s)")
     add("--holdout", type=number(float, 0, 1, above_low=True), default=None, help="score the kept head on this share "
         "of each class of val/, held out from selection (default: none; else a test/ folder beside train/ and val/)")
-    add("--holdout-seed", type=number(int, **SEEDS), default=0, help="--holdout's split (default: %(default)s)")
+    add("--holdout-seed", type=number(int, **SEEDS), default=0, help="seed of --holdout's split (default: %(default)s)")
     add("--entangle", choices=("on", "off"), default="on", help="off: no entangling layers (default: %(default)s)")
     add("--head", choices=HEADS, default="quantum", help="what replaces ResNet18's fc: quantum, the tutorial's "
         "DressedQuantumNet; classical, the same with its circuit replaced by a classical layer of the same inputs, "
