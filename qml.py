@@ -31,8 +31,8 @@ Reading this file beside the tutorial; its sections come in this order:
       gamma_lr_scheduler, manual_seed(42)      --seed (get_args_parser); setup: join, train, report, leave
 
 The machinery beyond the tutorial lives beside this file in machinery/, in modules named for what they hold, none
-importing this one: simulators, images, process_group, checkpoints, records, command_line, report, predict,
-pictures, and the sweep driver sweep (README's "Layout" says what each holds).
+importing this one: simulators, images, process_group, checkpoints, heldout, records, command_line, report,
+predict, pictures, and the sweep driver sweep (README's "Layout" says what each holds).
 """
 
 import copy
@@ -76,7 +76,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torchvision import datasets, transforms
 
 try:  # the machinery beside this file (machinery/)
-    from machinery import checkpoints, images, records
+    from machinery import checkpoints, heldout, images, records
     from machinery.checkpoints import Interrupted, catch_wall_time_warning, stop_between_batches
     from machinery.command_line import (DIST_TIMEOUT_MAX, RESUMABLE, SEEDS, ArgumentParser, RunFailed, UsageError,
                                         cache_size, drop_frames, failure_line, number, positive, qubit_count,
@@ -135,8 +135,8 @@ def entangling_layer(nqubits):
         qml.CNOT(wires=[i, i + 1])
 
 
-def quantum_net(q_input_features, q_weights_flat, nqubits=n_qubits, depth=q_depth):
-    """The variational circuit: H layer, RY embedding, depth x [entangle, RY], <Z> on every wire.
+def quantum_net(q_input_features, q_weights_flat, nqubits=n_qubits, depth=q_depth, entangle=True):
+    """The variational circuit: H layer, RY embedding, depth x [entangle (unless --entangle off), RY], <Z> on each wire.
 
     The tutorial decorates it with @qml.qnode(dev) for one device; make_quantum_net wraps it for any.
     """
@@ -144,12 +144,13 @@ def quantum_net(q_input_features, q_weights_flat, nqubits=n_qubits, depth=q_dept
     H_layer(nqubits)
     RY_layer(q_input_features)
     for k in range(depth):
-        entangling_layer(nqubits)
+        if entangle:
+            entangling_layer(nqubits)
         RY_layer(q_weights[k])
     return [qml.expval(qml.PauliZ(position)) for position in range(nqubits)]
 
 
-def make_quantum_net(nqubits, depth, n_weights, qdevice=DEFAULT_QDEVICE, device_id=None, qnode=False):
+def make_quantum_net(nqubits, depth, n_weights, qdevice=DEFAULT_QDEVICE, device_id=None, qnode=False, entangle=True):
     """quantum_net on `qdevice` as a callable (q_input_features, q_weights_flat) -> list of expectation values:
     the tutorial's `dev = qml.device(...)` and `@qml.qnode(dev, interface="torch")`, for these sizes.
 
@@ -159,7 +160,8 @@ def make_quantum_net(nqubits, depth, n_weights, qdevice=DEFAULT_QDEVICE, device_
     otherwise those devices run a batch through AdjointCircuit, or a QNode where it cannot (`qnode_reason`).
     qdevice "torch" is not PennyLane's: see TorchCircuit.
     """
-    circuit = functools.partial(quantum_net, nqubits=nqubits, depth=depth)
+    ablation = {} if entangle else dict(entangle=False)  # so an edited quantum_net need not take `entangle`
+    circuit = functools.partial(quantum_net, nqubits=nqubits, depth=depth, **ablation)
     if qdevice == TORCH_QDEVICE:
         return TorchCircuit(circuit, nqubits, n_weights)
     options = qdevice_options(qdevice, device_id, nqubits)
@@ -185,13 +187,13 @@ class DressedQuantumNet(nn.Module):
     """Linear(512 -> n_qubits), the circuit, Linear(its outputs -> n_classes): the *dressed* quantum net."""
 
     def __init__(self, n_qubits=n_qubits, q_depth=q_depth, q_delta=q_delta, n_classes=2,
-                 qdevice=DEFAULT_QDEVICE, per_sample=False, in_features=512, device_id=None):
+                 qdevice=DEFAULT_QDEVICE, per_sample=False, in_features=512, device_id=None, entangle=True):
         super().__init__()
         # Parameter creation order (pre_net, q_params, post_net) is the tutorial's: same seed, same numbers.
         self.pre_net = nn.Linear(in_features, n_qubits)
         self.q_params = nn.Parameter(q_delta * torch.randn(q_depth * n_qubits))
         self.quantum_net = make_quantum_net(n_qubits, q_depth, self.q_params.numel(), qdevice, device_id,
-                                            qnode=per_sample)
+                                            qnode=per_sample, entangle=entangle)
         self.post_net = nn.Linear(self.quantum_net.trace.outputs, n_classes)  # one input per measured value
         self.per_sample = per_sample
         # What the circuit is, whichever simulator runs it: checkpoints record its digest.
@@ -234,7 +236,7 @@ def build_model(args, n_classes, device_id=None):
     in_features = model.fc.in_features
     if args.head == "quantum":
         model.fc = DressedQuantumNet(args.n_qubits, args.q_depth, args.q_delta, n_classes, args.qdevice,
-                                     args.per_sample, in_features, device_id)
+                                     args.per_sample, in_features, device_id, args.entangle == "on")
     elif args.head == "classical":
         model.fc = DressedClassicalNet(args.n_qubits, n_classes, in_features)
     else:
@@ -320,23 +322,25 @@ def data_transforms():
 
 
 def load_datasets(data_dir):
+    splits = ("train", "val", "test") if os.path.isdir(os.path.join(data_dir, "test")) else ("train", "val")
     return {split: datasets.ImageFolder(os.path.join(data_dir, split), data_transforms(),
                                         loader=images.read_training_image)
-            for split in ("train", "val")}
+            for split in splits}
 
 
 def make_loaders(datasets_, args, ctx, cached=False):
-    """{"train", "validation"} loaders. Train: a DistributedSampler (shuffled, padded so ranks step together;
-    loaders["train"].sampler). Validation: each image exactly once.
+    """{"train", "validation"} loaders, and "test" with a test part. Train: a DistributedSampler (shuffled, padded
+    so ranks step together; loaders["train"].sampler). Validation and test: each image exactly once.
 
     Images come through images.ImageLoader, which decodes each once while --image-cache has room for it.
     Cached features need no decoding and validate in one batch (the batch size changes no metric there).
     """
     rank, world = ctx.rank, ctx.world_size
     train_sampler = DistributedSampler(datasets_["train"], num_replicas=world, rank=rank, seed=args.shuffle_seed)
-    splits = {"train": (datasets_["train"], train_sampler, args.batch_size),
-              "validation": (datasets_["val"], range(rank, len(datasets_["val"]), world),
-                             len(datasets_["val"]) if cached else args.batch_size)}
+    splits = {"train": (datasets_["train"], train_sampler, args.batch_size)}
+    for phase, data in (("validation", datasets_["val"]), ("test", datasets_.get("test"))):
+        if data is not None:
+            splits[phase] = (data, range(rank, len(data), world), len(data) if cached else args.batch_size)
     if cached:
         return {phase: DataLoader(data, sampler=sampler, batch_size=batch, pin_memory=ctx.device.type == "cuda")
                 for phase, (data, sampler, batch) in splits.items()}
@@ -428,7 +432,7 @@ def check_circuit_memory(args, ctx):
     if args.head != "quantum":
         return None
     head = DressedQuantumNet(args.n_qubits, args.q_depth, args.q_delta, qdevice=args.qdevice,
-                             per_sample=args.per_sample, device_id=ctx.device.index)
+                             per_sample=args.per_sample, device_id=ctx.device.index, entangle=args.entangle == "on")
     on_gpu = ctx.device.type == "cuda" and (args.qdevice == TORCH_QDEVICE or
                                             describe_qdevice(head, args.qdevice)["runs_on"] == "gpu")
     check_memory(head.quantum_net, args.qdevice, args.batch_size, *images.rank_memory(ctx, on_gpu))
@@ -443,7 +447,7 @@ def prepare_training(args, ctx):
     check_precision(args.precision, ctx.device)
     circuit = check_circuit_memory(args, ctx)
     images.prepare_data(args, ctx)
-    datasets_ = load_datasets(args.data_dir)
+    datasets_ = heldout.split_holdout(load_datasets(args.data_dir), args)
     classes = datasets_["train"].classes
     if ctx.world_size > len(datasets_["train"]):
         raise UsageError(f"{ctx.world_size} ranks but only {len(datasets_['train'])} training images; "
@@ -513,6 +517,9 @@ def train_model(args, ctx):
                 run.scheduler.step()
         state["history"].append(close_epoch(record, run.timer, ctx, run.loaders))
         state["epoch"] = epoch + 1
+        if state["epoch"] == args.epochs and "test" in run.loaders:  # the kept head, scored once on unseen images
+            state["test"] = heldout.score_kept_head(run.model.fc, state["best_head"],
+                                                    functools.partial(run_phase, "test", run, ctx, args, epoch))
         if args.checkpoint and ctx.is_main:
             checkpoints.save_checkpoint(args.checkpoint, run)
     state["seconds"] += time.time() - run.started
@@ -560,6 +567,10 @@ def get_args_parser():
         "0 is the tutorial's DistributedSampler default (default: %(default)s)")
     add("--repeat", type=number(int, 0), default=0, help="the R-th repeat of an experiment: trains with --seed + R "
         "and --shuffle-seed + R; submit_qml.sbatch --repeats sets it (default: %(default)s)")
+    add("--holdout", type=number(float, 0, 1, above_low=True), default=None, help="score the kept head on this share "
+        "of each class of val/, held out from selection (default: none; else a test/ folder beside train/ and val/)")
+    add("--holdout-seed", type=number(int, **SEEDS), default=0, help="seed of --holdout's split (default: %(default)s)")
+    add("--entangle", choices=("on", "off"), default="on", help="off: no entangling layers (default: %(default)s)")
     add("--head", choices=HEADS, default="quantum", help="what replaces ResNet18's fc: quantum, the tutorial's "
         "DressedQuantumNet; classical, the same with its circuit replaced by a classical layer of the same inputs, "
         "outputs and about its number of weights (the control); linear, Linear(512 -> classes), Mari et al.'s "
@@ -658,7 +669,8 @@ def check_run(args):
 
 def draw_circuit(args):
     """quantum_net as the dressed head records it, with the angles 0.1 and the weights --q-delta."""
-    head = DressedQuantumNet(args.n_qubits, args.q_depth, args.q_delta, qdevice="default.qubit")
+    head = DressedQuantumNet(args.n_qubits, args.q_depth, args.q_delta, qdevice="default.qubit",
+                             entangle=args.entangle == "on")
     return head.circuit.draw(torch.full((args.n_qubits,), 0.1), args.q_delta * torch.ones_like(head.q_params))
 
 
@@ -678,6 +690,8 @@ def setup(args):
             print(f"\nTraining completed in {minutes:.0f}m {seconds:.0f}s")
             print(f"Best average loss: {state['best_loss']:.4f} | Best average accuracy: {state['best_acc']:.4f}",
                   flush=True)
+            if state.get("test"):
+                print(heldout.test_line(state), flush=True)
             if args.save:
                 checkpoints.save_model(args.save, model, state, config)
             for path in args.metrics_json:

@@ -1,2 +1,3 @@
 """The machinery around qml.py's story, one module for each thing it holds (README's "Layout"): simulators,
-images, process_group, checkpoints, records, command_line, report and the sweep driver. None imports qml.py."""
+images, process_group, checkpoints, heldout, records, command_line, report, predict, pictures and the sweep driver.
+None imports qml.py."""

@@ -81,6 +81,11 @@ def check_layout(data_dir, expected_counts=None):
     if list(layout["train"]) != list(layout["val"]):
         raise UsageError(f"train/ and val/ have different classes ({', '.join(layout['train'])} vs "
                          f"{', '.join(layout['val'])}); give both the same class folders")
+    if os.path.isdir(os.path.join(data_dir, "test")):  # the test part (heldout.py): the same classes, checked alike
+        layout["test"] = list_images(os.path.join(data_dir, "test"))
+        if list(layout["test"]) != list(layout["train"]) or not all(layout["test"].values()):
+            raise UsageError(f"{data_dir}: test/ must hold the class folders of train/ ({', '.join(layout['train'])}), "
+                             f"each with images; fix it, or move test/ away")
     if len(layout["train"]) < 2:
         raise UsageError(f"{data_dir}: found {len(layout['train'])} class folder(s) in train/; "
                          f"classification needs at least 2")

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel
 
-from . import checkpoints
+from . import checkpoints, heldout
 from .images import ImageLoader, decoding_counts
 from .process_group import gather_objects
 
@@ -194,6 +194,7 @@ def write_metrics(path, state, config, ctx):
                   epochs=state["history"], training_seconds=state["seconds"],
                   best_val_acc=best["best_acc"], best_val_loss=best["best_loss"],
                   best_train_acc=best["best_acc_train"], best_train_loss=best["best_loss_train"],
+                  **heldout.metrics_fields(state),
                   resumed=state.get("resumed", 0), complete=True)  # written only when the last epoch is done
     text = json.dumps(report, indent=2) + "\n"
     checkpoints.atomic_write(path, lambda file: file.write(text.encode()))

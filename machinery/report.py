@@ -59,7 +59,8 @@ def load_runs(rundir):
             runs.append(dict(tasks=tasks, global_batch=config["batch_size"] * tasks, weights=config["weights"],
                              seconds=metrics["training_seconds"], best_val_acc=metrics["best_val_acc"],
                              best_val_loss=metrics["best_val_loss"], final_val_acc=metrics["epochs"][-1]["val_acc"],
-                             trainable_parameters=metrics.get("trainable_parameters"), config=config))
+                             trainable_parameters=metrics.get("trainable_parameters"), config=config,
+                             test_acc=metrics.get("test_acc"), test_count=metrics.get("test_count")))
         except (OSError, ValueError, KeyError, TypeError, IndexError):
             raise UsageError(f"{path} is not a metrics JSON written by qml.py --metrics-json; move it away") from None
     if not runs:
@@ -122,15 +123,15 @@ def find_axis(runs, rundir, by):
     swept = read_sweep(rundir)
     if by:
         key, named = by.replace("-", "_"), f"--by {by}: {by} is"
-    elif swept and swept.option:
-        key = swept.option.replace("-", "_")
-        named = f"{os.path.join(rundir, 'sweep.args')} varies --{swept.option}, which is"
+    elif swept and swept.varied:  # the first --vary is compared, the others are tuned (tuned_keys)
+        key = swept.varied[0][0].replace("-", "_")
+        named = f"{os.path.join(rundir, 'sweep.args')} varies --{swept.varied[0][0]}, which is"
     else:
         return None if swept else hand_made_axis(runs)
     if key not in plain_keys(runs):
         raise UsageError(f"{named} not an option in every run's config; compare by one that is with --by OPTION: "
                          f"{', '.join(sorted(name.replace('_', '-') for name in plain_keys(runs)))}")
-    listed = swept.values if swept and swept.option and swept.option.replace("-", "_") == key else ()
+    listed = dict((option.replace("-", "_"), values) for option, values in swept.varied).get(key, ()) if swept else ()
     return key, listed
 
 
@@ -351,6 +352,163 @@ def axis_caution(option, rows):
 
 
 # ----------------------------------------------------------------------------
+# Tuned alike, answered on test: each compared value at the setting of the tuned options that selection picks, the
+# values then compared on the test part (Bowles, Ahmed and Schuld's protocol; docs/sweep.md)
+
+OPTIMISM = ("Caution: without a test part these are best-of-epochs validation accuracies, scored on the very images "
+            "that chose the epoch (and the tuned setting), so they are optimistic, the noisiest runs most; hold out a "
+            "test part with --holdout 0.5 (or give the data a test/ folder) for an unbiased answer")
+
+
+def option_name(key):
+    return key.replace("_", "-")
+
+
+def tuned_keys(runs, rundir, key, tune):
+    """The config keys tuned for each value of key: --tune's (names or comma lists), else every other varied option:
+    the sweep's other --vary options, or for hand-made runs every other key their configs differ in. One that is not
+    in every run's config is refused."""
+    swept = read_sweep(rundir)
+    if tune:
+        named, given = [name.replace("-", "_") for text in tune for name in text.split(",") if name], "--tune"
+    elif swept and swept.varied:
+        named, given = [option.replace("-", "_") for option, _ in swept.varied], "sweep.args' --vary"
+    else:
+        named, given = varied_keys(runs), ""
+    named = list(dict.fromkeys(name for name in named if not (name == key and given != "--tune")))
+    missing = [name for name in named if name not in plain_keys(runs) or name == key]
+    if missing:
+        others = ", ".join(sorted(map(option_name, plain_keys(runs) - {key})))
+        raise UsageError(f"{given} {option_name(missing[0])}: not an option of every run's config other than the "
+                         f"compared one (--by); tune one of: {others}")
+    return named
+
+
+def refuse_pooling(runs, key, tuned):
+    """Runs that differ in an option neither compared nor tuned would be pooled as repeats of one setting: refused in
+    one line naming it."""
+    stray = [name for name in varied_keys(runs) if name != key and name not in tuned]
+    if stray:
+        raise UsageError(f"the runs differ in {option_name(stray[0])}, which is neither compared (--by "
+                         f"{option_name(key)}) nor tuned (--tune), so its runs would be pooled as repeats; add --tune "
+                         f"{option_name(stray[0])}, or report each {option_name(stray[0])} from its own folder")
+
+
+def setting_label(setting, tuned):
+    return ", ".join(f"{option_name(name)}={value}" for name, value in zip(tuned, setting, strict=True))
+
+
+def tuned_rows(runs, key, tuned, listed):
+    """One row per task count and value of key, at its pick: of the settings of the tuned keys, the one with the
+    greatest mean selection accuracy (best_val_acc: the best validation accuracy, on the selection part where there
+    is a test part); ties go to the first setting in value order. The row: the pick, its runs' means and spreads of
+    seconds, selection accuracy and test accuracy (None where a run has no test part), the test images, and how many
+    settings were tried."""
+    option, order = option_name(key), value_order(listed)
+    groups = {}
+    for run in sorted(runs, key=lambda run: (run["tasks"], order(run["config"][key]),
+                                             *(value_order(())(run["config"][name]) for name in tuned))):
+        at = (run["tasks"], run["config"][key])
+        groups.setdefault(at, {}).setdefault(tuple(run["config"][name] for name in tuned), []).append(run)
+    rows = []
+    for (tasks, value), settings in groups.items():
+        means = {setting: statistics.mean(run["best_val_acc"] for run in group) for setting, group in settings.items()}
+        pick = max(settings, key=lambda setting: means[setting])  # max keeps the first of equal means
+        group = settings[pick]
+        tested = all(run["test_acc"] is not None for run in group)
+        parameters = {run["trainable_parameters"] for run in group}
+        counts = {run["test_count"] for run in group}
+        rows.append({"tasks": tasks, option: value, **({"pick": setting_label(pick, tuned)} if tuned else {}),
+                     "settings": len(settings), "runs": len(group),
+                     "trainable_parameters": parameters.pop() if len(parameters) == 1 else None,
+                     **mean_and_std(group, "seconds", 2), **mean_and_std(group, "best_val_acc", 4),
+                     **(mean_and_std(group, "test_acc", 4) if tested else {"test_acc": None, "test_acc_std": None}),
+                     "test_count": counts.pop() if tested and len(counts) == 1 else None})
+    return rows
+
+
+def tuned_answer(rows, option, key, rerun):
+    """Which value's pick reaches the greatest mean accuracy of key (test_acc, or best_val_acc without a test part),
+    and whether Welch's t-test tells each other value's pick from it. The text after 'Answer:'."""
+    what = "test accuracy" if key == "test_acc" else "best validation accuracy"
+    top = max(rows, key=lambda row: row[key])
+    single = [row for row in rows if row["runs"] == 1]
+    if len(rows) == 1:
+        return f"every run has {value_label(top, option)}: there is no other value to compare it with"
+    if len(single) == len(rows):
+        measured = "; ".join(f"{value_label(row, option)} {row[key]:.4f}" for row in rows)
+        return (f"one run per value and setting, {what} at the picks: {measured}. Without repeats there is no noise "
+                f"estimate, so no test can tell these apart; to get one: {rerun}")
+    if single:
+        return (f"none: {', '.join(value_label(row, option) for row in single)} ran once at its pick, so the spread "
+                f"is unknown; run every setting at least twice (--repeats 2)")
+    verdicts = []
+    for row in rows:
+        if row is top:
+            continue
+        label, accuracy = value_label(row, option), mean_text(row, key)
+        if identical(row, top, key):
+            verdicts.append(f"{label} is identical ({accuracy}: every run of both reached it)")
+            continue
+        p_value = welch_p_value(row, top, key)
+        verdicts.append(f"{label} {'is less accurate' if p_value < SIGNIFICANCE else 'is within the noise'} "
+                        f"({accuracy}, p = {p_value:.2g})")
+    images = f", {top['test_count']} test images" if key == "test_acc" and top["test_count"] else ""
+    return (f"at each value's pick, {value_label(top, option)} has the highest mean {what} "
+            f"({mean_text(top, key)} std, {top['runs']} runs{images}); by Welch's t-test at {SIGNIFICANCE:.0%}: "
+            f"{'; '.join(verdicts)}")
+
+
+TEST_SHIFT = 0.2  # on the accuracy panel, each pick's test accuracy sits this far right of its selection accuracy
+
+
+def draw_test_accuracy(fig, rows, option):
+    """On axis_figure's accuracy panel, beside each pick's selection accuracy: its mean test accuracy (diamonds, one
+    std error bars where repeated), the panel retitled and its axis widened to show them."""
+    axes = fig.axes[1]
+    values = list(dict.fromkeys(row[option] for row in rows))
+    counts = sorted({row["tasks"] for row in rows})
+    for index, tasks in enumerate(counts):
+        series = [row for row in rows if row["tasks"] == tasks]
+        xs = [values.index(row[option]) + SERIES_SHIFT * (index - (len(counts) - 1) / 2) + TEST_SHIFT for row in series]
+        draw_means(axes, xs, series, "test_acc", "D", f"C{index}", f"{tasks} task(s), test")
+    lowest = min(row["test_acc"] - (row["test_acc_std"] or 0) for row in rows)
+    axes.set_ylim(min(axes.get_ylim()[0], math.floor(lowest * 20) / 20 - ACCURACY_PAD), 1 + ACCURACY_PAD)
+    axes.set(title=axes.get_title().replace("Best validation accuracy", "At each pick: selection (squares), test "
+                                             "(diamonds)"), ylabel="accuracy")
+    axes.legend(loc="best")
+
+
+def report_tuned(runs, rundir, key, listed, tuned):
+    """The table (a row per task count and value, at its pick), CSV and plot by the compared option, and its answer
+    at each task count: on test accuracy where every pick has a test part, else on validation accuracy, cautioned."""
+    option = option_name(key)
+    rows, random_counts = tuned_rows(runs, key, tuned, listed), random_backbone_counts(runs)
+    csv_path, png_path = os.path.join(rundir, f"by-{option}.csv"), os.path.join(rundir, f"by-{option}.png")
+    write_table(rows, csv_path)
+    on_test = all(row["test_acc"] is not None for row in rows)
+    fig = axis_figure(rows, option, bool(random_counts))
+    if on_test:
+        draw_test_accuracy(fig, rows, option)
+    save_figure(fig, png_path)
+    tuning = f", each at the setting of {', '.join(map(option_name, tuned))} with the best mean selection " \
+             f"accuracy (column pick)" if tuned else ""
+    print(f"Table by --{option}{tuning}: {csv_path}\nPlot by --{option}: {png_path}")
+    counts = sorted({row["tasks"] for row in rows})
+    values = ",".join(str(value) for value in dict.fromkeys(row[option] for row in rows))
+    tuned_vary = "".join(f"--vary {option_name(name)}=... " for name in tuned)
+    rerun = (f"submit_qml.sbatch {','.join(map(str, counts))} --vary {option}={values} {tuned_vary}"
+             f"--repeats {REPEATS_FOR_NOISE} --holdout 0.5")
+    for tasks in counts:
+        at_count = [row for row in rows if row["tasks"] == tasks]
+        caution = axis_caution(option, at_count) if tasks in random_counts else ""
+        prefix = "Answer" if len(counts) == 1 else f"Answer at {tasks} task(s)"
+        print(f"{prefix}: {tuned_answer(at_count, option, 'test_acc' if on_test else 'best_val_acc', rerun)}{caution}")
+    if not on_test:
+        print(OPTIMISM)
+
+
+# ----------------------------------------------------------------------------
 # The plots: against the task count (time, speedup against the ideal, accuracy) or the compared value (time, accuracy)
 
 
@@ -530,6 +688,7 @@ def report_axis(runs, rundir, key, listed):
         caution = axis_caution(option, at_count) if tasks in random_counts else ""
         prefix = "Answer" if len(counts) == 1 else f"Answer at {tasks} task(s)"
         print(f"{prefix}: {axis_answer(at_count, option, rerun)}{caution}")
+    print(OPTIMISM)
 
 
 # ----------------------------------------------------------------------------
@@ -628,6 +787,10 @@ def get_args_parser():
                         "e.g. head or n-qubits) (default: the sweep's --vary, read from RUNDIR/sweep.args; without "
                         "that file, the one option whose value differs between runs of one task count; else none: "
                         "the task counts)")
+    parser.add_argument("--tune", metavar="OPTION", action="append", default=[], help="pick for each compared value "
+                        "the setting of this option (repeat it, or give a comma list, for several) with the best mean "
+                        "selection accuracy, then compare the values at their picks on test accuracy (default: every "
+                        "other option the sweep varies, or the hand-made runs differ in)")
     return parser
 
 
@@ -641,7 +804,15 @@ def main(argv):
             return 0
         runs = load_runs(args.rundir)
         axis = find_axis(runs, args.rundir, args.by)
+        if args.tune and not axis:
+            raise UsageError("--tune picks a setting for each value of a compared option, but these runs compare task "
+                             "counts only; name the option to compare with --by OPTION")
+        tuned = tuned_keys(runs, args.rundir, axis[0], args.tune) if axis else []
         if axis:
+            refuse_pooling(runs, axis[0], tuned)
+        if axis and (tuned or any(run["test_acc"] is not None for run in runs)):
+            report_tuned(runs, args.rundir, *axis, tuned)
+        elif axis:
             report_axis(runs, args.rundir, *axis)
         else:
             report_task_counts(runs, args.rundir)

@@ -1,12 +1,13 @@
 """The sweep driver of submit_qml.sbatch, which sets up the site's environment and hands its arguments over:
 
-    qml.py sweep [TASKS[,TASKS...]] [--repeats K] [--vary OPTION=V1,V2,...] [--continue runs/<jobid>] [qml.py args]
+    qml.py sweep [TASKS[,TASKS...]] [--repeats K] [--vary OPTION=V1,V2,...]... [--continue runs/<jobid>] [qml.py args]
 
 Every check comes before the first step: the arguments, every count against the job's nodes, CPUs and GPUs, the
 run folder against the sweep it was started with, and qml.py's own check of its arguments (`qml.py --check`).
-Then one `srun` step per run (task count x varied value x repeat), each writing its metrics JSON and checkpoint in
-runs/<jobid>; Slurm's wall-time warning (SIGUSR1) goes on to the running step, and a step stopped by it requeues
-the job, which then skips the complete runs and resumes the begun one; a sweep ends with `qml.py report`.
+Then one `srun` step per run (task count x combination of the varied values x repeat), each writing its metrics
+JSON and checkpoint in runs/<jobid>; Slurm's wall-time warning (SIGUSR1) goes on to the running step, and a step
+stopped by it requeues the job, which then skips the complete runs and resumes the begun one; a sweep ends with
+`qml.py report`.
 
 Only the standard library and command_line.py: no torch, no qml.py, so it starts at once on a batch node.
 docs/slurm.md says what it plans and why.
@@ -15,6 +16,7 @@ docs/slurm.md says what it plans and why.
 import argparse
 import ast
 import dataclasses
+import itertools
 import json
 import os
 import re
@@ -51,7 +53,7 @@ WARNED_BEFORE_START = "QML_WALL_TIME_WARNED"  # set by submit_qml.sbatch when th
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         raise UsageError(f"{message} (usage: sbatch submit_qml.sbatch [TASKS[,TASKS...]] [--repeats K] "
-                         f"[--vary OPTION=V1,V2,...] [--continue runs/<jobid>] [qml.py arguments])")
+                         f"[--vary OPTION=V1,V2,...]... [--continue runs/<jobid>] [qml.py arguments])")
 
 
 def positive_count(text):
@@ -83,6 +85,16 @@ class Once(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
+class EachOptionOnce(argparse.Action):
+    """--vary, given once per option: the grid's axes, in the order given."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        varied = getattr(namespace, self.dest) or ()
+        if values[0] in dict(varied):
+            parser.error(f"{option_string} {values[0]}=... is given twice; give each option once")
+        setattr(namespace, self.dest, (*varied, values))
+
+
 def get_args_parser():
     """The launcher's own options, anywhere after the task counts; every other argument goes to qml.py (no prefix
     of ours is taken for one of qml.py's: --re could be --resume)."""
@@ -90,7 +102,8 @@ def get_args_parser():
     parser.set_defaults(given=set())
     add = parser.add_argument
     add("--repeats", action=Once, type=positive_count, default=1, help="runs of every count and value")
-    add("--vary", action=Once, type=option_values, help="OPTION=V1,V2,...: one run per value of a qml.py option")
+    add("--vary", action=EachOptionOnce, type=option_values, default=(), help="OPTION=V1,V2,...: one run per value "
+        "of a qml.py option; given for several options, one run per combination of their values")
     add("--continue", action=Once, dest="continue_dir", help="finish the sweep of an earlier job's runs/<jobid>")
     return parser
 
@@ -101,15 +114,19 @@ class Sweep:
 
     counts: tuple  # task counts, in order
     repeats: int
-    option: str | None  # the varied qml.py option, without dashes (--vary), or None
-    values: tuple  # its values; () without --vary
+    varied: tuple  # ((qml.py option without dashes, its values), ...) of every --vary, in order; () without
     continue_dir: str | None
     qml_args: tuple  # the rest, for every run
 
     def words(self):
         """The sweep's arguments, spelled one way: what sweep.args holds and a --continue job must repeat."""
-        vary = [f"--vary={self.option}={','.join(self.values)}"] if self.option else []
+        vary = [f"--vary={option}={','.join(values)}" for option, values in self.varied]
         return [",".join(map(str, self.counts)), f"--repeats={self.repeats}", *vary, *self.qml_args]
+
+    def combinations(self):
+        """Every combination of the varied values, each a tuple of (option, value), the last option fastest;
+        one empty combination without --vary."""
+        return list(itertools.product(*([(option, value) for value in values] for option, values in self.varied)))
 
 
 def parse_sweep(argv):
@@ -122,32 +139,33 @@ def parse_sweep(argv):
     if len(set(counts)) < len(counts):
         raise UsageError(f"first argument '{first}' names a task count twice; name each once")
     ours, qml_args = get_args_parser().parse_known_args(argv[1:])
-    option, values = ours.vary or (None, ())
-    if option and any(arg == f"--{option}" or arg.startswith(f"--{option}=") for arg in qml_args):
-        raise UsageError(f"--{option} is both varied (--vary) and given to qml.py; drop one of them")
-    return Sweep(counts, ours.repeats, option, tuple(values), ours.continue_dir, tuple(qml_args))
+    for option, _ in ours.vary:
+        if any(arg == f"--{option}" or arg.startswith(f"--{option}=") for arg in qml_args):
+            raise UsageError(f"--{option} is both varied (--vary) and given to qml.py; drop one of them")
+    varied = tuple((option, tuple(values)) for option, values in ours.vary)
+    return Sweep(counts, ours.repeats, varied, ours.continue_dir, tuple(qml_args))
 
 
 @dataclasses.dataclass(frozen=True)
 class Run:
     tasks: int
-    args: tuple  # this run's qml.py arguments beside the sweep's: the varied value, the repeat
+    args: tuple  # this run's qml.py arguments beside the sweep's: the varied values, the repeat
     stem: str  # runs/<jobid>/<name>: the run's metrics JSON is stem.json, its checkpoint stem.pt
 
 
 def plan_runs(sweep, rundir):
-    """Every run, repeat-major: each round runs every value and count once, so that a slow spell of the nodes spreads
-    over all of them. A run's name is tasks-N alone, else it carries the varied value and the repeat."""
+    """Every run, repeat-major: each round runs every combination of values and every count once, so that a slow
+    spell of the nodes spreads over all of them. A run's name is tasks-N alone, else it carries each varied option
+    and its value, and the repeat."""
     runs = []
     for repeat in range(sweep.repeats):
-        for value in sweep.values or (None,):
+        for combination in sweep.combinations():
             for tasks in sweep.counts:
-                name, args = f"tasks-{tasks}", []
-                if value is not None:
-                    name, args = f"{name}-{sweep.option}-{value}", [f"--{sweep.option}", value]
+                name = "-".join([f"tasks-{tasks}", *(f"{option}-{value}" for option, value in combination)])
+                args = [word for option, value in combination for word in (f"--{option}", value)]
                 if sweep.repeats > 1:
                     args += ["--repeat", str(repeat)]
-                if sweep.repeats > 1 or value is not None:
+                if sweep.repeats > 1 or combination:
                     name += f"-repeat-{repeat}"
                 runs.append(Run(tasks, tuple(args), os.path.join(rundir, name)))
     return runs
@@ -337,12 +355,13 @@ def record_sweep(rundir, sweep):
 
 
 def check_qml_args(python, script, sweep):
-    """qml.py's own check of the arguments its runs get (`qml.py ... --check`), once per varied value, with the last
+    """qml.py's own check of the arguments its runs get (`qml.py ... --check`), once per combination of the varied
+    values (a combination may be refused where each value alone is not), with the last
     repeat's seeds, on the batch node: bad arguments end the job before any step, in qml.py's one line, rather than
     in a step, once per rank. Exits with qml.py's status when they are refused."""
     last_repeat = ("--repeat", str(sweep.repeats - 1)) if sweep.repeats > 1 else ()
-    for value in sweep.values or (None,):
-        varied = (f"--{sweep.option}", value) if value is not None else ()
+    for combination in sweep.combinations():
+        varied = [word for option, value in combination for word in (f"--{option}", value)]
         status = subprocess.run([python, "-W", "ignore", script, *sweep.qml_args, *varied, *last_repeat,
                                  "--check"]).returncode
         if status:
@@ -440,7 +459,7 @@ def run_sweep(sweep, runs, job, warning):
 
 def report(sweep, job):
     """`qml.py report RUNDIR` over the folder: the table, CSV, plot and answer. Its exit status."""
-    varied = f", --{sweep.option} {','.join(sweep.values)}" if sweep.option else ""
+    varied = "".join(f", --{option} {','.join(values)}" for option, values in sweep.varied)
     command = [job.python, "-W", "ignore", "-u", job.script, "report", job.rundir]
     print(f"== scaling report for task counts {sweep.words()[0]}{varied}, {sweep.repeats} run(s) each\n"
           f"+ {shlex.join(command)}", flush=True)
@@ -448,6 +467,14 @@ def report(sweep, job):
     if status:
         print(f"sweep.py: error: the scaling report failed with exit status {status}", file=sys.stderr)
     return status
+
+
+def runs_line(sweep, runs):
+    """The sweep's size, before its first step: the runs, how they multiply, and how many are complete already."""
+    factors = [f"{len(values)} {option}" for option, values in sweep.varied]
+    factors += [f"{len(sweep.counts)} task count(s)", f"{sweep.repeats} repeat(s)"]
+    complete = sum(run_state(run.stem) == "complete" for run in runs)
+    return f"{len(runs)} runs ({' x '.join(factors)}), {complete} complete already"
 
 
 def set_up(sweep, env):
@@ -483,6 +510,7 @@ def main(argv=None):
         sweep = parse_sweep(sys.argv[1:] if argv is None else list(argv))
         job = set_up(sweep, env)
         runs = plan_runs(sweep, job.rundir)
+        print(f"== {runs_line(sweep, runs)}", flush=True)
         run_sweep(sweep, runs, job, warning)
         return report(sweep, job) if len(runs) > 1 else 0
     except (UsageError, RunFailed) as err:

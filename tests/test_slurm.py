@@ -389,14 +389,17 @@ def test_bad_task_count_fails_the_job_with_status_2(slurm_env, submit_dir):
     assert not (submit_dir / "runs").exists(), context
 
 
-def test_vary_sweep_interrupted_by_the_warning_requeues_and_ends_with_every_value(slurm_env, submit_dir, tiny_data):
-    """1 --vary head=quantum,classical of one epoch: the warning comes once the first run is complete (as the second
-    step starts), the job requeues, and its restart skips that run, runs the other and reports once."""
+def test_grid_sweep_interrupted_by_the_warning_requeues_and_ends_with_every_combination(slurm_env, submit_dir,
+                                                                                        tiny_data):
+    """1 --vary head=classical,linear --vary lr=0.0004,0.01 --holdout 0.5 of one epoch: four runs, announced before the
+    first step; the warning comes once the first run is complete (as the second step starts), the job requeues, and
+    its restart skips that run, runs the three others and reports once: each head at its better rate, on test."""
     env = dict(slurm_env, MASTER_PORT=str(free_port()))
     deadline = time.monotonic() + JOB_TIMEOUT
-    jobid, log = start_job(env, submit_dir, "1", "--vary", "head=quantum,classical", "--data-dir", tiny_data, *TINY_RUN)
+    jobid, log = start_job(env, submit_dir, "1", "--vary", "head=classical,linear", "--vary", "lr=0.0004,0.01",
+                           "--holdout", "0.5", "--data-dir", tiny_data, *TINY_RUN)
     rundir = submit_dir / "runs" / jobid
-    first = rundir / "tasks-1-head-quantum-repeat-0.json"
+    first = rundir / "tasks-1-head-classical-lr-0.0004-repeat-0.json"
     wait_for(first.exists, "the first run's metrics", deadline)
     subprocess.run(["scancel", "--signal=USR1", "--batch", jobid], env=env, check=True, timeout=30)
     wait_for(lambda: job_field(env, jobid, "Restarts") == "1" and job_field(env, jobid, "JobState") == "PENDING",
@@ -406,13 +409,23 @@ def test_vary_sweep_interrupted_by_the_warning_requeues_and_ends_with_every_valu
     assert "== wall-time warning" in text and f"job {jobid} is requeued" in text, context
     assert f"== continuing runs/{jobid} (restart 1" in text and text.count("== scaling report") == 1, context
     assert f"== 1 tasks: runs/{jobid}/{first.name} is complete, skipped" in text, context
-    runs = [json.loads((rundir / f"tasks-1-head-{head}-repeat-0.json").read_text())
-            for head in ("quantum", "classical")]
-    assert [(run["config"]["head"], run["complete"], len(run["epochs"])) for run in runs] == [
-        ("quantum", True, 1), ("classical", True, 1)], context
-    assert (rundir / "sweep.args").read_bytes().split(b"\0")[:3] == [b"1", b"--repeats=1",
-                                                                     b"--vary=head=quantum,classical"]
-    assert "Answer:" in text, context
+    announced = [line for line in text.splitlines() if line.startswith("== 4 runs (2 head x 2 lr x 1 task count(s) "
+                                                                        "x 1 repeat(s)), ")]
+    assert [line.rsplit(", ", 1)[1] for line in announced] == ["0 complete already", "1 complete already"], context
+    assert text.index(announced[0]) < text.index("== tasks-1-head-classical-lr-0.0004-repeat-0"), context
+    runs = {(head, lr): json.loads((rundir / f"tasks-1-head-{head}-lr-{lr}-repeat-0.json").read_text())
+            for head in ("classical", "linear") for lr in ("0.0004", "0.01")}
+    assert {key: (run["config"]["head"], str(run["config"]["lr"]), run["complete"], run["test_count"])
+            for key, run in runs.items()} == {key: (*key, True, 5) for key in runs}, context  # 3 ants + 2 bees
+    assert (rundir / "sweep.args").read_bytes().split(b"\0")[:4] == [
+        b"1", b"--repeats=1", b"--vary=head=classical,linear", b"--vary=lr=0.0004,0.01"]
+    with open(rundir / "by-head.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    picks = {head: max(("0.0004", "0.01"), key=lambda lr: runs[(head, lr)]["best_val_acc"]) for head in ("classical",
+                                                                                                     "linear")}
+    assert [(row["head"], row["pick"], row["test_count"]) for row in rows] == [
+        (head, f"lr={picks[head]}", "5") for head in ("classical", "linear")], rows
+    assert "Answer: one run per value and setting, test accuracy at the picks: head=classical " in text, context
 
 
 PROBE = """import os, sys
@@ -1041,6 +1054,14 @@ def test_every_varied_value_is_checked_before_the_first_step(fake_job, tmp_path)
     assert one_stderr_line(proc.stderr) == "qml.py: error: argument --n-qubits: must be 1..30"
 
 
+def test_every_combination_of_a_grid_is_checked_before_the_first_step(fake_job, tmp_path):
+    proc = fake_job("1", "--vary", "head=quantum,linear", "--vary", "n-qubits=2,99", QML_SITE="generic",
+                    FAKE_CHECK_FAILS="99")
+    assert proc.returncode == 2 and not srun_lines(proc.stdout) and not (tmp_path / "submit" / "runs").exists()
+    assert qml_lines(proc.stdout) == [["--head", "quantum", "--n-qubits", "2", "--check"],
+                                      ["--head", "quantum", "--n-qubits", "99", "--check"]]  # the first refused ends it
+
+
 # The real qml.py's refusals of a value and of a circuit the memory cannot hold; its other messages are
 # test_bad_input's, in one process.
 @pytest.mark.parametrize("args, refused", [(["--n-qubits", "30"], "--n-qubits 30 on --qdevice lightning.kokkos needs"),
@@ -1263,7 +1284,8 @@ def test_a_vary_sweep_continues_where_it_stopped(fake_job, tmp_path):
                                          (["--vary", "n-qubits=2,2"], "twice"),
                                          (["--vary", "checkpoint=a,b"], "sets --checkpoint itself"),
                                          (["--vary", "n-qubits=2,4", "--n-qubits", "3"], "--n-qubits"),
-                                         (["--vary", "n-qubits=2,4", "--vary", "lr=1,2"], "--vary is given twice"),
+                                         (["--vary", "n-qubits=2,4", "--vary", "n-qubits=8"],
+                                          "--vary n-qubits=... is given twice"),
                                          (["--continue", "runs/1", "--continue=runs/2"], "--continue is given twice")],
                          ids=["no-values", "empty", "dashes", "path", "twice", "ours", "given-too", "two", "continue"])
 def test_bad_vary_exits_2_with_one_line(fake_job, args, named):

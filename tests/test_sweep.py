@@ -40,14 +40,16 @@ def test_the_resumable_status_is_qml_pys():
     ([], (1,), 1, None, None, ()),
     (["1,02,4", "--epochs", "2"], (1, 2, 4), 1, None, None, ("--epochs", "2")),
     (["2", "--seed", "7", "--repeats=3", "--shuffle-seed=5"], (2,), 3, None, None, ("--seed", "7", "--shuffle-seed=5")),
-    (["1", "--vary", "n-qubits=2,4", "--continue", "runs/7"], (1,), 1, ("n-qubits", ("2", "4")), "runs/7", ()),
+    (["1", "--vary", "n-qubits=2,4", "--continue", "runs/7"], (1,), 1, (("n-qubits", ("2", "4")),), "runs/7", ()),
+    (["1", "--vary", "head=quantum,linear", "--epochs", "2", "--vary=lr=0.1,0.2"], (1,), 1,
+     (("head", ("quantum", "linear")), ("lr", ("0.1", "0.2"))), None, ("--epochs", "2")),
     (["1", "--rep", "2", "--resume", "x.pt"], (1,), 1, None, None, ("--rep", "2", "--resume", "x.pt")),
-], ids=["default", "counts", "repeats-anywhere", "vary-continue", "no-prefixes"])
+], ids=["default", "counts", "repeats-anywhere", "vary-continue", "grid", "no-prefixes"])
 def test_parse_sweep_splits_the_launchers_arguments_from_qml_pys(argv, counts, repeats, vary, continue_dir, qml_args):
     parsed = sweep.parse_sweep(argv)
     assert (parsed.counts, parsed.repeats, parsed.continue_dir, parsed.qml_args) == (
         counts, repeats, continue_dir, qml_args)
-    assert ((parsed.option, parsed.values) if parsed.option else None) == vary
+    assert parsed.varied == (vary or ())
 
 
 def test_a_sweeps_words_are_spelled_one_way():
@@ -58,7 +60,10 @@ def test_a_sweeps_words_are_spelled_one_way():
 
 @pytest.mark.parametrize("argv, named", [(["0"], "'0'"), (["1,1"], "twice"), (["1", "--repeats", "0"], "--repeats"),
                                          (["1", "--vary", "a b=1"], "--vary"), (["1", "--repeats"], "--repeats"),
-                                         (["1", "--vary", "lr=1", "--lr=2"], "--lr is both varied")])
+                                         (["1", "--vary", "lr=1", "--lr=2"], "--lr is both varied"),
+                                         (["1", "--vary", "lr=1", "--vary", "head=linear", "--lr", "2"],
+                                          "--lr is both varied"),
+                                         (["1", "--vary", "lr=1,2", "--vary", "lr=3"], "lr=... is given twice")])
 def test_parse_sweep_refuses_bad_arguments_in_one_line(argv, named):
     with pytest.raises(UsageError, match=named) as refused:
         sweep.parse_sweep(argv)
@@ -85,6 +90,26 @@ def test_runs_are_repeat_major_and_carry_the_value_and_the_repeat():
         4, ("--repeat", "2"), "tasks-4-repeat-2")
     assert names(sweep.plan_runs(sweep.parse_sweep(["4", "--vary", "lr=0.1,0.01"]), "r")) == [
         (4, ("--lr", "0.1"), "tasks-4-lr-0.1-repeat-0"), (4, ("--lr", "0.01"), "tasks-4-lr-0.01-repeat-0")]
+
+
+def test_a_grid_runs_every_combination_at_every_count_and_names_each_run_by_all_its_values():
+    grid = sweep.parse_sweep(["1,2", "--vary", "head=quantum,linear", "--vary", "lr=0.1,0.2,0.4", "--repeats", "2"])
+    runs = sweep.plan_runs(grid, "r")
+    assert len(runs) == 2 * 3 * 2 * 2 == len({run.stem for run in runs})
+    assert names(runs)[:3] == [
+        (1, ("--head", "quantum", "--lr", "0.1", "--repeat", "0"), "tasks-1-head-quantum-lr-0.1-repeat-0"),
+        (2, ("--head", "quantum", "--lr", "0.1", "--repeat", "0"), "tasks-2-head-quantum-lr-0.1-repeat-0"),
+        (1, ("--head", "quantum", "--lr", "0.2", "--repeat", "0"), "tasks-1-head-quantum-lr-0.2-repeat-0")]
+    assert names(runs)[-1] == (2, ("--head", "linear", "--lr", "0.4", "--repeat", "1"),
+                               "tasks-2-head-linear-lr-0.4-repeat-1")
+    assert grid.words()[2:4] == ["--vary=head=quantum,linear", "--vary=lr=0.1,0.2,0.4"]
+
+
+def test_the_runs_line_multiplies_the_grid_and_counts_the_complete_runs(tmp_path):
+    grid = sweep.parse_sweep(["1", "--vary", "head=quantum,linear", "--vary", "lr=0.1,0.2,0.4", "--repeats", "2"])
+    runs = sweep.plan_runs(grid, str(tmp_path))
+    (tmp_path / "tasks-1-head-linear-lr-0.2-repeat-1.json").write_text('{"complete": true}')
+    assert sweep.runs_line(grid, runs) == "12 runs (2 head x 3 lr x 1 task count(s) x 2 repeat(s)), 1 complete already"
 
 
 @pytest.mark.parametrize("files, state", [({}, "new"), ({".pt": b"x"}, "begun"),
