@@ -810,13 +810,13 @@ def main(argv):
         tuned = tuned_keys(runs, args.rundir, axis[0], args.tune) if axis else []
         if axis:
             refuse_pooling(runs, axis[0], tuned)
+        report_curves(runs, args.rundir, axis)  # before the answer, which ends the report
         if axis and (tuned or any(run["test_acc"] is not None for run in runs)):
             report_tuned(runs, args.rundir, *axis, tuned)
         elif axis:
             report_axis(runs, args.rundir, *axis)
         else:
             report_task_counts(runs, args.rundir)
-        report_curves(runs, args.rundir, axis)
         return 0
     except (UsageError, RunFailed) as err:
         print("qml.py: error:", " ".join(str(err).split()), file=sys.stderr)
