@@ -76,6 +76,7 @@ from torchvision import datasets, transforms
 try:  # the machinery beside this file
     import checkpoints
     import images
+    import qpu
     import records
     from checkpoints import Interrupted, catch_wall_time_warning, stop_between_batches
     from command_line import (DIST_TIMEOUT_MAX, RESUMABLE, SEEDS, ArgumentParser, RunFailed, UsageError, cache_size,
@@ -147,7 +148,8 @@ def quantum_net(q_input_features, q_weights_flat, nqubits=n_qubits, depth=q_dept
     return [qml.expval(qml.PauliZ(position)) for position in range(nqubits)]
 
 
-def make_quantum_net(nqubits, depth, n_weights, qdevice=DEFAULT_QDEVICE, device_id=None, qnode=False):
+def make_quantum_net(nqubits, depth, n_weights, qdevice=DEFAULT_QDEVICE, device_id=None, qnode=False, shots=None,
+                     noise=None, seed=None):
     """quantum_net on `qdevice` as a callable (q_input_features, q_weights_flat) -> list of expectation values:
     the tutorial's `dev = qml.device(...)` and `@qml.qnode(dev, interface="torch")`, for these sizes.
 
@@ -155,23 +157,28 @@ def make_quantum_net(nqubits, depth, n_weights, qdevice=DEFAULT_QDEVICE, device_
     all. n_weights: the size of q_weights_flat. device_id: the rank's GPU, for a GPU build of lightning.kokkos
     (None: Kokkos' own choice). qnode: a QNode even on ADJOINT_QDEVICES (the tutorial's way: --per-sample);
     otherwise those devices run a batch through AdjointCircuit, or a QNode where it cannot (`qnode_reason`).
-    qdevice "torch" is not PennyLane's: see TorchCircuit.
+    qdevice "torch" is not PennyLane's: see TorchCircuit. shots, noise (--shots, --noise) and the seed of the draws:
+    qpu.py, applied to what quantum_net records.
     """
     circuit = functools.partial(quantum_net, nqubits=nqubits, depth=depth)
     if qdevice == TORCH_QDEVICE:
-        return TorchCircuit(circuit, nqubits, n_weights)
+        qpu.refuse_noise_on_torch(noise)
+        return qpu.SampledCircuit(circuit, nqubits, n_weights, shots, seed) if shots else \
+            TorchCircuit(circuit, nqubits, n_weights)
     options = qdevice_options(qdevice, device_id, nqubits)
     if qdevice == KOKKOS_QDEVICE:
         start_kokkos(options)
-    dev = qml.device(qdevice, wires=nqubits, **options)
+    dev = qml.device(qdevice, wires=nqubits, seed=seed, **options)
     reason = None
     if qdevice in ADJOINT_QDEVICES and not qnode:
         try:
+            qpu.refuse_adjoint(dev, shots, noise)  # shots and noise go to the QNode, never ignored
             return AdjointCircuit(circuit, nqubits, n_weights, dev)
         except NoAdjoint as err:
             reason = str(err)
-    net = qml.QNode(circuit, dev, interface="torch")
+    net = qpu.make_qnode(circuit, dev, shots, noise)
     net.trace, net.qnode_reason = CircuitTrace(circuit, nqubits, n_weights, expand=decomposed_templates), reason
+    qpu.check_runs(net, qdevice, nqubits, n_weights, noise)
     return net
 
 
@@ -183,13 +190,14 @@ class DressedQuantumNet(nn.Module):
     """Linear(512 -> n_qubits), the circuit, Linear(its outputs -> n_classes): the *dressed* quantum net."""
 
     def __init__(self, n_qubits=n_qubits, q_depth=q_depth, q_delta=q_delta, n_classes=2,
-                 qdevice=DEFAULT_QDEVICE, per_sample=False, in_features=512, device_id=None):
+                 qdevice=DEFAULT_QDEVICE, per_sample=False, in_features=512, device_id=None, shots=None, noise=None,
+                 seed=None):
         super().__init__()
         # Parameter creation order (pre_net, q_params, post_net) is the tutorial's: same seed, same numbers.
         self.pre_net = nn.Linear(in_features, n_qubits)
         self.q_params = nn.Parameter(q_delta * torch.randn(q_depth * n_qubits))
         self.quantum_net = make_quantum_net(n_qubits, q_depth, self.q_params.numel(), qdevice, device_id,
-                                            qnode=per_sample)
+                                            qnode=per_sample, shots=shots, noise=noise, seed=seed)
         self.post_net = nn.Linear(self.quantum_net.trace.outputs, n_classes)  # one input per measured value
         self.per_sample = per_sample
         # What the circuit is, whichever simulator runs it: checkpoints record its digest.
@@ -223,7 +231,7 @@ class DressedClassicalNet(nn.Module):
             return self.post_net(torch.tanh(self.classical_net(c_in)))
 
 
-def build_model(args, n_classes, device_id=None):
+def build_model(args, n_classes, device_id=None, rank=0):
     """Frozen ResNet18 whose fc is the --head (the dressed quantum net, its classical control, or Mari et al.'s
     Linear(512 -> classes) baseline); random draws in the tutorial's order."""
     model = load_backbone(args.weights)
@@ -232,7 +240,8 @@ def build_model(args, n_classes, device_id=None):
     in_features = model.fc.in_features
     if args.head == "quantum":
         model.fc = DressedQuantumNet(args.n_qubits, args.q_depth, args.q_delta, n_classes, args.qdevice,
-                                     args.per_sample, in_features, device_id)
+                                     args.per_sample, in_features, device_id, args.shots, args.noise,
+                                     qpu.draw_seed(args.seed, rank))
     elif args.head == "classical":
         model.fc = DressedClassicalNet(args.n_qubits, n_classes, in_features)
     else:
@@ -425,7 +434,7 @@ def check_circuit_memory(args, ctx):
     if args.head != "quantum":
         return None
     head = DressedQuantumNet(args.n_qubits, args.q_depth, args.q_delta, qdevice=args.qdevice,
-                             per_sample=args.per_sample, device_id=ctx.device.index)
+                             per_sample=args.per_sample, device_id=ctx.device.index, shots=args.shots, noise=args.noise)
     on_gpu = ctx.device.type == "cuda" and (args.qdevice == TORCH_QDEVICE or
                                             describe_qdevice(head, args.qdevice)["runs_on"] == "gpu")
     check_memory(head.quantum_net, args.qdevice, args.batch_size, *images.rank_memory(ctx, on_gpu))
@@ -456,7 +465,7 @@ def prepare_training(args, ctx):
 
     torch.manual_seed(args.seed)  # the backbone's init, then the head's: the tutorial's order
     np.random.seed(args.seed)
-    model = build_model(args, len(classes), ctx.device.index).to(ctx.device)
+    model = build_model(args, len(classes), ctx.device.index, ctx.rank).to(ctx.device)
     if ctx.device.type == "cpu":
         model = model.to(memory_format=torch.channels_last)  # about 25% faster convolutions on CPUs
     cast_frozen_convolutions(model, args.precision)
@@ -508,6 +517,7 @@ def train_model(args, ctx):
             record_best(state, phase, loss, acc, run.model)
             if phase == "train":
                 run.scheduler.step()
+        record.update(qpu.executed(run.model.fc, record))  # the circuits and shots a QPU would have run
         state["history"].append(close_epoch(record, run.timer, ctx, run.loaders))
         state["epoch"] = epoch + 1
         if args.checkpoint and ctx.is_main:
@@ -562,6 +572,10 @@ def get_args_parser():
         "classical baseline (default: %(default)s)")
     add("--qdevice", default=DEFAULT_QDEVICE, help="PennyLane device simulating the circuit, or 'torch' for "
         "the built-in exact torch simulator (default: %(default)s)")
+    add("--shots", type=positive(int), default=None, help="estimate every expectation value from this many "
+        "samples, gradients by the parameter-shift rule, as on a QPU (default: exact)")
+    add("--noise", type=qpu.noise_spec, default="none", help=f"noise after the gates and at readout: {qpu.NOISE_HELP} "
+        "(default: %(default)s)")
     add("--per-sample", action="store_true", help="one circuit call per image, as the tutorial "
         "(default: one call per batch)")
     add("--weights", default="imagenet", help="backbone weights: imagenet | none | PATH of a ResNet18 "
@@ -618,6 +632,8 @@ def validate_args(args):
     if args.global_batch_size is not None and args.batch_size is not None:
         raise UsageError("--global-batch-size and --batch-size both set the batch size: give one of them "
                          "(--global-batch-size G gives each of N ranks G/N images)")
+    if args.head != "quantum" and (args.shots or args.noise != "none"):
+        raise UsageError(f"--shots and --noise apply to the circuit, and --head {args.head} has none; use --head quantum")
     if args.qdevice not in available_qdevices():
         raise UsageError(f"--qdevice {args.qdevice}: not installed; choose one of {', '.join(available_qdevices())}")
 

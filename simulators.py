@@ -386,6 +386,9 @@ def expanded_for_torch(tape):
         (tape,), _ = qml.devices.preprocess.decompose(tape, stopping_condition=torch_can_run,
                                                       skip_initial_state_prep=False, name="--qdevice torch")
     except qml.exceptions.DeviceError as err:
+        if any(isinstance(op, qml.operation.Channel) for op in tape.operations):  # noise: a mixed state
+            raise UsageError(f"{err} (in quantum_net): --qdevice torch simulates pure states; use --qdevice "
+                             f"default.mixed, which simulates channels") from None
         raise UsageError(f"{err} (in quantum_net); use --qdevice {REFERENCE_QDEVICE}, which simulates every "
                          f"PennyLane operation") from None
     return tape
