@@ -17,7 +17,8 @@ from process_group import broadcast_error, reduce_sums
 
 # Options that must match for a checkpoint to be resumed.
 RESUME_KEYS = ("head", "n_qubits", "q_depth", "q_delta", "weights", "bn_mode", "cache_features", "batch_size",
-               "lr", "gamma", "step_size", "seed", "shuffle_seed", "n_classes", "classes", "precision", "circuit")
+               "lr", "gamma", "step_size", "seed", "shuffle_seed", "n_classes", "classes", "precision", "circuit",
+               "shots", "noise")
 
 
 def torch_bytes(obj):

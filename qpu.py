@@ -107,7 +107,7 @@ def make_qnode(circuit, dev, shots=None, noise=None):
         node = qml.noise.add_noise(node, model)
     if finite:  # after add_noise: each image's tape takes the noise
         node = qml.transforms.broadcast_expand(node)
-    node.shot_count = shots or dev.shots.total_shots
+    node.shot_count, node.noise = shots or dev.shots.total_shots, noise_strengths(noise) and noise
     return node
 
 

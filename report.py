@@ -59,12 +59,36 @@ def load_runs(rundir):
             runs.append(dict(tasks=tasks, global_batch=config["batch_size"] * tasks, weights=config["weights"],
                              seconds=metrics["training_seconds"], best_val_acc=metrics["best_val_acc"],
                              best_val_loss=metrics["best_val_loss"], final_val_acc=metrics["epochs"][-1]["val_acc"],
-                             trainable_parameters=metrics.get("trainable_parameters"), config=config))
+                             trainable_parameters=metrics.get("trainable_parameters"), config=config,
+                             executed=executed_totals(metrics["epochs"])))
         except (OSError, ValueError, KeyError, TypeError, IndexError):
             raise UsageError(f"{path} is not a metrics JSON written by qml.py --metrics-json; move it away") from None
     if not runs:
         raise UsageError(f"no metrics JSON files (*.json) in {rundir}; {WHERE_METRICS_COME_FROM}")
     return sorted(runs, key=lambda run: run["tasks"])
+
+
+def executed_totals(epochs):
+    """{"circuits": n, "shots": n}: what a run's epochs executed on its circuit (forward and gradient, qml.py's per-epoch
+    "circuits" and "shots"), summed; None when an epoch did not record them (no circuit, or a file from before)."""
+    if not all("circuits" in epoch and "shots" in epoch for epoch in epochs):
+        return None
+    return {key: sum(sum(epoch[key].values()) for epoch in epochs) for key in ("circuits", "shots")}
+
+
+def executed_lines(runs, key=None):
+    """What the runs executed, summed per run: one line per task count (and value of the compared option, `key`)
+    whose runs recorded it, with the mean over its runs. docs/qpu.md prices them on a QPU."""
+    groups = {}
+    for run in runs:
+        if run["executed"] is not None:
+            label = f"{run['tasks']} task(s)" + (f", {key.replace('_', '-')}={run['config'][key]}" if key else "")
+            groups.setdefault(label, []).append(run["executed"])
+    lines = [f"  {label}: {statistics.mean(e['circuits'] for e in group):,.0f} circuits, "
+             f"{statistics.mean(e['shots'] for e in group):,.0f} shots ({len(group)} run(s))"
+             for label, group in groups.items()]
+    return ["Executed per run (circuits and shots, forward and gradient, summed over its epochs; mean of its runs):",
+            *lines] if lines else []
 
 
 def random_backbone_counts(runs):
@@ -510,6 +534,8 @@ def report_task_counts(runs, rundir):
     save_figure(plot_figure(rows, random_counts), png_path)
     print(f"Scaling table: {csv_path}\nScaling plot: {png_path}")
     print(answer_line(rows, random_counts))
+    for line in executed_lines(runs):
+        print(line)
 
 
 def report_axis(runs, rundir, key, listed):
@@ -529,6 +555,8 @@ def report_axis(runs, rundir, key, listed):
         caution = axis_caution(option, at_count) if tasks in random_counts else ""
         prefix = "Answer" if len(counts) == 1 else f"Answer at {tasks} task(s)"
         print(f"{prefix}: {axis_answer(at_count, option, rerun)}{caution}")
+    for line in executed_lines(runs, key):
+        print(line)
 
 
 def get_args_parser():

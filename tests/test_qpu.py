@@ -16,7 +16,9 @@ from conftest import one_stderr_line, run_main
 
 import qml
 import qpu
+import report
 import simulators
+import sweep
 
 STANDARD_ERRORS = 4
 SHOTS = 2000
@@ -241,3 +243,33 @@ def test_the_shifted_circuits_counted_are_those_pennylane_executes():
     with pennylane.Tracker(net.device) as tracker:
         torch.stack(net(inputs, weights), -1).sum().backward()
     assert tracker.totals["executions"] == 3 * (1 + qpu.gradient_circuits(net))
+
+
+def test_the_first_line_says_the_circuit_is_sampled(shot_epochs):
+    assert shot_epochs["torch-0"]["provenance"]["qdevice"]["summary"] == (
+        "qml.py's torch simulator, not a PennyLane device, on cpu, 400 shots a circuit, parameter-shift gradients")
+    assert shot_epochs["default.qubit"]["provenance"]["qdevice"]["shots"] == 400
+
+
+def test_the_report_sums_what_each_run_executed(shot_epochs, tmp_path, capsys):
+    for name, metrics in shot_epochs.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(metrics))
+    assert report.main([str(tmp_path), "--by", "shots"]) == 0
+    out = capsys.readouterr().out
+    # One epoch of 12 training and 9 validation images: 21 forward circuits, 12 x 12 shifted ones, 400 shots each.
+    assert "  1 task(s), shots=400: 165 circuits, 66,000 shots (5 run(s))" in out.splitlines(), out
+    assert "  1 task(s), shots=None: 21 circuits, 0 shots (1 run(s))" in out.splitlines(), out
+
+
+@pytest.mark.parametrize("vary, value, passed", [
+    ("shots=100,1000,10000", "1000", ["--shots", "1000"]),
+    ("noise=none,depolarizing=0.01+readout=0.02", "depolarizing=0.01+readout=0.02",
+     ["--noise", "depolarizing=0.01+readout=0.02"]),
+])
+def test_the_sweep_varies_shots_and_noise(tmp_path, vary, value, passed):
+    planned = sweep.plan_runs(sweep.parse_sweep(["1", "--vary", vary, "--repeats", "2", "--qdevice", "default.mixed"]),
+                              str(tmp_path))
+    run = next(run for run in planned if value in run.stem)
+    assert list(run.args[:2]) == passed
+    args = qml.get_args_parser().parse_args([*run.args, "--qdevice", "default.mixed"])
+    assert (args.shots, args.noise) == ((1000, None) if "shots" in vary else (None, value))
