@@ -156,8 +156,6 @@ def shifted_batch_rows(batch=4):
     """--qdevice torch with QPU_SHOTS shots: a training step (forward and parameter-shift backward of a batch of 4)
     against the exact forward of the same circuits as one broadcast batch: 4 x 57 images, and the 228 circuits at
     the shifted values (each its own weights), both without autograd."""
-    import qpu
-
     device = qml.pick_device("auto", 0)
     sampled = qml.make_quantum_net(qml.n_qubits, qml.q_depth, qml.n_qubits * qml.q_depth, simulators.TORCH_QDEVICE,
                                    shots=QPU_SHOTS, seed=0)
@@ -286,7 +284,7 @@ def main(argv=None):
         print()
         print(report.markdown_table(("what", "time", "ratio"), rows))
     if args.only in ("all", "qpu"):
-        print(f"\nShots and noise (docs/qpu.md), side by side with the exact circuit:")
+        print("\nShots and noise (docs/qpu.md), side by side with the exact circuit:")
         print(report.markdown_table(("what", "time", "ratio"), qpu_rows()))
     if args.only == "qpu":
         return 0

@@ -572,10 +572,10 @@ def get_args_parser():
         "classical baseline (default: %(default)s)")
     add("--qdevice", default=DEFAULT_QDEVICE, help="PennyLane device simulating the circuit, or 'torch' for "
         "the built-in exact torch simulator (default: %(default)s)")
-    add("--shots", type=positive(int), default=None, metavar="N", help="estimate every expectation value from this many "
-        "samples, gradients by the parameter-shift rule, as on a QPU (default: exact)")
-    add("--noise", type=qpu.noise_spec, default=None, metavar="SPEC", help=f"noise after the gates and at readout: {qpu.NOISE_HELP} "
-        "(default: none)")
+    add("--shots", type=positive(int), default=None, metavar="N", help="estimate every expectation value from this "
+        "many samples, gradients by the parameter-shift rule, as on a QPU (default: exact)")
+    add("--noise", type=qpu.noise_spec, default=None, metavar="SPEC", help="noise after the gates and at readout: "
+        f"{qpu.NOISE_HELP} (default: none)")
     add("--per-sample", action="store_true", help="one circuit call per image, as the tutorial "
         "(default: one call per batch)")
     add("--weights", default="imagenet", help="backbone weights: imagenet | none | PATH of a ResNet18 "
@@ -633,7 +633,8 @@ def validate_args(args):
         raise UsageError("--global-batch-size and --batch-size both set the batch size: give one of them "
                          "(--global-batch-size G gives each of N ranks G/N images)")
     if args.head != "quantum" and (args.shots or qpu.noise_strengths(args.noise)):
-        raise UsageError(f"--shots and --noise apply to the circuit, and --head {args.head} has none; use --head quantum")
+        raise UsageError(f"--shots and --noise apply to the circuit, and --head {args.head} has none; "
+                         f"use --head quantum")
     if args.qdevice not in available_qdevices():
         raise UsageError(f"--qdevice {args.qdevice}: not installed; choose one of {', '.join(available_qdevices())}")
 

@@ -69,8 +69,8 @@ def load_runs(rundir):
 
 
 def executed_totals(epochs):
-    """{"circuits": n, "shots": n}: what a run's epochs executed on its circuit (forward and gradient, qml.py's per-epoch
-    "circuits" and "shots"), summed; None when an epoch did not record them (no circuit, or a file from before)."""
+    """{"circuits": n, "shots": n}: what a run's epochs executed on its circuit (forward and gradient, qml.py's
+    per-epoch "circuits" and "shots"), summed; None when an epoch did not record them (no circuit, or an old file)."""
     if not all("circuits" in epoch and "shots" in epoch for epoch in epochs):
         return None
     return {key: sum(sum(epoch[key].values()) for epoch in epochs) for key in ("circuits", "shots")}
