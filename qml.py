@@ -87,7 +87,7 @@ try:  # the machinery beside this file
                                join_process_group, leave_process_group, master_port, mpi_ranks, rank_facts,
                                reduce_sums, step_master, sync_buffers)
     from simulators import (ADJOINT_QDEVICES, KOKKOS_QDEVICE, TORCH_QDEVICE, AdjointCircuit, CircuitTrace, NoAdjoint,
-                            TorchCircuit, available_qdevices, check_memory, decomposed_templates, describe_qdevice,
+                            available_qdevices, check_memory, decomposed_templates, describe_qdevice,
                             lazy_import, qdevice_options, start_kokkos)
     from records import close_epoch, progress_every, time_split
 except ModuleNotFoundError as err:  # qml.py copied alone: README's "Layout" lists what it needs
@@ -157,14 +157,11 @@ def make_quantum_net(nqubits, depth, n_weights, qdevice=DEFAULT_QDEVICE, device_
     all. n_weights: the size of q_weights_flat. device_id: the rank's GPU, for a GPU build of lightning.kokkos
     (None: Kokkos' own choice). qnode: a QNode even on ADJOINT_QDEVICES (the tutorial's way: --per-sample);
     otherwise those devices run a batch through AdjointCircuit, or a QNode where it cannot (`qnode_reason`).
-    qdevice "torch" is not PennyLane's: see TorchCircuit. shots, noise (--shots, --noise) and the seed of the draws:
-    qpu.py, applied to what quantum_net records.
+    qdevice "torch" is not PennyLane's: see TorchCircuit. shots, noise and the draws' seed: qpu.py (--shots, --noise).
     """
     circuit = functools.partial(quantum_net, nqubits=nqubits, depth=depth)
     if qdevice == TORCH_QDEVICE:
-        qpu.refuse_noise_on_torch(noise)
-        return qpu.SampledCircuit(circuit, nqubits, n_weights, shots, seed) if shots else \
-            TorchCircuit(circuit, nqubits, n_weights)
+        return qpu.torch_circuit(circuit, nqubits, n_weights, shots, noise, seed)
     options = qdevice_options(qdevice, device_id, nqubits)
     if qdevice == KOKKOS_QDEVICE:
         start_kokkos(options)

@@ -134,10 +134,13 @@ def has_channels(tape):
 # qdevice "torch" with shots: exact probabilities sampled, parameter-shift as one broadcast batch
 
 
-def refuse_noise_on_torch(noise):
+def torch_circuit(circuit, nqubits, n_weights, shots, noise, seed):
+    """qdevice "torch": TorchCircuit (exact), or SampledCircuit with shots; --noise is refused (pure states only)."""
     if noise_strengths(noise):
         raise UsageError(f"--qdevice torch simulates pure states, not --noise {noise}; use --qdevice {MIXED_QDEVICE} "
                          f"(a density-matrix simulator)")
+    return SampledCircuit(circuit, nqubits, n_weights, shots, seed) if shots else TorchCircuit(circuit, nqubits,
+                                                                                               n_weights)
 
 
 class SampledCircuit(TorchCircuit):
