@@ -301,14 +301,15 @@ def gradient_circuits(net):
 
 
 def executed(head, record):
-    """{"circuits": {"forward": n, "gradient": n}, "shots": {...}} of an epoch's record (its train_count and
-    val_count images, summed over ranks): one circuit per image and phase, and per training image the shifted
-    circuits of its gradient; shots: circuits x --shots (0 for exact expectation values). {} for a head without a
-    circuit."""
+    """What an epoch's record (its train_count and val_count images, summed over ranks) executed on the circuit:
+    circuits_forward (one circuit per image and phase), circuits_gradient (per training image the shifted circuits of
+    its gradient), and shots_forward, shots_gradient (those circuits x --shots; 0 for exact expectation values).
+    {} for a head without a circuit. Flat keys, so that pytest.approx and a CSV take a record as it is."""
     net = getattr(head, "quantum_net", None)
     if net is None:
         return {}
     circuits = dict(forward=record["train_count"] + record["val_count"],
                     gradient=record["train_count"] * gradient_circuits(net))
     shots = getattr(net, "shot_count", None) or 0
-    return dict(circuits=circuits, shots={part: count * shots for part, count in circuits.items()})
+    return {**{f"circuits_{part}": count for part, count in circuits.items()},
+            **{f"shots_{part}": count * shots for part, count in circuits.items()}}

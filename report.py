@@ -69,11 +69,13 @@ def load_runs(rundir):
 
 
 def executed_totals(epochs):
-    """{"circuits": n, "shots": n}: what a run's epochs executed on its circuit (forward and gradient, qml.py's
-    per-epoch "circuits" and "shots"), summed; None when an epoch did not record them (no circuit, or an old file)."""
-    if not all("circuits" in epoch and "shots" in epoch for epoch in epochs):
+    """{"circuits": n, "shots": n}: what a run's epochs executed on its circuit (qml.py's per-epoch circuits_forward,
+    circuits_gradient, shots_forward, shots_gradient), summed; None when an epoch did not record them (no circuit, or
+    an old file)."""
+    parts = ("forward", "gradient")
+    if not all(f"{key}_{part}" in epoch for epoch in epochs for key in ("circuits", "shots") for part in parts):
         return None
-    return {key: sum(sum(epoch[key].values()) for epoch in epochs) for key in ("circuits", "shots")}
+    return {key: sum(epoch[f"{key}_{part}"] for epoch in epochs for part in parts) for key in ("circuits", "shots")}
 
 
 def executed_lines(runs, key=None):

@@ -231,9 +231,10 @@ def test_the_metrics_record_the_circuits_and_shots_each_epoch_executed(shot_epoc
     images = {"train": 12, "val": 9}  # the tiny set; 2 qubits, depth 2: 6 parameters of 2 shifted circuits each
     for name in ("default.qubit", "torch-0"):
         epoch = shot_epochs[name]["epochs"][0]
-        assert epoch["circuits"] == {"forward": 21, "gradient": images["train"] * 12}
-        assert epoch["shots"] == {"forward": 21 * 400, "gradient": images["train"] * 12 * 400}
-    assert shot_epochs["exact"]["epochs"][0]["shots"] == {"forward": 0, "gradient": 0}
+        assert (epoch["circuits_forward"], epoch["circuits_gradient"]) == (21, images["train"] * 12)
+        assert (epoch["shots_forward"], epoch["shots_gradient"]) == (21 * 400, images["train"] * 12 * 400)
+    exact = shot_epochs["exact"]["epochs"][0]
+    assert (exact["circuits_forward"], exact["circuits_gradient"], exact["shots_forward"]) == (21, 0, 0)
     assert shot_epochs["exact"]["config"]["shots"] is None
 
 
