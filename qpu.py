@@ -13,6 +13,8 @@ Everything here is applied to what quantum_net records, never to a copy of the c
 - executed: the circuits and shots an epoch's images cost, for the metrics JSON.
 """
 
+import argparse
+
 import numpy as np
 import torch
 
@@ -44,8 +46,6 @@ def noise_spec(text):
         except ValueError:
             value = None
         if not equals or kind not in NOISE_KINDS or value is None or not 0 <= value <= 1 or kind in terms:
-            import argparse
-
             raise argparse.ArgumentTypeError(f"'{text}' is not a noise model: give {NOISE_HELP}")
         terms[kind] = strength
     return "+".join(f"{kind}={terms[kind]}" for kind in NOISE_KINDS if kind in terms)
@@ -107,7 +107,7 @@ def make_qnode(circuit, dev, shots=None, noise=None):
         node = qml.noise.add_noise(node, model)
     if finite:  # after add_noise: each image's tape takes the noise
         node = qml.transforms.broadcast_expand(node)
-    node.shot_count, node.noise = shots or dev.shots.total_shots, noise_strengths(noise) and noise
+    node.shot_count, node.noise = shots or dev.shots.total_shots, noise if noise_strengths(noise) else None
     return node
 
 

@@ -274,3 +274,14 @@ def test_the_sweep_varies_shots_and_noise(tmp_path, vary, value, passed):
     assert list(run.args[:2]) == passed
     args = qml.get_args_parser().parse_args([*run.args, "--qdevice", "default.mixed"])
     assert (args.shots, args.noise) == ((1000, None) if "shots" in vary else (None, value))
+
+
+def test_fewer_shots_than_outcomes_are_drawn_one_by_one_and_average_to_the_exact_value():
+    inputs, weights = inputs_and_weights(3, 1, batch=1)
+    exact = torch.stack(qml.make_quantum_net(3, 1, 3, "default.qubit")(inputs, weights), -1).detach()
+    net = qml.make_quantum_net(3, 1, 3, simulators.TORCH_QDEVICE, shots=4, seed=2)  # 8 outcomes > 4 shots
+    with torch.no_grad():
+        draws = torch.stack([torch.stack(net(inputs, weights), -1) for _ in range(400)])
+    assert torch.all((draws * 4 - (draws * 4).round()).abs() < 1e-9)  # means of 4 outcomes of +-1
+    error = (1 - exact**2).clamp_min(1e-12).sqrt() / math.sqrt(4 * 400)
+    assert ((draws.mean(0) - exact).abs() <= STANDARD_ERRORS * error).all(), (draws.mean(0) - exact) / error
