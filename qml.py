@@ -30,8 +30,8 @@ Reading this file beside the tutorial; its sections come in this order:
       gamma_lr_scheduler, manual_seed(42)      --seed (get_args_parser); setup: join, train, report, leave
 
 The machinery beyond the tutorial lives beside this file, in modules named for what they hold, none importing
-this one: simulators, images, process_group, checkpoints, records, command_line, report, and the sweep driver
-sweep.py (README's "Layout" says what each holds).
+this one: simulators, qpu (shots, noise), images, process_group, checkpoints, records, command_line, report, and
+the sweep driver sweep.py (README's "Layout" says what each holds).
 """
 
 import copy
