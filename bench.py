@@ -1,7 +1,7 @@
 """The speed benchmark of qml.py: epochs, the cached run and the circuit, timed in fresh processes.
 
     python bench.py [--data-dir DIR] [--weights none] [--epochs 3] [--cached-epochs 30] [--rounds 1]
-                    [--max-qubits 28] [--qubit-seconds 30] [--only all|qubits]
+                    [--max-qubits 28] [--qubit-seconds 30] [--only all|qubits|qpu]
 
 prints a table of times and ratios (the first row of each group is 1.00x), a table of where an epoch's
 time goes (qml.py --time-split: data loading, backbone, dressed head, all-reduce, optimizer), and the circuit's
