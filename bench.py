@@ -1,7 +1,7 @@
 """The speed benchmark of qml.py: epochs, the cached run and the circuit, timed in fresh processes.
 
     python bench.py [--data-dir DIR] [--weights none] [--epochs 3] [--cached-epochs 30] [--rounds 1]
-                    [--max-qubits 28] [--qubit-seconds 30] [--only all|qubits]
+                    [--max-qubits 28] [--qubit-seconds 30] [--only all|qubits|qpu]
 
 prints a table of times and ratios (the first row of each group is 1.00x), a table of where an epoch's
 time goes (qml.py --time-split: data loading, backbone, dressed head, all-reduce, optimizer), and the circuit's
@@ -29,13 +29,13 @@ QML = os.path.join(os.path.dirname(os.path.abspath(__file__)), "qml.py")
 QUBIT_COUNTS = (4, 8, 12, 16, 20, 24, 28)
 
 
-def time_circuit(qdevice, per_sample, batch=4, nqubits=qml.n_qubits, budget=1.0):
+def time_circuit(qdevice, per_sample, batch=4, nqubits=qml.n_qubits, budget=1.0, shots=None, noise=None):
     """Median seconds of forward+backward of the dressed head's circuit for one batch, on the device qml.py picks
     (a GPU when visible): a warm-up call, then as many as fit in `budget` seconds (at least one, at most 20)."""
     device = qml.pick_device("auto", 0)
     torch.manual_seed(0)
-    head = qml.DressedQuantumNet(n_qubits=nqubits, qdevice=qdevice, per_sample=per_sample,
-                                 device_id=device.index).to(device)
+    head = qml.DressedQuantumNet(n_qubits=nqubits, qdevice=qdevice, per_sample=per_sample, device_id=device.index,
+                                 shots=shots, noise=noise, seed=0).to(device)
     features = torch.randn(batch, 512, device=device)
     times = []
     while len(times) < 2 or (len(times) < 21 and sum(times[1:]) < budget):
@@ -129,6 +129,66 @@ def circuit_rows():
     return rows
 
 
+QPU_SHOTS = 1000  # the shots of the QPU table's rows
+QPU_NOISE = "depolarizing=0.01+readout=0.02"  # its noise model
+
+
+def qpu_rows():
+    """The circuit's forward+backward for a batch of 4 on every path, exact (today's), with QPU_SHOTS shots (the
+    parameter-shift rule) and with QPU_NOISE, measured side by side; each path's exact row is its 1.00x. default.mixed
+    with both shots and noise is left out: it ran each of the batch's 228 circuits for about 0.25 s here."""
+    rows = []
+    for qdevice in circuit_qdevices() + ["default.mixed"]:
+        setups = [("exact", {}), (f"{QPU_SHOTS} shots", dict(shots=QPU_SHOTS))] if qdevice != "default.mixed" else \
+            [("exact", {}), (f"--noise {QPU_NOISE}", dict(noise=QPU_NOISE))]
+        base = None
+        for label, options in setups:
+            seconds = time_circuit(qdevice, False, **options)
+            base = base or seconds
+            rows.append((f"circuit fwd+bwd, batch of 4, {qdevice}: {label}", f"{seconds * 1000:.1f} ms",
+                         f"{seconds / base:.2f}x"))
+    return rows + shifted_batch_rows()
+
+
+def shifted_batch_rows(batch=4):
+    """--qdevice torch with QPU_SHOTS shots: a training step (forward and parameter-shift backward of a batch of 4)
+    against the exact forward of the same circuits as one broadcast batch: 4 x 57 images, and the 228 circuits at
+    the shifted values (each its own weights), both without autograd."""
+    device = qml.pick_device("auto", 0)
+    sampled = qml.make_quantum_net(qml.n_qubits, qml.q_depth, qml.n_qubits * qml.q_depth, simulators.TORCH_QDEVICE,
+                                   shots=QPU_SHOTS, seed=0)
+    exact = qml.make_quantum_net(qml.n_qubits, qml.q_depth, qml.n_qubits * qml.q_depth, simulators.TORCH_QDEVICE)
+    inputs = torch.rand(batch, qml.n_qubits, dtype=torch.float64, device=device, requires_grad=True)
+    weights = torch.rand(qml.n_qubits * qml.q_depth, dtype=torch.float64, device=device, requires_grad=True)
+    circuits = batch * (1 + len(sampled.shifts))
+    many = torch.rand(circuits, qml.n_qubits, dtype=torch.float64, device=device)
+    sampled(inputs, weights)  # on the device
+    shifted = sampled.parameters(inputs, weights).detach().repeat(1 + len(sampled.shifts), 1)
+
+    def step():
+        torch.autograd.grad(torch.stack(sampled(inputs, weights)).sum(), (inputs, weights))
+
+    with torch.no_grad():
+        images = median_time(lambda: exact(many, weights))
+        at_shifts = median_time(lambda: sampled.probabilities(shifted))
+    seconds = median_time(step)
+    return [(f"torch: exact forward of {circuits} images as one batch", f"{images * 1000:.2f} ms", "1.00x"),
+            (f"torch: exact forward of a step's {circuits} shifted circuits (each its own weights) as one batch",
+             f"{at_shifts * 1000:.2f} ms", f"{at_shifts / images:.2f}x"),
+            (f"torch, {QPU_SHOTS} shots: a training step of a batch of {batch} ({circuits} circuits, sampled)",
+             f"{seconds * 1000:.2f} ms", f"{seconds / images:.2f}x")]
+
+
+def median_time(call, repeats=50):
+    call()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
 def qubit_rows(args):
     """Per installed path, the broadcast circuit's forward+backward for a batch of 4 at each of QUBIT_COUNTS, up to
     --max-qubits: '-' where the memory check refuses the count (it says what it needs), or past a count that took
@@ -209,8 +269,9 @@ def get_args_parser():
     parser.add_argument("--qubit-seconds", type=command_line.positive(float), default=30.0, help="in the qubit-scaling "
                         "table, a path that took longer than this for one batch runs no larger count (default: "
                         "%(default)s)")
-    parser.add_argument("--only", choices=("all", "qubits"), default="all", help="qubits: only the qubit-scaling "
-                        "table, which needs no data set (default: %(default)s)")
+    parser.add_argument("--only", choices=("all", "qubits", "qpu"), default="all", help="qubits: only the "
+                        "qubit-scaling table; qpu: only the table of shots and noise; neither needs a data set "
+                        "(default: %(default)s)")
     return parser
 
 
@@ -227,6 +288,11 @@ def main(argv=None):
                                   "epoch 1 train loss/acc, val loss/acc"), epochs))
         print()
         print(report.markdown_table(("what", "time", "ratio"), rows))
+    if args.only in ("all", "qpu"):
+        print("\nShots and noise (docs/qpu.md), side by side with the exact circuit:")
+        print(report.markdown_table(("what", "time", "ratio"), qpu_rows()))
+    if args.only == "qpu":
+        return 0
     print(f"\nThe circuit's forward+backward for a batch of 4, ms, by qubit count (depth {qml.q_depth}):")
     print(report.markdown_table(("qdevice", *map(str, QUBIT_COUNTS)), qubit_rows(args)))
     return 0

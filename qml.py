@@ -31,8 +31,8 @@ Reading this file beside the tutorial; its sections come in this order:
       gamma_lr_scheduler, manual_seed(42)      --seed (get_args_parser); setup: join, train, report, leave
 
 The machinery beyond the tutorial lives beside this file in machinery/, in modules named for what they hold, none
-importing this one: simulators, images, process_group, checkpoints, heldout, records, command_line, report,
-predict, pictures, and the sweep driver sweep (README's "Layout" says what each holds).
+importing this one: simulators, qpu (shots, noise), images, process_group, checkpoints, heldout, records,
+command_line, report, predict, pictures, and the sweep driver sweep (README's "Layout" says what each holds).
 """
 
 import copy
@@ -76,7 +76,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torchvision import datasets, transforms
 
 try:  # the machinery beside this file (machinery/)
-    from machinery import checkpoints, heldout, images, records
+    from machinery import checkpoints, heldout, images, qpu, records
     from machinery.checkpoints import Interrupted, catch_wall_time_warning, stop_between_batches
     from machinery.command_line import (DIST_TIMEOUT_MAX, RESUMABLE, SEEDS, ArgumentParser, RunFailed, UsageError,
                                         cache_size, drop_frames, failure_line, number, positive, qubit_count,
@@ -88,9 +88,8 @@ try:  # the machinery beside this file (machinery/)
                                          rank_facts, reduce_sums, step_master, sync_buffers)
     from machinery.records import close_epoch, progress_every, time_split
     from machinery.simulators import (ADJOINT_QDEVICES, KOKKOS_QDEVICE, TORCH_QDEVICE, AdjointCircuit, CircuitTrace,
-                                      NoAdjoint, TorchCircuit, available_qdevices, check_memory,
-                                      decomposed_templates, describe_qdevice, lazy_import, qdevice_options,
-                                      start_kokkos)
+                                      NoAdjoint, available_qdevices, check_memory, decomposed_templates,
+                                      describe_qdevice, lazy_import, qdevice_options, start_kokkos)
 except ModuleNotFoundError as err:  # qml.py copied alone: README's "Layout" lists what it needs
     print(f"qml.py: error: no module {err.name}; keep qml.py beside its machinery/ folder", file=sys.stderr)
     sys.exit(2)
@@ -150,7 +149,8 @@ def quantum_net(q_input_features, q_weights_flat, nqubits=n_qubits, depth=q_dept
     return [qml.expval(qml.PauliZ(position)) for position in range(nqubits)]
 
 
-def make_quantum_net(nqubits, depth, n_weights, qdevice=DEFAULT_QDEVICE, device_id=None, qnode=False, entangle=True):
+def make_quantum_net(nqubits, depth, n_weights, qdevice=DEFAULT_QDEVICE, device_id=None, qnode=False, entangle=True,
+                     shots=None, noise=None, seed=None):
     """quantum_net on `qdevice` as a callable (q_input_features, q_weights_flat) -> list of expectation values:
     the tutorial's `dev = qml.device(...)` and `@qml.qnode(dev, interface="torch")`, for these sizes.
 
@@ -158,24 +158,26 @@ def make_quantum_net(nqubits, depth, n_weights, qdevice=DEFAULT_QDEVICE, device_
     all. n_weights: the size of q_weights_flat. device_id: the rank's GPU, for a GPU build of lightning.kokkos
     (None: Kokkos' own choice). qnode: a QNode even on ADJOINT_QDEVICES (the tutorial's way: --per-sample);
     otherwise those devices run a batch through AdjointCircuit, or a QNode where it cannot (`qnode_reason`).
-    qdevice "torch" is not PennyLane's: see TorchCircuit.
+    qdevice "torch" is not PennyLane's: see TorchCircuit. shots, noise and the draws' seed: qpu.py (--shots, --noise).
     """
     ablation = {} if entangle else dict(entangle=False)  # so an edited quantum_net need not take `entangle`
     circuit = functools.partial(quantum_net, nqubits=nqubits, depth=depth, **ablation)
     if qdevice == TORCH_QDEVICE:
-        return TorchCircuit(circuit, nqubits, n_weights)
+        return qpu.torch_circuit(circuit, nqubits, n_weights, shots, noise, seed)
     options = qdevice_options(qdevice, device_id, nqubits)
     if qdevice == KOKKOS_QDEVICE:
         start_kokkos(options)
-    dev = qml.device(qdevice, wires=nqubits, **options)
+    dev = qml.device(qdevice, wires=nqubits, seed=seed, **options)
     reason = None
     if qdevice in ADJOINT_QDEVICES and not qnode:
         try:
+            qpu.refuse_adjoint(dev, shots, noise)  # shots and noise go to the QNode, never ignored
             return AdjointCircuit(circuit, nqubits, n_weights, dev)
         except NoAdjoint as err:
             reason = str(err)
-    net = qml.QNode(circuit, dev, interface="torch")
+    net = qpu.make_qnode(circuit, dev, shots, noise)
     net.trace, net.qnode_reason = CircuitTrace(circuit, nqubits, n_weights, expand=decomposed_templates), reason
+    qpu.check_runs(net, qdevice, nqubits, n_weights, noise)
     return net
 
 
@@ -187,13 +189,14 @@ class DressedQuantumNet(nn.Module):
     """Linear(512 -> n_qubits), the circuit, Linear(its outputs -> n_classes): the *dressed* quantum net."""
 
     def __init__(self, n_qubits=n_qubits, q_depth=q_depth, q_delta=q_delta, n_classes=2,
-                 qdevice=DEFAULT_QDEVICE, per_sample=False, in_features=512, device_id=None, entangle=True):
+                 qdevice=DEFAULT_QDEVICE, per_sample=False, in_features=512, device_id=None, entangle=True, shots=None,
+                 noise=None, seed=None):
         super().__init__()
         # Parameter creation order (pre_net, q_params, post_net) is the tutorial's: same seed, same numbers.
         self.pre_net = nn.Linear(in_features, n_qubits)
         self.q_params = nn.Parameter(q_delta * torch.randn(q_depth * n_qubits))
         self.quantum_net = make_quantum_net(n_qubits, q_depth, self.q_params.numel(), qdevice, device_id,
-                                            qnode=per_sample, entangle=entangle)
+                                            qnode=per_sample, entangle=entangle, shots=shots, noise=noise, seed=seed)
         self.post_net = nn.Linear(self.quantum_net.trace.outputs, n_classes)  # one input per measured value
         self.per_sample = per_sample
         # What the circuit is, whichever simulator runs it: checkpoints record its digest.
@@ -227,7 +230,7 @@ class DressedClassicalNet(nn.Module):
             return self.post_net(torch.tanh(self.classical_net(c_in)))
 
 
-def build_model(args, n_classes, device_id=None):
+def build_model(args, n_classes, device_id=None, rank=0):
     """Frozen ResNet18 whose fc is the --head (the dressed quantum net, its classical control, or Mari et al.'s
     Linear(512 -> classes) baseline); random draws in the tutorial's order."""
     model = load_backbone(args.weights)
@@ -236,7 +239,8 @@ def build_model(args, n_classes, device_id=None):
     in_features = model.fc.in_features
     if args.head == "quantum":
         model.fc = DressedQuantumNet(args.n_qubits, args.q_depth, args.q_delta, n_classes, args.qdevice,
-                                     args.per_sample, in_features, device_id, args.entangle == "on")
+                                     args.per_sample, in_features, device_id, args.entangle == "on", args.shots,
+                                     args.noise, qpu.draw_seed(args.seed, rank))
     elif args.head == "classical":
         model.fc = DressedClassicalNet(args.n_qubits, n_classes, in_features)
     else:
@@ -432,7 +436,8 @@ def check_circuit_memory(args, ctx):
     if args.head != "quantum":
         return None
     head = DressedQuantumNet(args.n_qubits, args.q_depth, args.q_delta, qdevice=args.qdevice,
-                             per_sample=args.per_sample, device_id=ctx.device.index, entangle=args.entangle == "on")
+                             per_sample=args.per_sample, device_id=ctx.device.index, entangle=args.entangle == "on",
+                             shots=args.shots, noise=args.noise)
     on_gpu = ctx.device.type == "cuda" and (args.qdevice == TORCH_QDEVICE or
                                             describe_qdevice(head, args.qdevice)["runs_on"] == "gpu")
     check_memory(head.quantum_net, args.qdevice, args.batch_size, *images.rank_memory(ctx, on_gpu))
@@ -463,7 +468,7 @@ def prepare_training(args, ctx):
 
     torch.manual_seed(args.seed)  # the backbone's init, then the head's: the tutorial's order
     np.random.seed(args.seed)
-    model = build_model(args, len(classes), ctx.device.index).to(ctx.device)
+    model = build_model(args, len(classes), ctx.device.index, ctx.rank).to(ctx.device)
     if ctx.device.type == "cpu":
         model = model.to(memory_format=torch.channels_last)  # about 25% faster convolutions on CPUs
     cast_frozen_convolutions(model, args.precision)
@@ -515,6 +520,7 @@ def train_model(args, ctx):
             record_best(state, phase, loss, acc, run.model)
             if phase == "train":
                 run.scheduler.step()
+        record.update(qpu.executed(run.model.fc, record))  # the circuits and shots a QPU would have run
         state["history"].append(close_epoch(record, run.timer, ctx, run.loaders))
         state["epoch"] = epoch + 1
         if state["epoch"] == args.epochs and "test" in run.loaders:  # the kept head, scored once on unseen images
@@ -577,6 +583,10 @@ def get_args_parser():
         "classical baseline (default: %(default)s)")
     add("--qdevice", default=DEFAULT_QDEVICE, help="PennyLane device simulating the circuit, or 'torch' for "
         "the built-in exact torch simulator (default: %(default)s)")
+    add("--shots", type=positive(int), default=None, metavar="N", help="estimate every expectation value from this "
+        "many samples, gradients by the parameter-shift rule, as on a QPU (default: exact)")
+    add("--noise", type=qpu.noise_spec, default=None, metavar="SPEC", help="noise after the gates and at readout: "
+        f"{qpu.NOISE_HELP} (default: none)")
     add("--per-sample", action="store_true", help="one circuit call per image, as the tutorial "
         "(default: one call per batch)")
     add("--weights", default="imagenet", help="backbone weights: imagenet | none | PATH of a ResNet18 "
@@ -634,6 +644,9 @@ def validate_args(args):
     if args.global_batch_size is not None and args.batch_size is not None:
         raise UsageError("--global-batch-size and --batch-size both set the batch size: give one of them "
                          "(--global-batch-size G gives each of N ranks G/N images)")
+    if args.head != "quantum" and (args.shots or qpu.noise_strengths(args.noise)):
+        raise UsageError(f"--shots and --noise apply to the circuit, and --head {args.head} has none; "
+                         f"use --head quantum")
     if args.qdevice not in available_qdevices():
         raise UsageError(f"--qdevice {args.qdevice}: not installed; choose one of {', '.join(available_qdevices())}")
 

@@ -20,7 +20,7 @@ from .process_group import broadcast_error, reduce_sums
 # Options that must match for a checkpoint to be resumed.
 RESUME_KEYS = ("head", "n_qubits", "q_depth", "q_delta", "weights", "bn_mode", "cache_features", "batch_size",
                 "lr", "gamma", "step_size", "seed", "shuffle_seed", "n_classes", "classes", "precision", "circuit",
-                "holdout", "holdout_seed")
+                "holdout", "holdout_seed", "shots", "noise")
 MODEL_FORMAT = "qml.py model"  # what --save writes: all that `qml.py predict` needs to rebuild the trained model
 
 

@@ -60,12 +60,43 @@ def load_runs(rundir):
                              seconds=metrics["training_seconds"], best_val_acc=metrics["best_val_acc"],
                              best_val_loss=metrics["best_val_loss"], final_val_acc=metrics["epochs"][-1]["val_acc"],
                              trainable_parameters=metrics.get("trainable_parameters"), config=config,
-                             test_acc=metrics.get("test_acc"), test_count=metrics.get("test_count")))
+                             test_acc=metrics.get("test_acc"), test_count=metrics.get("test_count"),
+                             executed=executed_totals(metrics["epochs"])))
         except (OSError, ValueError, KeyError, TypeError, IndexError):
             raise UsageError(f"{path} is not a metrics JSON written by qml.py --metrics-json; move it away") from None
     if not runs:
         raise UsageError(f"no metrics JSON files (*.json) in {rundir}; {WHERE_METRICS_COME_FROM}")
     return sorted(runs, key=lambda run: run["tasks"])
+
+
+def executed_totals(epochs):
+    """{"circuits": n, "shots": n}: what a run's epochs executed on its circuit (qml.py's per-epoch circuits_forward,
+    circuits_gradient, shots_forward, shots_gradient), summed; None when an epoch did not record them (no circuit, or
+    an old file)."""
+    parts = ("forward", "gradient")
+    if not all(f"{key}_{part}" in epoch for epoch in epochs for key in ("circuits", "shots") for part in parts):
+        return None
+    return {key: sum(epoch[f"{key}_{part}"] for epoch in epochs for part in parts) for key in ("circuits", "shots")}
+
+
+def executed_lines(runs, key=None):
+    """What the runs executed, summed per run: one line per task count (and value of the compared option, `key`)
+    whose runs recorded it, with the mean over its runs. docs/qpu.md prices them on a QPU."""
+    groups = {}
+    for run in runs:
+        if run["executed"] is not None:
+            label = f"{run['tasks']} task(s)" + (f", {key.replace('_', '-')}={run['config'][key]}" if key else "")
+            groups.setdefault(label, []).append(run["executed"])
+    lines = [f"  {label}: {statistics.mean(e['circuits'] for e in group):,.0f} circuits, "
+             f"{statistics.mean(e['shots'] for e in group):,.0f} shots ({len(group)} run(s))"
+             for label, group in groups.items()]
+    return ["Executed per run (circuits and shots, forward and gradient, summed over its epochs; mean of its runs):",
+            *lines] if lines else []
+
+
+def print_executed(runs, key=None):
+    for line in executed_lines(runs, key):
+        print(line)
 
 
 def random_backbone_counts(runs):
@@ -487,13 +518,14 @@ def report_tuned(runs, rundir, key, listed, tuned):
     csv_path, png_path = os.path.join(rundir, f"by-{option}.csv"), os.path.join(rundir, f"by-{option}.png")
     write_table(rows, csv_path)
     on_test = all(row["test_acc"] is not None for row in rows)
-    fig = axis_figure(rows, option, bool(random_counts))
+    fig = axis_figure(rows, option, bool(random_counts), class_count(runs))
     if on_test:
         draw_test_accuracy(fig, rows, option)
     save_figure(fig, png_path)
     tuning = f", each at the setting of {', '.join(map(option_name, tuned))} with the best mean selection " \
              f"accuracy (column pick)" if tuned else ""
     print(f"Table by --{option}{tuning}: {csv_path}\nPlot by --{option}: {png_path}")
+    print_executed(runs, key)
     counts = sorted({row["tasks"] for row in rows})
     values = ",".join(str(value) for value in dict.fromkeys(row[option] for row in rows))
     tuned_vary = "".join(f"--vary {option_name(name)}=... " for name in tuned)
@@ -668,6 +700,7 @@ def report_task_counts(runs, rundir):
     write_table(rows, csv_path)
     save_figure(plot_figure(rows, random_counts, class_count(runs)), png_path)
     print(f"Scaling table: {csv_path}\nScaling plot: {png_path}")
+    print_executed(runs)
     print(answer_line(rows, random_counts))
 
 
@@ -679,6 +712,7 @@ def report_axis(runs, rundir, key, listed):
     write_table(rows, csv_path)
     save_figure(axis_figure(rows, option, bool(random_counts), class_count(runs)), png_path)
     print(f"Table by --{option}: {csv_path}\nPlot by --{option}: {png_path}")
+    print_executed(runs, key)
     counts = sorted({row["tasks"] for row in rows})
     values = ",".join(str(value) for value in dict.fromkeys(row[option] for row in rows))
     rerun = (f"submit_qml.sbatch {','.join(map(str, counts))} --vary {option}={values} "

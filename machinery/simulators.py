@@ -386,6 +386,9 @@ def expanded_for_torch(tape):
         (tape,), _ = qml.devices.preprocess.decompose(tape, stopping_condition=torch_can_run,
                                                       skip_initial_state_prep=False, name="--qdevice torch")
     except qml.exceptions.DeviceError as err:
+        if any(isinstance(op, qml.operation.Channel) for op in tape.operations):  # noise: a mixed state
+            raise UsageError(f"{err} (in quantum_net): --qdevice torch simulates pure states; use --qdevice "
+                             f"default.mixed, which simulates channels") from None
         raise UsageError(f"{err} (in quantum_net); use --qdevice {REFERENCE_QDEVICE}, which simulates every "
                          f"PennyLane operation") from None
     return tape
@@ -599,6 +602,8 @@ def memory_needed(net, qdevice, batch, nqubits=None):
         copies = math.ceil(net.trace.outputs * scale) + 4
         return copies * state, f"{copies} states of the adjoint method"
     gates = math.ceil(len(net.trace.tape.operations) * scale) + 3
+    if qdevice == "default.mixed":  # density matrices: 4^n entries (--noise)
+        return gates * batch * state * 2**n, f"a batch of {batch} density matrices for each of {gates} gates"
     return gates * batch * state, f"a batch of {batch} states for each of {gates} gates (backpropagation)"
 
 
@@ -665,19 +670,25 @@ def describe_qdevice(head, qdevice):
     lightning.kokkos tells its Kokkos execution space (OpenMP on CPUs; HIP or Cuda on GPUs): make_quantum_net
     has started Kokkos.
     """
+    shots = getattr(head.quantum_net, "shot_count", None)  # qpu.py's: sampled, parameter-shift gradients
+    noise = getattr(head.quantum_net, "noise", None)
+    sampled = (f", {shots} shots a circuit, parameter-shift gradients" if shots else "") + (
+        f", noise {noise}" if noise else "")
     if qdevice == TORCH_QDEVICE:
         runs_on = str(head.q_params.device)
-        return dict(name=qdevice, runs_on=runs_on,
-                    summary=f"qml.py's exact torch simulator, not a PennyLane device, on {runs_on}")
+        kind = "exact torch simulator" if not shots else "torch simulator"
+        return dict(name=qdevice, runs_on=runs_on, shots=shots,
+                    summary=f"qml.py's {kind}, not a PennyLane device, on {runs_on}{sampled}")
     via = getattr(head.quantum_net, "qnode_reason", None)
-    via = f"; a QNode, since {via}" if via else ""
+    via = f"; a QNode, since {via}{sampled}" if via else sampled
     if qdevice != KOKKOS_QDEVICE:
         runs_on = "gpu" if "gpu" in qdevice else "cpu"
-        return dict(name=qdevice, runs_on=runs_on, summary=f"PennyLane device on the {runs_on}{via}")
+        return dict(name=qdevice, runs_on=runs_on, shots=shots, noise=noise,
+                    summary=f"PennyLane device on the {runs_on}{via}")
     space = kokkos_space()
     runs_on = "gpu" if space["kokkos_device"] in ("Cuda", "HIP", "SYCL") else "cpu"
     summary = f"Kokkos {space['kokkos_device']}, on the {runs_on}{via}"
-    return dict(name=qdevice, runs_on=runs_on, **space, summary=summary)
+    return dict(name=qdevice, runs_on=runs_on, **space, shots=shots, noise=noise, summary=summary)
 
 
 def kokkos_space():

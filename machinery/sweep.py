@@ -66,9 +66,9 @@ def option_values(text):
     """--vary OPTION=V1,V2,...: a qml.py option, without its dashes, and its values, which name the runs' files."""
     option, _, values = text.partition("=")
     values = values.split(",")
-    if not (re.fullmatch(r"[a-z][a-z0-9-]*", option) and all(re.fullmatch(r"[\w.+-]+", v) for v in values)):
+    if not (re.fullmatch(r"[a-z][a-z0-9-]*", option) and all(re.fullmatch(r"[\w.+=-]+", v) for v in values)):
         raise argparse.ArgumentTypeError(f"must be OPTION=V1,V2,... (a qml.py option without its dashes, values of "
-                                         f"letters, digits and . _ + -; e.g. n-qubits=2,4), not '{text}'")
+                                         f"letters, digits and . _ + = -; e.g. n-qubits=2,4), not '{text}'")
     if option in SET_BY_THE_SWEEP or len(set(values)) < len(values):
         raise argparse.ArgumentTypeError(f"'{text}': the sweep sets --{option} itself" if option in SET_BY_THE_SWEEP
                                          else f"'{text}' names a value twice")
