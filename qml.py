@@ -524,7 +524,7 @@ def train_model(args, ctx):
         state["history"].append(close_epoch(record, run.timer, ctx, run.loaders))
         state["epoch"] = epoch + 1
         if state["epoch"] == args.epochs and "test" in run.loaders:  # the kept head, scored once on unseen images
-            state["test"] = heldout.score_kept_head(run.model.fc, state["best_head"],
+            state["test"] = heldout.score_kept_head(run.model, state,
                                                     functools.partial(run_phase, "test", run, ctx, args, epoch))
         if args.checkpoint and ctx.is_main:
             checkpoints.save_checkpoint(args.checkpoint, run)

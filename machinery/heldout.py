@@ -52,15 +52,17 @@ def split_holdout(datasets_, args):
     return dict(datasets_, val=Part(val, selection), test=Part(val, test))
 
 
-def score_kept_head(head, kept, score):
-    """{"acc", "loss", "count"} of score() (a pass over the test part) with `kept` (the kept head's state_dict, or
-    None: the last) loaded into `head`, whose own weights come back afterwards: a later --resume with more epochs
-    goes on from the last head, as it would have."""
-    last = {name: tensor.detach().clone() for name, tensor in head.state_dict().items()}
-    if kept is not None:
-        head.load_state_dict(kept)
+def score_kept_head(model, state, score):
+    """{"acc", "loss", "count"} of score() (a pass over the test part) with the kept model in `model`: the kept head
+    (state["best_head"]; None: the last) and the BatchNorm statistics of its epoch (--bn-mode train moves them), as
+    --save writes it. The last head and statistics come back afterwards: a later --resume with more epochs goes on
+    from them, as it would have."""
+    last = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    if state["best_head"] is not None:
+        model.fc.load_state_dict(state["best_head"])
+        model.load_state_dict(state.get("best_buffers", {}), strict=False)
     loss, acc, count = score()
-    head.load_state_dict(last)
+    model.load_state_dict(last)
     return dict(acc=acc, loss=loss, count=count)
 
 

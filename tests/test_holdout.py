@@ -275,3 +275,22 @@ def test_a_checkpoint_of_one_circuit_is_not_resumed_as_the_other(tmp_path):
     torch.save({"config": configs[True]}, tmp_path / "on.pt")
     with pytest.raises(UsageError, match="the checkpoint trained another circuit"):
         checkpoints.load_checkpoint(str(tmp_path / "on.pt"), configs[False])
+
+
+def test_the_test_part_is_scored_with_the_kept_heads_batchnorm_statistics_and_the_last_ones_come_back():
+    # --bn-mode train moves the statistics: the kept model is the kept head with those of its epoch, as --save keeps.
+    model = torch.nn.Sequential(torch.nn.BatchNorm1d(2))
+    model.fc = torch.nn.Linear(2, 2)
+    kept = dict(best_head={k: torch.full_like(v, 1.0) for k, v in model.fc.state_dict().items()},
+                best_buffers={"0.running_mean": torch.tensor([5.0, 6.0]), "0.running_var": torch.tensor([2.0, 3.0]),
+                              "0.num_batches_tracked": torch.tensor(7)})
+    last = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = {}
+
+    def score():
+        seen.update(mean=model[0].running_mean.tolist(), weight=model.fc.weight.tolist())
+        return 0.5, 1.0, 3
+
+    assert heldout.score_kept_head(model, kept, score) == dict(acc=1.0, loss=0.5, count=3)
+    assert seen == dict(mean=[5.0, 6.0], weight=[[1.0, 1.0], [1.0, 1.0]])
+    assert all(torch.equal(value, last[key]) for key, value in model.state_dict().items())
