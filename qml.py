@@ -1,15 +1,12 @@
 """Hybrid quantum-classical transfer learning on HPC (OLCF "Python_QML_Basics").
 
-A frozen ImageNet ResNet18 turns each image into 512 features; its `fc` layer is
-replaced by `DressedQuantumNet`: Linear(512 -> n_qubits), a PennyLane variational
-circuit simulated on `lightning.kokkos`, and Linear(n_qubits -> classes). Only the
-dressed head trains, with DistributedDataParallel across Slurm/torchrun/MPI ranks.
+A frozen ImageNet ResNet18 turns each image into 512 features; its `fc` layer is replaced by `DressedQuantumNet`:
+Linear(512 -> n_qubits), a PennyLane variational circuit simulated on `lightning.kokkos`, and Linear(n_qubits ->
+classes). Only the dressed head trains, with DistributedDataParallel across Slurm/torchrun/MPI ranks.
 
-    python qml.py                        # the tutorial's experiment
-    python qml.py --help                 # every option
-    python qml.py report runs/<jobid>    # scaling table of a submit_qml.sbatch sweep (machinery/report.py)
+    python qml.py                        # the tutorial's experiment; --help: every option
+    python qml.py report runs/<jobid>    # a sweep's table, answer and plots (machinery/report.py)
     python qml.py predict MODEL IMAGES   # classify images with a --save or --checkpoint file (machinery/predict.py)
-    python bench.py                      # speed benchmark table (bench.py, beside this file)
 
 Reading this file beside the tutorial; its sections come in this order:
 
@@ -24,15 +21,13 @@ Reading this file beside the tutorial; its sections come in this order:
     setup: init_process_group; __main__:     "Distributed setup": discover_ranks (torchrun, srun, mpiexec
       mpi4py ranks, MASTER_ADDR                or one process), init_distributed_mode (device, process group)
     data_transforms, ImageFolder, samplers   "Data": data_transforms, load_datasets, make_loaders
-    train_model                              "Training": train_model (the epoch loop), run_phase (one train
-                                             or validation pass), record_best (the tutorial's bests),
-                                             prepare_training (model, optimizer, data, DDP)
+    train_model                              "Training": train_model (the epoch loop), run_phase (one pass),
+                                             record_best, prepare_training (model, optimizer, data, DDP)
     step, num_epochs, batch_size,            "Command line": --lr, --epochs, --batch-size, --gamma,
       gamma_lr_scheduler, manual_seed(42)      --seed (get_args_parser); setup: join, train, report, leave
 
-The machinery beyond the tutorial lives beside this file in machinery/, in modules named for what they hold, none
-importing this one: simulators, qpu (shots, noise), images, process_group, checkpoints, heldout, records,
-command_line, report, predict, pictures, and the sweep driver sweep (README's "Layout" says what each holds).
+The machinery around it lives in machinery/, one module for each thing it holds, none importing this file
+(README's "Layout"); `python bench.py` is the speed benchmark.
 """
 
 import copy
@@ -80,13 +75,13 @@ try:  # the machinery beside this file (machinery/)
     from machinery.checkpoints import Interrupted, catch_wall_time_warning, stop_between_batches
     from machinery.command_line import (DIST_TIMEOUT_MAX, RESUMABLE, SEEDS, ArgumentParser, RunFailed, UsageError,
                                         cache_size, drop_frames, failure_line, number, positive, qubit_count,
-                                        raise_interrupt)
+                                        raise_interrupt, repeat_seeds, resolve_batch_and_lr)
     from machinery.images import (PRECISIONS, backbone_autocast, cast_frozen_convolutions, check_precision,
                                   fetch_weights_once, load_backbone)
-    from machinery.process_group import (DistContext, check_one_gpu_per_rank, expand_nodelist, gather_objects,
+    from machinery.process_group import (DistContext, check_one_gpu_per_rank, gather_objects,
                                          join_process_group, leave_process_group, master_port, mpi_ranks,
                                          rank_facts, reduce_sums, step_master, sync_buffers)
-    from machinery.records import close_epoch, progress_every, time_split
+    from machinery.records import close_epoch, progress_every, time_split, trainable_parameters
     from machinery.simulators import (ADJOINT_QDEVICES, KOKKOS_QDEVICE, TORCH_QDEVICE, AdjointCircuit, CircuitTrace,
                                       NoAdjoint, available_qdevices, check_memory, decomposed_templates,
                                       describe_qdevice, lazy_import, qdevice_options, start_kokkos)
@@ -106,8 +101,7 @@ q_delta = 0.01  # Initial spread of random quantum weights
 DEFAULT_QDEVICE = KOKKOS_QDEVICE  # the tutorial's
 HEADS = ("quantum", "classical", "linear")  # --head: the tutorial's, its classical control, a linear baseline
 DEFAULT_BATCH_SIZE = 4  # the tutorial's images per batch per rank
-# --lr-scaling linear multiplies --lr by global batch / this: the tutorial's images per step, one task.
-REFERENCE_GLOBAL_BATCH = DEFAULT_BATCH_SIZE
+REFERENCE_GLOBAL_BATCH = DEFAULT_BATCH_SIZE  # --lr-scaling linear: --lr x global batch / the tutorial's, one task
 
 
 # ----------------------------------------------------------------------------
@@ -152,14 +146,10 @@ def quantum_net(q_input_features, q_weights_flat, nqubits=n_qubits, depth=q_dept
 def make_quantum_net(nqubits, depth, n_weights, qdevice=DEFAULT_QDEVICE, device_id=None, qnode=False, entangle=True,
                      shots=None, noise=None, seed=None):
     """quantum_net on `qdevice` as a callable (q_input_features, q_weights_flat) -> list of expectation values:
-    the tutorial's `dev = qml.device(...)` and `@qml.qnode(dev, interface="torch")`, for these sizes.
-
-    Every path runs what quantum_net records when traced (its `trace`), so an edit of the circuit reaches them
-    all. n_weights: the size of q_weights_flat. device_id: the rank's GPU, for a GPU build of lightning.kokkos
-    (None: Kokkos' own choice). qnode: a QNode even on ADJOINT_QDEVICES (the tutorial's way: --per-sample);
-    otherwise those devices run a batch through AdjointCircuit, or a QNode where it cannot (`qnode_reason`).
-    qdevice "torch" is not PennyLane's: see TorchCircuit. shots, noise and the draws' seed: qpu.py (--shots, --noise).
-    """
+    the tutorial's `dev = qml.device(...)` and `@qml.qnode(dev, interface="torch")`, for these sizes. Every path
+    runs what quantum_net records when traced (its `trace`), so an edit of the circuit reaches them all. device_id:
+    the rank's GPU for Kokkos. qnode: a QNode even on ADJOINT_QDEVICES (--per-sample), which otherwise run a batch
+    through AdjointCircuit, or a QNode where it cannot (`qnode_reason`). shots, noise, seed: machinery/qpu.py."""
     ablation = {} if entangle else dict(entangle=False)  # so an edited quantum_net need not take `entangle`
     circuit = functools.partial(quantum_net, nqubits=nqubits, depth=depth, **ablation)
     if qdevice == TORCH_QDEVICE:
@@ -213,10 +203,9 @@ class DressedQuantumNet(nn.Module):
 
 
 class DressedClassicalNet(nn.Module):
-    """--head classical, the control: DressedQuantumNet with its circuit replaced by a classical layer with the same
-    inputs and outputs, tanh(Linear(n_qubits -> n_qubits)): the angles in, n_qubits values in [-1, 1] out, and
-    n_qubits * (n_qubits + 1) weights against the circuit's q_depth * n_qubits (20 against 24 at the tutorial's
-    sizes). Everything around it is the quantum head's: what differs is only what the circuit adds."""
+    """--head classical, the control: DressedQuantumNet with its circuit replaced by tanh(Linear(n_qubits -> n_qubits)),
+    the same inputs and outputs, n_qubits * (n_qubits + 1) weights against the circuit's q_depth * n_qubits (20
+    against 24 at the tutorial's sizes): what differs is only what the circuit adds."""
 
     def __init__(self, n_qubits=n_qubits, n_classes=2, in_features=512):
         super().__init__()
@@ -230,6 +219,13 @@ class DressedClassicalNet(nn.Module):
             return self.post_net(torch.tanh(self.classical_net(c_in)))
 
 
+def quantum_head(args, n_classes=2, in_features=512, device_id=None, rank=0, qdevice=None):
+    """The DressedQuantumNet of these options; its draws (--shots) seeded by --seed and the rank."""
+    return DressedQuantumNet(args.n_qubits, args.q_depth, args.q_delta, n_classes, qdevice or args.qdevice,
+                             args.per_sample, in_features, device_id, args.entangle == "on", args.shots, args.noise,
+                             qpu.draw_seed(args.seed, rank))
+
+
 def build_model(args, n_classes, device_id=None, rank=0):
     """Frozen ResNet18 whose fc is the --head (the dressed quantum net, its classical control, or Mari et al.'s
     Linear(512 -> classes) baseline); random draws in the tutorial's order."""
@@ -238,18 +234,12 @@ def build_model(args, n_classes, device_id=None, rank=0):
         param.requires_grad = False
     in_features = model.fc.in_features
     if args.head == "quantum":
-        model.fc = DressedQuantumNet(args.n_qubits, args.q_depth, args.q_delta, n_classes, args.qdevice,
-                                     args.per_sample, in_features, device_id, args.entangle == "on", args.shots,
-                                     args.noise, qpu.draw_seed(args.seed, rank))
+        model.fc = quantum_head(args, n_classes, in_features, device_id, rank)
     elif args.head == "classical":
         model.fc = DressedClassicalNet(args.n_qubits, n_classes, in_features)
     else:
         model.fc = nn.Linear(in_features, n_classes)
     return model
-
-
-def trainable_parameters(head):
-    return sum(param.numel() for param in head.parameters() if param.requires_grad)
 
 
 # ----------------------------------------------------------------------------
@@ -270,10 +260,7 @@ def discover_ranks(env=None):
     else:
         ctx = DistContext()
     if ctx.source == "slurm":
-        # The step's own nodes: in a sweep a small step may not run on the allocation's first node.
-        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
-        nodes = expand_nodelist(nodelist) if nodelist else []
-        ctx.master_addr = step_master(env.get("MASTER_ADDR"), nodes, warn=ctx.is_main) or ctx.master_addr
+        ctx.master_addr = step_master(env, warn=ctx.is_main) or ctx.master_addr
     elif "MASTER_ADDR" in env:
         ctx.master_addr = env["MASTER_ADDR"]
     ctx.master_port = master_port(env)
@@ -281,11 +268,9 @@ def discover_ranks(env=None):
 
 
 def pick_device(requested, local_rank):
-    """The torch device for this rank: a GPU (CUDA or ROCm) when asked for or visible, else the CPU.
-
-    GPU = local rank modulo the visible GPUs: each task sees one (srun --gpus-per-task=1 --gpu-bind=closest),
-    or all of the node's. Whether two ranks then share one is checked later (check_one_gpu_per_rank).
-    """
+    """The torch device for this rank: a GPU (CUDA or ROCm) when asked for or visible, else the CPU. GPU = local
+    rank modulo the visible GPUs: each task sees one (srun --gpus-per-task=1), or all of the node's; whether two
+    ranks then share one is checked later (check_one_gpu_per_rank)."""
     has_gpu = torch.cuda.is_available()
     if requested == "cuda" and not has_gpu:
         raise UsageError("--device cuda: no GPU is visible to this process; use --device cpu (or auto)")
@@ -295,8 +280,7 @@ def pick_device(requested, local_rank):
 
 
 def init_distributed_mode(args):
-    """The DistContext of this process: rank and world size, device and backend, the process group joined
-    when a launcher started us, and where every rank runs (rank_facts)."""
+    """The DistContext of this process: ranks, device, backend, the process group joined, where each rank runs."""
     ctx = discover_ranks()
     ctx.device = pick_device(args.device, ctx.local_rank)
     ctx.backend = args.backend if args.backend != "auto" else ("nccl" if ctx.device.type == "cuda" else "gloo")
@@ -317,11 +301,9 @@ def init_distributed_mode(args):
 
 
 def data_transforms():
-    """The tutorial's preprocessing up to the crop, identical for train and val (no augmentation), as uint8.
-
-    Its ToTensor and Normalize follow on the rank's device (images.normalize_images), so that a kept crop
-    takes a quarter of the memory of its float pixels.
-    """
+    """The tutorial's preprocessing up to the crop, identical for train and val (no augmentation), as uint8: its
+    ToTensor and Normalize follow on the rank's device (images.normalize_images), so a kept crop takes a quarter of
+    the memory of its float pixels."""
     return transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.PILToTensor()])
 
 
@@ -334,11 +316,8 @@ def load_datasets(data_dir):
 
 def make_loaders(datasets_, args, ctx, cached=False):
     """{"train", "validation"} loaders, and "test" with a test part. Train: a DistributedSampler (shuffled, padded
-    so ranks step together; loaders["train"].sampler). Validation and test: each image exactly once.
-
-    Images come through images.ImageLoader, which decodes each once while --image-cache has room for it.
-    Cached features need no decoding and validate in one batch (the batch size changes no metric there).
-    """
+    so ranks step together). Validation and test: each image exactly once. Images come through images.ImageLoader,
+    which decodes each once while --image-cache has room; cached features validate in one batch."""
     rank, world = ctx.rank, ctx.world_size
     train_sampler = DistributedSampler(datasets_["train"], num_replicas=world, rank=rank, seed=args.shuffle_seed)
     splits = {"train": (datasets_["train"], train_sampler, args.batch_size)}
@@ -435,9 +414,7 @@ def check_circuit_memory(args, ctx):
     is built only to trace the circuit (the seed is set after)."""
     if args.head != "quantum":
         return None
-    head = DressedQuantumNet(args.n_qubits, args.q_depth, args.q_delta, qdevice=args.qdevice,
-                             per_sample=args.per_sample, device_id=ctx.device.index, entangle=args.entangle == "on",
-                             shots=args.shots, noise=args.noise)
+    head = quantum_head(args, device_id=ctx.device.index)
     on_gpu = ctx.device.type == "cuda" and (args.qdevice == TORCH_QDEVICE or
                                             describe_qdevice(head, args.qdevice)["runs_on"] == "gpu")
     check_memory(head.quantum_net, args.qdevice, args.batch_size, *images.rank_memory(ctx, on_gpu))
@@ -445,9 +422,8 @@ def check_circuit_memory(args, ctx):
 
 
 def prepare_training(args, ctx):
-    """Data, model, optimizer, resume state, feature cache and DDP for train_model; None when --resume finds
-    the run finished (its metrics JSON is then written from the checkpoint). Every check that can fail runs before
-    the model is built."""
+    """Data, model, optimizer, resume state, feature cache and DDP for train_model (every check that can fail first);
+    None when --resume finds the run finished (its metrics JSON is then written from the checkpoint)."""
     checkpoints.check_outputs(ctx, args)
     check_precision(args.precision, ctx.device)
     circuit = check_circuit_memory(args, ctx)
@@ -493,11 +469,9 @@ def prepare_training(args, ctx):
 
 
 def train_model(args, ctx):
-    """Train the dressed head: the tutorial's epoch loop of a train and a validation phase.
-
-    Returns (the model holding the head of the best validation accuracy, the state with every epoch's
-    metrics and the bests, the run's config), or None when --resume finds the run finished.
-    """
+    """Train the dressed head: the tutorial's epoch loop of a train and a validation phase. Returns (the model holding
+    the head of the best validation accuracy, the state with every epoch's metrics and the bests, the run's config),
+    or None when --resume finds the run finished."""
     run = prepare_training(args, ctx)
     if run is None:
         return None
@@ -578,39 +552,34 @@ def get_args_parser():
     add("--holdout-seed", type=number(int, **SEEDS), default=0, help="seed of --holdout's split (default: %(default)s)")
     add("--entangle", choices=("on", "off"), default="on", help="off: no entangling layers (default: %(default)s)")
     add("--head", choices=HEADS, default="quantum", help="what replaces ResNet18's fc: quantum, the tutorial's "
-        "DressedQuantumNet; classical, the same with its circuit replaced by a classical layer of the same inputs, "
-        "outputs and about its number of weights (the control); linear, Linear(512 -> classes), Mari et al.'s "
-        "classical baseline (default: %(default)s)")
+        "DressedQuantumNet; classical, its circuit replaced by a classical layer of its inputs, outputs and about its "
+        "weights (the control); linear, Mari et al.'s Linear(512 -> classes) baseline (default: %(default)s)")
     add("--qdevice", default=DEFAULT_QDEVICE, help="PennyLane device simulating the circuit, or 'torch' for "
         "the built-in exact torch simulator (default: %(default)s)")
     add("--shots", type=positive(int), default=None, metavar="N", help="estimate every expectation value from this "
         "many samples, gradients by the parameter-shift rule, as on a QPU (default: exact)")
     add("--noise", type=qpu.noise_spec, default=None, metavar="SPEC", help="noise after the gates and at readout: "
         f"{qpu.NOISE_HELP} (default: none)")
-    add("--per-sample", action="store_true", help="one circuit call per image, as the tutorial "
-        "(default: one call per batch)")
+    add("--per-sample", action="store_true", help="one circuit call per image, as the tutorial (default: per batch)")
     add("--weights", default="imagenet", help="backbone weights: imagenet | none | PATH of a ResNet18 "
         "state_dict (default: %(default)s)")
-    add("--bn-mode", choices=("train", "eval"), default="train", help="the frozen backbone's BatchNorm in the "
-        "train phase: batch statistics (train, the tutorial's) or ImageNet statistics (eval) (default: %(default)s)")
-    add("--cache-features", action="store_true", help="run the backbone once and train on cached features "
-        "(needs --bn-mode eval)")
+    add("--bn-mode", choices=("train", "eval"), default="train", help="the frozen backbone's BatchNorm in the train "
+        "phase: batch statistics (train, the tutorial's) or ImageNet's (eval) (default: %(default)s)")
+    add("--cache-features", action="store_true", help="train on the backbone's features, computed once (needs "
+        "--bn-mode eval)")
     add("--image-cache", type=cache_size, default="auto", help="keep decoded images (uint8, on the rank's device) "
-        "so that later epochs read no file: auto (a quarter of the rank's GPU's free memory; on CPUs a quarter of "
-        "the host's available memory, split between the host's ranks), off, or a budget in MiB per rank "
-        "(default: %(default)s)")
-    add("--precision", choices=tuple(PRECISIONS), default="fp32", help="the frozen backbone's forward under "
-        "autocast to bf16, or fp16 (GPUs only); the dressed head and the circuit stay fp32/float64 "
-        "(default: %(default)s, the tutorial's)")
+        "so that later epochs read no file: auto (a quarter of the rank's GPU's free memory, on CPUs of the host's "
+        "available memory split between its ranks), off, or a budget in MiB per rank (default: %(default)s)")
+    add("--precision", choices=tuple(PRECISIONS), default="fp32", help="the frozen backbone's forward under autocast "
+        "to bf16, or fp16 (GPUs only); the head and circuit stay fp32/float64 (default: %(default)s, the tutorial's)")
     add("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: a GPU when visible "
         "(default: %(default)s)")
     add("--backend", choices=("auto", "nccl", "gloo"), default="auto", help="auto: nccl on GPUs, gloo on CPUs "
         "(default: %(default)s)")
     add("--dist-timeout", type=number(int, 1, DIST_TIMEOUT_MAX), default=300, help="seconds before a stuck "
         "rendezvous or collective fails (default: %(default)s)")
-    add("--workers", type=number(int, 0), default=None, help="image-decoding processes per rank (default on "
-        "GPUs: one fewer than the CPUs this process may run on (its CPU affinity mask: under srun the task's "
-        "CPUs), at most 3; on CPUs: 0, as the OpenMP threads use every core)")
+    add("--workers", type=number(int, 0), default=None, help="image-decoding processes per rank (default on GPUs: "
+        "one fewer than the CPUs of its CPU affinity mask (srun: the task's), at most 3; on CPUs 0: OpenMP uses all)")
     add("--print-freq", type=number(int, 0), default=None, help="progress line every N batches; 0: never "
         "(default: each batch when stdout is a terminal, else every 10)")
     add("--save", default=None, help="write the trained model (the kept head and all that 'qml.py predict' needs "
@@ -633,46 +602,21 @@ def validate_args(args):
     """Resolve the defaults that depend on the environment and refuse impossible combinations."""
     args.data_dir_is_default = args.data_dir is None and "QML_DATA_DIR" not in os.environ
     args.data_dir = args.data_dir or os.environ.get("QML_DATA_DIR") or images.DEFAULT_DATA_DIR
-    if args.repeat:  # the R-th repeat trains with its own seeds, recorded as such in the checkpoint and metrics
-        args.seed, args.shuffle_seed = args.seed + args.repeat, args.shuffle_seed + args.repeat
-        if max(args.seed, args.shuffle_seed) > SEEDS["high"]:
-            raise UsageError(f"--repeat {args.repeat} gives --seed {args.seed} and --shuffle-seed {args.shuffle_seed}, "
-                             f"beyond {SEEDS['high']}; give smaller seeds or fewer repeats")
+    repeat_seeds(args)  # the R-th repeat trains with its own seeds, recorded as such in the checkpoint and metrics
     if args.cache_features and args.bn_mode == "train":
         raise UsageError("--cache-features needs --bn-mode eval: with batch statistics the backbone's "
                          "features change every batch and cannot be cached")
     if args.global_batch_size is not None and args.batch_size is not None:
         raise UsageError("--global-batch-size and --batch-size both set the batch size: give one of them "
                          "(--global-batch-size G gives each of N ranks G/N images)")
-    if args.head != "quantum" and (args.shots or qpu.noise_strengths(args.noise)):
-        raise UsageError(f"--shots and --noise apply to the circuit, and --head {args.head} has none; "
-                         f"use --head quantum")
+    qpu.check_head(args)  # --shots and --noise need a circuit
     if args.qdevice not in available_qdevices():
         raise UsageError(f"--qdevice {args.qdevice}: not installed; choose one of {', '.join(available_qdevices())}")
 
 
-def resolve_batch_and_lr(args, world_size):
-    """Set args.batch_size (per rank) and args.lr for this world size, which is known only after rank discovery.
-
-    Kept in args, so that the checkpoint's config and --resume compare the values actually used.
-    """
-    if args.global_batch_size is not None:
-        if args.global_batch_size % world_size:
-            multiple = -(-args.global_batch_size // world_size) * world_size
-            raise UsageError(f"--global-batch-size {args.global_batch_size} cannot be split evenly over "
-                             f"{world_size} ranks; give a multiple of {world_size} (e.g. {multiple}) "
-                             f"or a task count that divides {args.global_batch_size}")
-        args.batch_size = args.global_batch_size // world_size
-    elif args.batch_size is None:
-        args.batch_size = DEFAULT_BATCH_SIZE
-    if args.lr_scaling == "linear":
-        args.lr *= args.batch_size * world_size / REFERENCE_GLOBAL_BATCH
-
-
 def check_run(args):
     """--check: the options (already validated), the precision on this machine's device, then the circuit against
-    its memory as one process.
-    A step's ranks on one host share it, and each checks its share before training."""
+    its memory as one process (a step's ranks on one host share it: each checks its share before training)."""
     ctx = DistContext(device=pick_device(args.device, 0), rank_facts=[dict(host=socket.gethostname())])
     args = copy.copy(args)
     args.batch_size = args.batch_size or args.global_batch_size or DEFAULT_BATCH_SIZE
@@ -682,8 +626,7 @@ def check_run(args):
 
 def draw_circuit(args):
     """quantum_net as the dressed head records it, with the angles 0.1 and the weights --q-delta."""
-    head = DressedQuantumNet(args.n_qubits, args.q_depth, args.q_delta, qdevice="default.qubit",
-                             entangle=args.entangle == "on")
+    head = quantum_head(args, qdevice="default.qubit")
     return head.circuit.draw(torch.full((args.n_qubits,), 0.1), args.q_delta * torch.ones_like(head.q_params))
 
 
@@ -692,7 +635,7 @@ def setup(args):
     ctx = None
     try:
         ctx = init_distributed_mode(args)
-        resolve_batch_and_lr(args, ctx.world_size)
+        resolve_batch_and_lr(args, ctx.world_size, DEFAULT_BATCH_SIZE, REFERENCE_GLOBAL_BATCH)
         trained = train_model(args, ctx)
         if trained is None:  # --resume of a finished run
             return 0
@@ -728,8 +671,7 @@ def main(argv=None):
         if argv[:1] in SUBCOMMANDS:
             return importlib.import_module(f"machinery.{argv[0]}").main(argv[1:])
         if argv[:1] == ["predict"]:  # classify images with a trained model, rebuilt by this file's build_model
-            from machinery import predict
-
+            predict = importlib.import_module("machinery.predict")
             return predict.main(argv[1:], build_model, data_transforms(), get_args_parser().parse_args([]))
         args = get_args_parser().parse_args(argv)
         validate_args(args)
@@ -749,12 +691,8 @@ def main(argv=None):
         print(f"qml.py: {err}", file=sys.stderr)
         return RESUMABLE
     except KeyboardInterrupt as err:  # Ctrl-C (no message), or SIGTERM (raise_interrupt names it)
-        # Ctrl-C reaches torchrun too, which then prints a traceback of its own that no rank can prevent.
-        torchrun = " (torchrun's traceback below is its own report of this Ctrl-C)" if not str(err) and \
-            "TORCHELASTIC_RUN_ID" in os.environ else ""
         checkpoint = args.checkpoint if args is not None else None  # None: stopped while the options were parsed
-        print(f"qml.py: stopped by {str(err) or 'Ctrl-C'}; {checkpoints.how_to_continue(argv, checkpoint)}{torchrun}",
-              file=sys.stderr)
+        print(f"qml.py: {checkpoints.stopped_line(err, argv, checkpoint)}", file=sys.stderr)
         return 130
 
 

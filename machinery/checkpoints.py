@@ -232,6 +232,15 @@ def stop_between_batches(ctx, epoch, checkpoint):
                           f"batches (Slurm's wall-time warning); {kept}")
 
 
+def stopped_line(err, argv, checkpoint):
+    """The one line of a run stopped by Ctrl-C (err has no message) or a signal (raise_interrupt names it): what
+    stopped it and how_to_continue. Ctrl-C reaches torchrun too, which then prints a traceback of its own that no
+    rank can prevent: the line says so."""
+    torchrun = " (torchrun's traceback below is its own report of this Ctrl-C)" if not str(err) and \
+        "TORCHELASTIC_RUN_ID" in os.environ else ""
+    return f"stopped by {str(err) or 'Ctrl-C'}; {how_to_continue(argv, checkpoint)}{torchrun}"
+
+
 def how_to_continue(argv, checkpoint):
     """What to run after a stop of `qml.py ARGV`: the same command resuming from its --checkpoint, or that nothing
     was kept."""

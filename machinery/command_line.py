@@ -153,3 +153,34 @@ def qubit_count(text):
     if value > MAX_QUBITS:
         raise argparse.ArgumentTypeError(f"must be 1..{MAX_QUBITS}, got {text}")
     return value
+
+
+# ----------------------------------------------------------------------------
+# Options resolved from others
+
+
+def repeat_seeds(args):
+    """--repeat R: the R-th repeat trains with --seed + R and --shuffle-seed + R (both kept in args)."""
+    if args.repeat:
+        args.seed, args.shuffle_seed = args.seed + args.repeat, args.shuffle_seed + args.repeat
+        if max(args.seed, args.shuffle_seed) > SEEDS["high"]:
+            raise UsageError(f"--repeat {args.repeat} gives --seed {args.seed} and --shuffle-seed {args.shuffle_seed}, "
+                             f"beyond {SEEDS['high']}; give smaller seeds or fewer repeats")
+
+
+def resolve_batch_and_lr(args, world_size, default_batch_size, reference_global_batch):
+    """Set args.batch_size (per rank) and args.lr for this world size, which is known only after rank discovery:
+    --global-batch-size split over the ranks, else --batch-size or the default; --lr-scaling linear multiplies --lr
+    by the global batch / reference_global_batch. Kept in args, so that the checkpoint's config and --resume compare
+    the values actually used."""
+    if args.global_batch_size is not None:
+        if args.global_batch_size % world_size:
+            multiple = -(-args.global_batch_size // world_size) * world_size
+            raise UsageError(f"--global-batch-size {args.global_batch_size} cannot be split evenly over "
+                             f"{world_size} ranks; give a multiple of {world_size} (e.g. {multiple}) "
+                             f"or a task count that divides {args.global_batch_size}")
+        args.batch_size = args.global_batch_size // world_size
+    elif args.batch_size is None:
+        args.batch_size = default_batch_size
+    if args.lr_scaling == "linear":
+        args.lr *= args.batch_size * world_size / reference_global_batch

@@ -108,10 +108,13 @@ def scontrol_hostnames(nodelist):
     return out.split()
 
 
-def step_master(given, nodes, warn):
-    """An srun step's MASTER_ADDR: `given` (the environment's) when it is one of the step's `nodes`, else their
-    first, else None. A MASTER_ADDR from a login shell (OLCF's pages suggest `export MASTER_ADDR=$(hostname -i)`)
-    names a host outside the step, where the ranks would wait until the timeout; `warn`: say so on stderr."""
+def step_master(env, warn):
+    """An srun step's MASTER_ADDR: the environment's when it is one of the step's own nodes (in a sweep a small step
+    may not run on the allocation's first node), else their first, else None. A MASTER_ADDR from a login shell
+    (OLCF's pages suggest `export MASTER_ADDR=$(hostname -i)`) names a host outside the step, where the ranks would
+    wait until the timeout; `warn`: say so on stderr."""
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    nodes, given = expand_nodelist(nodelist) if nodelist else [], env.get("MASTER_ADDR")
     if not nodes or given is None or names_one_of(given, nodes):
         return given or (nodes[0] if nodes else None)
     if warn:

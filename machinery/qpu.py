@@ -58,6 +58,13 @@ def noise_strengths(spec):
     return {kind: float(strength) for kind, _, strength in (term.partition("=") for term in spec.split("+"))}
 
 
+def check_head(args):
+    """Refuse --shots and --noise for a head without a circuit, in one line."""
+    if args.head != "quantum" and (args.shots or noise_strengths(args.noise)):
+        raise UsageError(f"--shots and --noise apply to the circuit, and --head {args.head} has none; "
+                         f"use --head quantum")
+
+
 def noise_model(spec):
     """The qml.noise.NoiseModel of a noise_spec, or None for no noise."""
     strengths = noise_strengths(spec)

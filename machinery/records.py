@@ -103,6 +103,10 @@ def progress_every(print_freq):
 PACKAGES = ("torch", "torchvision", "pennylane", "pennylane_lightning", "pennylane_lightning_kokkos", "mpi4py")
 
 
+def trainable_parameters(head):
+    return sum(param.numel() for param in head.parameters() if param.requires_grad)
+
+
 def package_versions():
     versions = {}
     for name in PACKAGES:

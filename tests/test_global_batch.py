@@ -31,7 +31,7 @@ def options(*argv):
 
 def resolved(world_size, *argv):
     args = options(*argv)
-    qml.resolve_batch_and_lr(args, world_size)
+    qml.resolve_batch_and_lr(args, world_size, qml.DEFAULT_BATCH_SIZE, qml.REFERENCE_GLOBAL_BATCH)
     return args
 
 
@@ -74,7 +74,7 @@ def test_global_batch_size_that_does_not_divide_the_ranks_is_refused():
     args = options("--global-batch-size", "4")
     refusal = r"--global-batch-size 4 cannot be split evenly over 3 ranks; give a multiple of 3 \(e.g. 6\)"
     with pytest.raises(command_line.UsageError, match=refusal):
-        qml.resolve_batch_and_lr(args, 3)
+        qml.resolve_batch_and_lr(args, 3, qml.DEFAULT_BATCH_SIZE, qml.REFERENCE_GLOBAL_BATCH)
 
 
 def test_global_batch_size_with_batch_size_is_refused():
