@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .command_line import UsageError
-from .simulators import KERNELS, REFERENCE_QDEVICE, NoAdjoint, TorchCircuit, gate_matrix, lazy_import
+from .simulators import KERNELS, REFERENCE_QDEVICE, NoAdjoint, TorchCircuit, gate_matrix, lazy_import, outputs
 
 qml = lazy_import("pennylane")
 
@@ -166,16 +166,12 @@ class SampledCircuit(TorchCircuit):
         self.shifts, self.coefficients = shift_rules(self.trace, self.variable)
 
     def __call__(self, q_input_features, q_weights_flat):
-        batch_shape = q_input_features.shape[:-1]
-        inputs = q_input_features.to(torch.float64).reshape(-1, self.nqubits)
-        if self.start is None or inputs.device != self.device:
-            self.move_to(inputs.device)
-        values = self.parameters(inputs, q_weights_flat.to(torch.float64))
+        values = self.gate_values(q_input_features, q_weights_flat)
         if torch.is_grad_enabled() and values.requires_grad:
             expvals = ParameterShift.apply(values, self)
         else:
             expvals = self.sampled(values.detach())
-        return list(expvals.to(q_input_features.dtype).reshape(*batch_shape, -1).unbind(-1))
+        return outputs(expvals, q_input_features)
 
     def move_to(self, device):
         super().move_to(device)

@@ -288,16 +288,20 @@ class TorchCircuit:
                             for i in self.variable], -1)
 
     def __call__(self, q_input_features, q_weights_flat):
-        batch_shape = q_input_features.shape[:-1]
+        values = self.gate_values(q_input_features, q_weights_flat)
+        shared = values[:1]  # a gate that depends on no input takes one matrix for the batch
+        state = self.start.expand(len(values), -1)
+        for block in self.blocks:
+            state = self.apply(block, self.block_matrix(block, values if block.batched else shared), state)
+        return outputs(self.expvals(state), q_input_features)
+
+    def gate_values(self, q_input_features, q_weights_flat):
+        """(images, parameters): each image's values of the circuit's gate parameters, float64, on the inputs'
+        device (where the simulator moves on first use)."""
         inputs = q_input_features.to(torch.float64).reshape(-1, self.nqubits)
         if self.start is None or inputs.device != self.device:
             self.move_to(inputs.device)
-        values = self.parameters(inputs, q_weights_flat.to(torch.float64))
-        shared = values[:1]  # a gate that depends on no input takes one matrix for the batch
-        state = self.start.expand(len(inputs), -1)
-        for block in self.blocks:
-            state = self.apply(block, self.block_matrix(block, values if block.batched else shared), state)
-        return list(self.expvals(state).to(q_input_features.dtype).reshape(*batch_shape, -1).unbind(-1))
+        return self.parameters(inputs, q_weights_flat.to(torch.float64))
 
     def block_matrix(self, block, values):
         """(batch or 1, 2^k, 2^k), or (2^k, 2^k) for a fixed block."""
@@ -362,6 +366,11 @@ class TorchCircuit:
 
 
 Z_TABLE_ENTRIES = 2**16  # up to this size a table of signs measures every <Z word> in one matmul
+
+
+def outputs(expvals, q_input_features):
+    """(images, measurements) expectation values as the list a QNode returns, shaped and typed as its inputs."""
+    return list(expvals.to(q_input_features.dtype).reshape(*q_input_features.shape[:-1], -1).unbind(-1))
 
 
 def z_table(measurements, nqubits):

@@ -289,7 +289,7 @@ def test_load_backbone_rejects_a_file_that_is_not_a_resnet18_state_dict(tmp_path
 def test_load_backbone_imagenet_offline_fails_fast_naming_the_ways_out(tmp_path):
     # With an empty hub cache the download must fail (a proxy on a closed local port makes sure of it, network
     # or not), and the error says what to do instead.
-    code = ("import images, command_line\n"
+    code = ("from machinery import command_line, images\n"
             "try:\n"
             "    images.load_backbone('imagenet')\n"
             "except command_line.UsageError as err:\n"
