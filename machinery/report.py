@@ -510,6 +510,23 @@ def draw_test_accuracy(fig, rows, option):
     axes.legend(loc="best")
 
 
+def rerun_command(rows, option, more):
+    """The sweep that repeats these rows' task counts and values of `option`, with `more` options."""
+    counts = ",".join(map(str, sorted({row["tasks"] for row in rows})))
+    values = ",".join(str(value) for value in dict.fromkeys(row[option] for row in rows))
+    return f"submit_qml.sbatch {counts} --vary {option}={values} {more}"
+
+
+def print_answers(rows, option, random_counts, answer):
+    """One line per task count of the rows by `option`: answer(its rows), cautioned on a random backbone."""
+    counts = sorted({row["tasks"] for row in rows})
+    for tasks in counts:
+        at_count = [row for row in rows if row["tasks"] == tasks]
+        caution = axis_caution(option, at_count) if tasks in random_counts else ""
+        prefix = "Answer" if len(counts) == 1 else f"Answer at {tasks} task(s)"
+        print(f"{prefix}: {answer(at_count)}{caution}")
+
+
 def report_tuned(runs, rundir, key, listed, tuned):
     """The table (a row per task count and value, at its pick), CSV and plot by the compared option, and its answer
     at each task count: on test accuracy where every pick has a test part, else on validation accuracy, cautioned."""
@@ -526,16 +543,10 @@ def report_tuned(runs, rundir, key, listed, tuned):
              f"accuracy (column pick)" if tuned else ""
     print(f"Table by --{option}{tuning}: {csv_path}\nPlot by --{option}: {png_path}")
     print_executed(runs, key)
-    counts = sorted({row["tasks"] for row in rows})
-    values = ",".join(str(value) for value in dict.fromkeys(row[option] for row in rows))
     tuned_vary = "".join(f"--vary {option_name(name)}=... " for name in tuned)
-    rerun = (f"submit_qml.sbatch {','.join(map(str, counts))} --vary {option}={values} {tuned_vary}"
-             f"--repeats {REPEATS_FOR_NOISE} --holdout 0.5")
-    for tasks in counts:
-        at_count = [row for row in rows if row["tasks"] == tasks]
-        caution = axis_caution(option, at_count) if tasks in random_counts else ""
-        prefix = "Answer" if len(counts) == 1 else f"Answer at {tasks} task(s)"
-        print(f"{prefix}: {tuned_answer(at_count, option, 'test_acc' if on_test else 'best_val_acc', rerun)}{caution}")
+    rerun = rerun_command(rows, option, f"{tuned_vary}--repeats {REPEATS_FOR_NOISE} --holdout 0.5")
+    accuracy = "test_acc" if on_test else "best_val_acc"
+    print_answers(rows, option, random_counts, lambda at_count: tuned_answer(at_count, option, accuracy, rerun))
     if not on_test:
         print(OPTIMISM)
 
@@ -713,15 +724,8 @@ def report_axis(runs, rundir, key, listed):
     save_figure(axis_figure(rows, option, bool(random_counts), class_count(runs)), png_path)
     print(f"Table by --{option}: {csv_path}\nPlot by --{option}: {png_path}")
     print_executed(runs, key)
-    counts = sorted({row["tasks"] for row in rows})
-    values = ",".join(str(value) for value in dict.fromkeys(row[option] for row in rows))
-    rerun = (f"submit_qml.sbatch {','.join(map(str, counts))} --vary {option}={values} "
-             f"--repeats {REPEATS_FOR_NOISE}")
-    for tasks in counts:
-        at_count = [row for row in rows if row["tasks"] == tasks]
-        caution = axis_caution(option, at_count) if tasks in random_counts else ""
-        prefix = "Answer" if len(counts) == 1 else f"Answer at {tasks} task(s)"
-        print(f"{prefix}: {axis_answer(at_count, option, rerun)}{caution}")
+    rerun = rerun_command(rows, option, f"--repeats {REPEATS_FOR_NOISE}")
+    print_answers(rows, option, random_counts, lambda at_count: axis_answer(at_count, option, rerun))
     print(OPTIMISM)
 
 
