@@ -542,6 +542,7 @@ def report_tuned(runs, rundir, key, listed, tuned):
     tuning = f", each at the setting of {', '.join(map(option_name, tuned))} with the best mean selection " \
              f"accuracy (column pick)" if tuned else ""
     print(f"Table by --{option}{tuning}: {csv_path}\nPlot by --{option}: {png_path}")
+    report_curves(runs, rundir, (key, listed))
     print_executed(runs, key)
     tuned_vary = "".join(f"--vary {option_name(name)}=... " for name in tuned)
     rerun = rerun_command(rows, option, f"{tuned_vary}--repeats {REPEATS_FOR_NOISE} --holdout 0.5")
@@ -711,6 +712,7 @@ def report_task_counts(runs, rundir):
     write_table(rows, csv_path)
     save_figure(plot_figure(rows, random_counts, class_count(runs)), png_path)
     print(f"Scaling table: {csv_path}\nScaling plot: {png_path}")
+    report_curves(runs, rundir, None)
     print_executed(runs)
     print(answer_line(rows, random_counts))
 
@@ -723,6 +725,7 @@ def report_axis(runs, rundir, key, listed):
     write_table(rows, csv_path)
     save_figure(axis_figure(rows, option, bool(random_counts), class_count(runs)), png_path)
     print(f"Table by --{option}: {csv_path}\nPlot by --{option}: {png_path}")
+    report_curves(runs, rundir, (key, listed))
     print_executed(runs, key)
     rerun = rerun_command(rows, option, f"--repeats {REPEATS_FOR_NOISE}")
     print_answers(rows, option, random_counts, lambda at_count: axis_answer(at_count, option, rerun))
@@ -848,7 +851,6 @@ def main(argv):
         tuned = tuned_keys(runs, args.rundir, axis[0], args.tune) if axis else []
         if axis:
             refuse_pooling(runs, axis[0], tuned)
-        report_curves(runs, args.rundir, axis)  # before the answer, which ends the report
         if axis and (tuned or any(run["test_acc"] is not None for run in runs)):
             report_tuned(runs, args.rundir, *axis, tuned)
         elif axis:
