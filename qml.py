@@ -80,7 +80,7 @@ try:  # the machinery beside this file (machinery/)
                                   fetch_weights_once, load_backbone)
     from machinery.process_group import (DistContext, check_one_gpu_per_rank, gather_objects,
                                          join_process_group, leave_process_group, master_port, mpi_ranks,
-                                         rank_facts, reduce_sums, step_master, sync_buffers)
+                                         pick_device, rank_facts, reduce_sums, step_master, sync_buffers)
     from machinery.records import close_epoch, progress_every, time_split, trainable_parameters
     from machinery.simulators import (ADJOINT_QDEVICES, KOKKOS_QDEVICE, TORCH_QDEVICE, AdjointCircuit, CircuitTrace,
                                       NoAdjoint, available_qdevices, check_memory, decomposed_templates,
@@ -265,18 +265,6 @@ def discover_ranks(env=None):
         ctx.master_addr = env["MASTER_ADDR"]
     ctx.master_port = master_port(env)
     return ctx
-
-
-def pick_device(requested, local_rank):
-    """The torch device for this rank: a GPU (CUDA or ROCm) when asked for or visible, else the CPU. GPU = local
-    rank modulo the visible GPUs: each task sees one (srun --gpus-per-task=1), or all of the node's; whether two
-    ranks then share one is checked later (check_one_gpu_per_rank)."""
-    has_gpu = torch.cuda.is_available()
-    if requested == "cuda" and not has_gpu:
-        raise UsageError("--device cuda: no GPU is visible to this process; use --device cpu (or auto)")
-    if requested == "cpu" or not has_gpu:
-        return torch.device("cpu")
-    return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
 def init_distributed_mode(args):

@@ -18,6 +18,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from . import checkpoints, images, pictures
 from .command_line import ArgumentParser, RunFailed, UsageError, atomic_write, positive
+from .process_group import pick_device
 from .simulators import available_qdevices, describe_qdevice
 
 CHECKPOINT_KEYS = {"config", "state", "head", "buffers"}  # what every --checkpoint file holds
@@ -105,14 +106,6 @@ def from_checkpoint(path, saved):
 
 # ----------------------------------------------------------------------------
 # The model, rebuilt as it trained
-
-
-def pick_device(requested):
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no GPU is visible to this process; use --device cpu (or auto)")
-    if requested == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", 0)
 
 
 def model_args(saved, args, defaults):

@@ -134,6 +134,18 @@ def names_one_of(addr, hosts):
         return False
 
 
+def pick_device(requested, local_rank=0):
+    """The torch device for this rank: a GPU (CUDA or ROCm) when asked for or visible, else the CPU. GPU = local
+    rank modulo the visible GPUs: each task sees one (srun --gpus-per-task=1), or all of the node's; whether two
+    ranks then share one is checked later (check_one_gpu_per_rank)."""
+    has_gpu = torch.cuda.is_available()
+    if requested == "cuda" and not has_gpu:
+        raise UsageError("--device cuda: no GPU is visible to this process; use --device cpu (or auto)")
+    if requested == "cpu" or not has_gpu:
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
 def join_process_group(ctx, seconds):
     """init_process_group, failing in one line within `seconds` when the rendezvous cannot happen.
 

@@ -15,6 +15,7 @@ import statistics
 import sys
 
 from . import pictures, sweep
+from .pictures import pyplot, save_figure
 from .command_line import ArgumentParser, RunFailed, UsageError, atomic_write
 
 SIGNIFICANCE = 0.05  # Welch's t-test: a p-value below this tells a mean best accuracy from the top one's
@@ -556,15 +557,6 @@ def report_tuned(runs, rundir, key, listed, tuned):
 # The plots: against the task count (time, speedup against the ideal, accuracy) or the compared value (time, accuracy)
 
 
-def pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on compute nodes
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def draw_means(axes, xs, rows, key, style, color, label):
     """The rows' means of key at xs, with a one-std error bar at each row of several runs."""
     axes.plot(xs, [row[key] for row in rows], style, color=color, label=label)
@@ -675,11 +667,6 @@ def axis_figure(rows, option, random_backbone=False, n_classes=2):
     fig.suptitle(f"Python_QML_Basics by --{option}: {note}", fontsize=10)
     fig.tight_layout()
     return fig
-
-
-def save_figure(fig, path):
-    atomic_write(path, lambda file: fig.savefig(file, format="png", dpi=100))
-    pyplot().close(fig)
 
 
 # ----------------------------------------------------------------------------
